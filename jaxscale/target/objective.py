@@ -1,0 +1,263 @@
+"""The scaling objective: residuals against the closed-form group mean, loss, restraints.
+
+For observations i in symmetry groups h, with inverse scales g_i = prod_c apply_c(p_c),
+`I_h = sum_h(w g I) / sum_h(w g^2)` is recomputed from the current g at every evaluation
+(a profiled objective, as DIALS), or taken from a reference for targeted scaling.
+`f(p) = sum_i loss(w_i r_i^2) + sum_p w_p p^2` with `r_i = I_i - g_i I_h`; `jax.grad` gives
+the exact gradient including the I_h dependence.
+
+Parameters are optimised as one flat vector `x` (the `ravel_pytree` of the parameter pytree);
+fixed parameters are held by a boolean `free` mask and an `anchor` vector
+(`x_eff = where(free, x, anchor)`), both traced arrays, so changing which parameters are
+fixed never recompiles.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from jaxscale.models.component import Component, inverse_scale
+from jaxscale.target.losses import Loss, least_squares
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ScalingProblem:
+    """Flat observation arrays of one minimisation table (all data sets jointly)."""
+
+    intensity: jax.Array  # f[n_obs] unscaled intensity I
+    weight: jax.Array  # f[n_obs] 1/V' (error-model variance); 0 marks padding rows
+    group_id: jax.Array  # i[n_obs] symmetry group 0..n_groups-1
+    n_groups: int = dataclasses.field(metadata=dict(static=True))
+    # f[n_groups] fixed I_h of a reference (targeted scaling), or None for the profiled mean
+    ih_reference: jax.Array | None = None
+
+
+def make_problem(
+    intensity: np.ndarray,
+    weight: np.ndarray,
+    group_id: np.ndarray,
+    n_groups: int | None = None,
+    ih_reference: np.ndarray | None = None,
+) -> ScalingProblem:
+    """ScalingProblem from numpy arrays (n_groups defaults to max(group_id) + 1)."""
+    group_id = np.asarray(group_id, dtype=np.int32)
+    if n_groups is None:
+        n_groups = int(group_id.max()) + 1 if group_id.size else 0
+    return ScalingProblem(
+        intensity=jnp.asarray(intensity, dtype=jnp.float64),
+        weight=jnp.asarray(weight, dtype=jnp.float64),
+        group_id=jnp.asarray(group_id),
+        n_groups=int(n_groups),
+        ih_reference=None if ih_reference is None else jnp.asarray(ih_reference, dtype=jnp.float64),
+    )
+
+
+def _safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
+    """num/den with 0 where den == 0 (empty or zero-weight groups), NaN-free gradients."""
+    ok = den > 0
+    return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
+
+
+def group_mean(problem: ScalingProblem, g: jax.Array) -> jax.Array:
+    """I_h = sum(w g I)/sum(w g^2) per group (f[n_groups]); the reference if targeted."""
+    if problem.ih_reference is not None:
+        return problem.ih_reference
+    wg = problem.weight * g
+    num = jax.ops.segment_sum(wg * problem.intensity, problem.group_id, num_segments=problem.n_groups)
+    den = jax.ops.segment_sum(wg * g, problem.group_id, num_segments=problem.n_groups)
+    return _safe_divide(num, den)
+
+
+def residuals(problem: ScalingProblem, g: jax.Array) -> jax.Array:
+    """r_i = I_i - g_i I_h (f[n_obs])."""
+    ih = group_mean(problem, g)
+    return problem.intensity - g * ih[problem.group_id]
+
+
+def n_reflections(problem: ScalingProblem) -> jax.Array:
+    """Number of real (weight > 0) reflection rows: the RMSD denominator."""
+    return jnp.sum(problem.weight > 0)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TargetData:
+    """Everything the jitted objective reads besides x: observations, bases, fixed values."""
+
+    problem: ScalingProblem
+    bases: Any  # pytree of per-observation basis arrays (leading axis n_obs)
+    anchor: jax.Array  # f[n_params] values used for fixed parameters
+    free: jax.Array  # bool[n_params] True where the parameter is refined
+
+
+class ScalingTarget:
+    """Jitted objective, gradient and RMSD of one scaling model over flat parameters.
+
+    Built once per model (components + parameter layout); every function takes the flat
+    parameter vector and a `TargetData`, so it compiles once per array shape.
+    """
+
+    def __init__(
+        self,
+        components: Mapping[str, Component],
+        params: Mapping[str, jax.Array],
+        loss: Loss = least_squares,
+    ):
+        self.components = dict(components)
+        flat, self.unravel = ravel_pytree({k: jnp.asarray(v) for k, v in params.items()})
+        self.x0 = np.asarray(flat)
+        self.n_params = int(flat.size)
+        self.loss = loss
+        weights = {
+            k: (
+                jnp.zeros_like(jnp.asarray(params[k]))
+                if comp.restraint_weights is None
+                else jnp.broadcast_to(jnp.asarray(comp.restraint_weights, dtype=flat.dtype), jnp.shape(params[k]))
+            )
+            for k, comp in self.components.items()
+        }
+        # f[n_params] restraint weights w_p (restraint term w_p p^2), 0 for unrestrained
+        self.restraint_weights = np.asarray(ravel_pytree({k: weights[k] for k in params})[0])
+        self.value = jax.jit(self._value)
+        self.value_and_grad = jax.jit(jax.value_and_grad(self._value))
+        self.rmsd = jax.jit(self._rmsd)
+        self.inverse_scale = jax.jit(self._inverse_scale)
+
+    # ------------------------------------------------------------------ helpers
+    def params_of(self, x: np.ndarray | jax.Array) -> dict[str, jax.Array]:
+        """Parameter pytree of a flat vector."""
+        return self.unravel(jnp.asarray(x))
+
+    def flatten(self, params: Mapping[str, jax.Array]) -> np.ndarray:
+        """Flat vector of a parameter pytree (same layout as x0)."""
+        return np.asarray(ravel_pytree({k: jnp.asarray(params[k]) for k in self.unravel(self.x0)})[0])
+
+    def free_mask(self, fixed: Mapping[str, Any] | None = None) -> np.ndarray:
+        """bool[n_params] free mask from a pytree of per-parameter 'fixed' booleans (or None)."""
+        if fixed is None:
+            return np.ones(self.n_params, dtype=bool)
+        template = self.unravel(self.x0)
+        fixed_full = {
+            k: jnp.broadcast_to(jnp.asarray(fixed.get(k, False), dtype=jnp.float64), template[k].shape) for k in template
+        }
+        return ~(np.asarray(ravel_pytree(fixed_full)[0]) > 0.5)
+
+    def data(self, problem: ScalingProblem, bases: Any, anchor: np.ndarray | None = None, free: np.ndarray | None = None) -> TargetData:
+        """TargetData with defaults: anchor = x0, all parameters free."""
+        anchor = self.x0 if anchor is None else anchor
+        free = np.ones(self.n_params, dtype=bool) if free is None else free
+        return TargetData(problem=problem, bases=bases, anchor=jnp.asarray(anchor), free=jnp.asarray(free))
+
+    def effective(self, x: jax.Array, data: TargetData) -> jax.Array:
+        """x with fixed parameters replaced by their anchor values."""
+        return jnp.where(data.free, x, data.anchor)
+
+    def _inverse_scale(self, x: jax.Array, bases: Any) -> jax.Array:
+        return inverse_scale(self.components, self.unravel(x), bases)
+
+    def _restraint(self, x_eff: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.asarray(self.restraint_weights) * x_eff**2)
+
+    # ---------------------------------------------------------------- objective
+    def _value(self, x: jax.Array, data: TargetData) -> jax.Array:
+        """f = sum loss(w r^2) + sum w_p p^2."""
+        x_eff = self.effective(x, data)
+        g = self._inverse_scale(x_eff, data.bases)
+        r = residuals(data.problem, g)
+        return jnp.sum(self.loss(data.problem.weight * r * r)) + self._restraint(x_eff)
+
+    def _rmsd(self, x: jax.Array, data: TargetData) -> jax.Array:
+        """RMSD_I = sqrt(f / n_refl) (DIALS' convergence and log quantity)."""
+        return jnp.sqrt(self._value(x, data) / n_reflections(data.problem))
+
+    def chunk_residuals(self, x: jax.Array, chunk: "ChunkData") -> jax.Array:
+        """sqrt(w) r for one chunk of whole groups (f[chunk_size]); I_h from the chunk alone."""
+        g = self._inverse_scale(self.effective(x, chunk.target), chunk.target.bases)
+        p = chunk.target.problem
+        if p.ih_reference is not None:
+            ih_obs = p.ih_reference[p.group_id]
+        else:
+            ih_obs = group_mean(p, g)[p.group_id]
+        return jnp.sqrt(p.weight) * (p.intensity - g * ih_obs)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ChunkData:
+    """One chunk layout: leaves have a leading n_chunks axis (stacked TargetData)."""
+
+    target: TargetData
+
+
+def chunk_by_groups(
+    problem: ScalingProblem,
+    bases: Any,
+    anchor: np.ndarray,
+    free: np.ndarray,
+    chunk_size: int = 4096,
+) -> ChunkData:
+    """Split observations into chunks of whole groups, padded to a common size.
+
+    Each chunk holds complete symmetry groups so that I_h and its derivative are local to
+    the chunk; groups are renumbered 0..chunk_size-1 inside each chunk and padding rows
+    (weight 0) go to the extra group `chunk_size`. If targeted, ih_reference becomes per
+    observation (group index = row). Used to accumulate J^T W J without holding J.
+    """
+    gid = np.asarray(problem.group_id)
+    n = gid.size
+    order = np.argsort(gid, kind="stable")
+    gs = gid[order]
+    # group start offsets within the sorted order
+    starts = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]]) if n else np.zeros(0, dtype=np.int64)
+    sizes = np.diff(np.r_[starts, n])
+    size = int(max(chunk_size, sizes.max() if sizes.size else 1))
+    # greedy chunk boundaries on group starts: chunk k begins at the last group start
+    # not beyond the running offset (few chunks, so this loop is over chunks, not rows)
+    bounds = [0]
+    while bounds[-1] < n:
+        limit = bounds[-1] + size
+        if limit >= n:
+            bounds.append(n)
+            break
+        k = np.searchsorted(starts, limit, side="right") - 1
+        nxt = int(starts[k])
+        bounds.append(nxt if nxt > bounds[-1] else int(starts[min(k + 1, starts.size - 1)]))
+    n_chunks = max(len(bounds) - 1, 1)
+    rows = np.zeros((n_chunks, size), dtype=np.int64)
+    valid = np.zeros((n_chunks, size), dtype=bool)
+    local = np.full((n_chunks, size), size, dtype=np.int32)
+    for c in range(len(bounds) - 1):  # loop over chunks (few), vectorised within
+        sel = order[bounds[c] : bounds[c + 1]]
+        m = sel.size
+        rows[c, :m] = sel
+        valid[c, :m] = True
+        g_sorted = gs[bounds[c] : bounds[c + 1]]
+        local[c, :m] = np.cumsum(np.r_[0, (g_sorted[1:] != g_sorted[:-1]).astype(np.int32)])
+    take = lambda a: jnp.asarray(np.asarray(a)[rows])  # noqa: E731
+    weight = np.where(valid, np.asarray(problem.weight)[rows], 0.0)
+    ih_ref = None
+    if problem.ih_reference is not None:
+        ih_ref = np.where(valid, np.asarray(problem.ih_reference)[gid[rows]], 0.0)
+        local = np.broadcast_to(np.arange(size, dtype=np.int32), (n_chunks, size)).copy()
+    chunk_problem = ScalingProblem(
+        intensity=jnp.asarray(np.where(valid, np.asarray(problem.intensity)[rows], 0.0)),
+        weight=jnp.asarray(weight),
+        group_id=jnp.asarray(local),
+        n_groups=size + 1,
+        ih_reference=None if ih_ref is None else jnp.asarray(ih_ref),
+    )
+    chunk_bases = jax.tree.map(take, bases)
+    target = TargetData(
+        problem=chunk_problem,
+        bases=chunk_bases,
+        anchor=jnp.broadcast_to(jnp.asarray(anchor), (n_chunks, anchor.size)),
+        free=jnp.broadcast_to(jnp.asarray(free), (n_chunks, free.size)),
+    )
+    return ChunkData(target=target)
+
