@@ -70,10 +70,14 @@ def opt(default: Any = None, help: str = "", *, level: int | None = None, type: 
     return Field(default, description=help, json_schema_extra=extra)
 
 
-def scope(cls: type[BaseModel], help: str = "", *, level: int | None = None, jaxscale: bool = False) -> Any:
-    """A nested scope (``physical { ... }``) with its own help and expert level."""
-    return Field(default_factory=cls, description=help,
-                 json_schema_extra={"expert_level": level, "scope": True, "jaxscale": jaxscale})
+def scope(cls: type[BaseModel], help: str = "", *, level: int | None = None, jaxscale: bool = False,
+          inline: bool = False) -> Any:
+    """A nested scope (``physical { ... }``) with its own help and expert level.
+
+    ``inline`` scopes are DIALS' dotted names (``correction.fix``): shown as ``a.b = v``.
+    """
+    return Field(default_factory=cls, description=help, json_schema_extra={
+        "expert_level": level, "scope": True, "jaxscale": jaxscale, "inline": inline})
 
 
 class _Scope(BaseModel):
@@ -103,7 +107,7 @@ class Correction(_Scope):
 
 class KBScope(_Scope):
     decay_correction: bool = opt(True, "Refine a global relative B (decay) factor.", level=1, type="bool")
-    correction: Correction = scope(Correction)
+    correction: Correction = scope(Correction, inline=True)
 
 
 class ArrayScope(_Scope):
@@ -120,7 +124,7 @@ class ArrayScope(_Scope):
                                       type="bool")
     n_modulation_bins: IntGe1 | None = opt(20, "Detector bins per axis for the modulation correction.", level=2,
                                            type="int(value_min=1, allow_none=True)")
-    correction: Correction = scope(Correction)
+    correction: Correction = scope(Correction, inline=True)
 
 
 class DoseDecayShare(_Scope):
@@ -132,7 +136,7 @@ class DoseDecayScope(_Scope):
                                           type="float(value_min=1, allow_none=True)")
     relative_B_correction: bool = opt(True, "Refine a relative B per sweep.", level=1, type="bool")
     decay_correction: bool = opt(True, "Refine the dose-dependent decay.", level=1, type="bool")
-    share: DoseDecayShare = scope(DoseDecayShare)
+    share: DoseDecayShare = scope(DoseDecayShare, inline=True)
     resolution_dependence: Literal["quadratic", "linear"] = opt(
         "quadratic", "Decay grows with 1/d squared (quadratic) or 1/d (linear).", level=1, type="choice")
     absorption_correction: bool = opt(False, "Refine a spherical-harmonic absorption surface.", level=1,
@@ -143,7 +147,7 @@ class DoseDecayScope(_Scope):
                                           type="float(value_min=0, allow_none=True)")
     fix_initial: bool = opt(True, "Fix the first scale parameter in the final full-matrix round.", level=2,
                             type="bool")
-    correction: Correction = scope(Correction)
+    correction: Correction = scope(Correction, inline=True)
 
 
 class PhysicalShare(_Scope):
@@ -173,10 +177,10 @@ class PhysicalScope(_AutoNone):
     surface_weight: FloatGe0 | Auto = opt(
         AUTO, "Restraint weight on the harmonics (lower = more absorption); auto = 5e5 unless absorption_level.",
         level=1, type="float(value_min=0, allow_none=True)")
-    share: PhysicalShare = scope(PhysicalShare)
+    share: PhysicalShare = scope(PhysicalShare, inline=True)
     fix_initial: bool = opt(True, "Fix the first scale parameter in the final full-matrix round.", level=2,
                             type="bool")
-    correction: Correction = scope(Correction)
+    correction: Correction = scope(Correction, inline=True)
 
 
 # ---------------------------------------------------------------- output
@@ -200,7 +204,7 @@ with warnings.catch_warnings():  # the DIALS name output.json shadows BaseModel.
         project_name: str | None = opt("DIALS", "Project name stored in MTZ files.", type="str")
         use_internal_variance: bool = opt(
             False, "Merged sigmas from the spread of equivalents instead of their sigmas.", level=1, type="bool")
-        merging: Merging = scope(Merging)
+        merging: Merging = scope(Merging, inline=True)
         delete_integration_shoeboxes: bool = opt(True, "Drop shoebox data from the output to save memory.",
                                                  level=2, type="bool")
 
@@ -246,7 +250,7 @@ class ReflectionSelection(_Scope):
     intensity_choice: Literal["profile", "sum", "combine"] = opt(
         "combine", "Profile-fitted, summation, or an optimised combination of both (alias: intensity).",
         level=1, type="choice")
-    combine: Combine = scope(Combine)
+    combine: Combine = scope(Combine, inline=True)
 
     @field_validator("d_range", "E2_range", "Isigma_range")
     @classmethod
@@ -734,6 +738,14 @@ def _from_string(text: str, k: _Kind) -> Any:
     if k.base == "str":
         return stripped
     if k.base == "choice":
+        words = stripped.split()
+        if len(words) > 1 or (words and words[0].startswith("*")):  # phil form "*a b c"
+            starred = [w[1:] for w in words if w.startswith("*")]
+            if len(starred) > 1 or (not starred and not k.allows_none):
+                raise ValueError(text)
+            if not starred or starred[0] == "None":
+                return None
+            stripped = starred[0]
         for c in k.choices or ():
             if c is not None and c == stripped.lstrip("*"):
                 return c
@@ -974,9 +986,8 @@ def format_phil(params: ScaleParams | None = None, *, expert_level: int = 10, at
     changed = set(diff_from_defaults(params)) if diff_only else None
     lines: list[str] = []
 
-    def show_leaf(leaf: _Leaf, indent: str) -> None:
+    def show_leaf(leaf: _Leaf, indent: str, name: str) -> None:
         value = _get_attr_path(params, leaf.info.path)
-        name = leaf.info.path.rsplit(".", 1)[-1]
         if leaf.multiple and isinstance(value, list) and value:
             values = value
         else:
@@ -994,22 +1005,26 @@ def format_phil(params: ScaleParams | None = None, *, expert_level: int = 10, at
             if leaf.own_level is not None:
                 lines.append(f"{indent}  .expert_level = {leaf.own_level}")
 
-    def show(model: type[BaseModel], prefix: str, indent: str, level_cap: int) -> bool:
+    def show(model: type[BaseModel], prefix: str, indent: str, level_cap: int, name_prefix: str = "") -> bool:
         shown_any = False
         for name, field in model.model_fields.items():
             path = prefix + name
             extra = _extra(field)
             level = extra.get("expert_level") or 0
-            if max(level_cap, level) > expert_level:
+            if max(level_cap, level) > expert_level and changed is None:
                 continue
-            if extra.get("scope"):
+            if extra.get("inline"):
+                shown_any |= show(field.default_factory, path + ".", indent, max(level_cap, level),  # type: ignore
+                                  name_prefix + name + ".")
+            elif extra.get("scope"):
                 start = len(lines)
                 lines.append(f"{indent}{name} {{")
-                if attributes_level >= 1 and field.description:
-                    lines[-1:] = [f"{indent}{name}", f"{indent}  .help = \"{field.description}\""] + (
-                        [f"{indent}  .expert_level = {extra['expert_level']}"]
-                        if attributes_level >= 2 and extra.get("expert_level") is not None else []) + [
-                        f"{indent}{{"]
+                attrs = [f"{indent}  .help = \"{field.description}\""] if attributes_level >= 1 and \
+                    field.description else []
+                if attributes_level >= 2 and extra.get("expert_level") is not None:
+                    attrs.append(f"{indent}  .expert_level = {extra['expert_level']}")
+                if attrs:
+                    lines[-1:] = [f"{indent}{name}", *attrs, f"{indent}{{"]
                 inner = show(field.default_factory, path + ".", indent + "  ", max(level_cap, level))  # type: ignore
                 if changed is not None and not inner:
                     del lines[start:]
@@ -1019,7 +1034,7 @@ def format_phil(params: ScaleParams | None = None, *, expert_level: int = 10, at
             else:
                 if changed is not None and path not in changed:
                     continue
-                show_leaf(_leaves()[path], indent)
+                show_leaf(_leaves()[path], indent, name_prefix + name)
                 shown_any = True
         return shown_any
 
