@@ -1,0 +1,141 @@
+"""The array model (`id "array"`): smoothed grids, no restraints.
+
+decay: 2-D grid over (resolution 1/d^2, rotation); absorption: 3-D grid over (detector x,
+detector y, rotation); modulation: 2-D grid over detector (x, y). All multiplicative with
+initial value 1 (models.md §6); parameters flattened first axis fastest.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from jaxscale.basis.smoother import smooth_rows_for_component
+from jaxscale.models.inputs import DatasetInput, DatasetModelState
+from jaxscale.models.linear import ComponentEntry, ConfiguredComponent, apply_grid, assemble
+from jaxscale.models.physical import shift_range
+from jaxscale.models.rules import (
+    initialise_smooth_input,
+    n_param_from_bins,
+    new_parameter_offset,
+    one_osc_width,
+    option,
+)
+
+MODEL_ID = "array"
+COMPONENT_ORDER = ("decay", "absorption", "modulation")
+NULL_VALUES = {"decay": 1.0, "absorption": 1.0, "modulation": 1.0}
+CONSECUTIVE_ORDER = [["decay"], ["absorption"], ["modulation"]]
+
+
+def grid_entry(params: np.ndarray, coords: Sequence[np.ndarray], shape: Sequence[int]) -> ComponentEntry:
+    """One data set's rows of an N-D smoothed grid with the given shape (first axis fastest)."""
+    if int(np.prod(shape)) != len(params):
+        raise ValueError("grid shape does not match the number of parameters")
+    rows = smooth_rows_for_component(list(coords), list(shape))
+    return ComponentEntry(np.asarray(params, dtype=np.float64), rows.idx, rows.w)
+
+
+def configure_grid(name: str, entries: Sequence[ComponentEntry | None], n_obs: Sequence[int],
+                   shared: bool = False) -> ConfiguredComponent:
+    return assemble(name, apply_grid, entries, n_obs, shared)
+
+
+
+def from_data(data: DatasetInput, options: Any) -> DatasetModelState:
+    """New array model; grid extents from the rows with d > 0 (DIALS ArrayScalingModel.from_data)."""
+    expt = data.experiment
+    xyz = data.xyz_px if data.config_xyz_px is None else data.config_xyz_px
+    d_all = data.d if data.config_d is None else data.config_d
+    keep = np.asarray(d_all) > 0.0
+    xyz, d_all = np.asarray(xyz)[keep], np.asarray(d_all)[keep]
+    osc_range, width = expt.osc_range, expt.oscillation[1]
+    config: dict = {"corrections": [], "valid_osc_range": list(osc_range)}
+    n_time, time_norm_fac, time_rot = initialise_smooth_input(
+        osc_range, width, float(option(options, "array.decay_interval", 20.0)))
+    xmax, xmin = float(xyz[:, 0].max()) + 0.001, float(xyz[:, 0].min()) - 0.001
+    ymax, ymin = float(xyz[:, 1].max()) + 0.001, float(xyz[:, 1].min()) - 0.001
+    params: dict[str, np.ndarray] = {}
+    if option(options, "array.decay_correction", True):
+        config["corrections"].append("decay")
+        resmax = (1.0 / float(d_all.min()) ** 2) + 1e-6
+        resmin = (1.0 / float(d_all.max()) ** 2) - 1e-6
+        n_res, res_width = n_param_from_bins(resmin, resmax, int(option(options, "array.n_resolution_bins", 10)))
+        config.update(n_res_param=n_res, n_time_param=n_time, resmin=resmin, res_bin_width=res_width,
+                      time_norm_fac=time_norm_fac, time_rot_interval=time_rot)
+        params["decay"] = np.ones(n_res * n_time)
+    if option(options, "array.absorption_correction", True):
+        config["corrections"].append("absorption")
+        n_bins = int(option(options, "array.n_absorption_bins", 3))
+        n_x, x_width = n_param_from_bins(xmin, xmax, n_bins)
+        n_y, y_width = n_param_from_bins(ymin, ymax, n_bins)
+        config.update(n_x_param=n_x, n_y_param=n_y, xmin=xmin, ymin=ymin, x_bin_width=x_width,
+                      y_bin_width=y_width, n_time_param=n_time, time_norm_fac=time_norm_fac,
+                      time_rot_interval=time_rot)
+        params["absorption"] = np.ones(n_x * n_y * n_time)
+    if option(options, "array.modulation_correction", False):
+        config["corrections"].append("modulation")
+        n_bins = int(option(options, "array.n_modulation_bins", 20))
+        n_xm, xm_width = n_param_from_bins(xmin, xmax, n_bins)
+        n_ym, ym_width = n_param_from_bins(ymin, ymax, n_bins)
+        config.update(n_x_mod_param=n_xm, n_y_mod_param=n_ym, xmin=xmin, ymin=ymin,
+                      x_det_bin_width=xm_width, y_det_bin_width=ym_width)
+        params["modulation"] = np.ones(n_xm * n_ym)
+    if not params:
+        raise ValueError("the array model needs at least one of decay or absorption corrections")
+    config["valid_image_range"] = list(expt.image_range)
+    return DatasetModelState(MODEL_ID, config, params,
+                             fixed_components=list(option(options, "array.correction.fix", None) or []))
+
+
+def update(state: DatasetModelState, options: Any) -> None:
+    fix = option(options, "array.correction.fix", None)
+    if fix:
+        state.fixed_components = list(fix)
+
+
+def shared_components(state: DatasetModelState) -> set[str]:
+    return set()
+
+
+def entries(state: DatasetModelState, data: DatasetInput, options: Any,
+            exact_harmonics: bool | None = None) -> dict[str, ComponentEntry]:
+    c, p = state.config, state.params
+    xyz = np.asarray(data.xyz_px, dtype=np.float64)
+    out = {}
+    if "decay" in p or "absorption" in p:
+        time = xyz[:, 2] * c["time_norm_fac"]
+    if "decay" in p:
+        d = np.asarray(data.d, dtype=np.float64)
+        res = ((1.0 / (d * d)) - c["resmin"]) / c["res_bin_width"]
+        out["decay"] = grid_entry(p["decay"], [res, time], [c["n_res_param"], c["n_time_param"]])
+    if "absorption" in p:
+        x = (xyz[:, 0] - c["xmin"]) / c["x_bin_width"]
+        y = (xyz[:, 1] - c["ymin"]) / c["y_bin_width"]
+        out["absorption"] = grid_entry(p["absorption"], [x, y, time],
+                                       [c["n_x_param"], c["n_y_param"], c["n_time_param"]])
+    if "modulation" in p:
+        x = (xyz[:, 0] - c["xmin"]) / c["x_det_bin_width"]
+        y = (xyz[:, 1] - c["ymin"]) / c["y_det_bin_width"]
+        out["modulation"] = grid_entry(p["modulation"], [x, y], [c["n_x_mod_param"], c["n_y_mod_param"]])
+    return out
+
+
+def limit_image_range(state: DatasetModelState, new_range: tuple[int, int]) -> None:
+    """Keep a contiguous block of time planes for a reduced image range (DIALS limit_image_range)."""
+    c = state.config
+    first0 = c["valid_image_range"][0]
+    osc = one_osc_width(c)
+    new_osc_range = ((new_range[0] - first0) * osc, (new_range[1] - first0 + 1) * osc)
+    n_time, time_norm_fac, time_rot = initialise_smooth_input(new_osc_range, osc, c["time_rot_interval"])
+    offset = new_parameter_offset(first0, new_range[0], time_norm_fac, c["n_time_param"], n_time)
+    if "absorption" in state.params:
+        plane = c["n_x_param"] * c["n_y_param"]
+        state.params["absorption"] = state.params["absorption"][offset * plane:(offset + n_time) * plane].copy()
+    if "decay" in state.params:
+        plane = c["n_res_param"]
+        state.params["decay"] = state.params["decay"][offset * plane:(offset + n_time) * plane].copy()
+    for name in ("absorption", "decay"):
+        state.esds.pop(name, None)
+    c.update(n_time_param=n_time, time_norm_fac=time_norm_fac, time_rot_interval=time_rot)
+    shift_range(c, new_range, osc)
