@@ -12,26 +12,28 @@ import gemmi
 import numpy as np
 
 from jaxscale.data import flags as fl
+from jaxscale.data import symmetry
 from jaxscale.data.table import ReflectionTable
 from jaxscale.exceptions import InputError
 
 
 def _map_to_asu(miller: np.ndarray, space_group: gemmi.SpaceGroup, anomalous: bool):
-    """(asu key (n,3), friedel_minus (n,), centric (n,)); see jaxscale.merge._asu."""
-    from jaxscale.merge._asu import map_to_asu
-
-    return map_to_asu(miller, space_group, anomalous)
+    """(key (n, 3) int64, friedel_minus (n,), centric (n,)); key = −h_asu for I(−) if anomalous."""
+    asu, isym = symmetry.map_to_asu(miller, space_group, anomalous=False)
+    centric = symmetry.is_centric(miller, space_group)
+    minus = (isym % 2 == 0) & ~centric
+    key = np.where((minus & anomalous)[:, None], -asu, asu).astype(np.int64)
+    return key, minus, centric
 
 
 def d_star_sq(miller: np.ndarray, cell: gemmi.UnitCell) -> np.ndarray:
     """1/d² (Å⁻²) of Miller indices (n, 3) in `cell`."""
-    return np.asarray(cell.calculate_1_d2_array(np.ascontiguousarray(miller, dtype=np.int32)), dtype=float)
+    return symmetry.d_star_sq(miller, cell)
 
 
 def median_cell(experiments) -> gemmi.UnitCell:
     """Per-parameter median of the experiments' cells (dials.scale's 'best' cell)."""
-    params = np.array([e.unit_cell.parameters for e in experiments], dtype=float)
-    return gemmi.UnitCell(*np.median(params, axis=0))
+    return symmetry.best_unit_cell(experiments)
 
 
 @dataclass(frozen=True)
