@@ -768,7 +768,9 @@ def _coerce(path: str, value: Any) -> Any:
     leaf = _leaves()[path]
     k = _kind(leaf.annotation)
     try:
-        if isinstance(value, str) and not (k.base == "str" or (k.base == "list" and path == "exclude_images")):
+        if isinstance(value, str) and path == "exclude_images":
+            return None if value.strip().lower() == "none" else value.strip().strip("\"'")
+        if isinstance(value, str):
             return _from_string(value, k)
         if k.base == "list" and k.item == "ints" and isinstance(value, (list, tuple)) and value and not any(
                 isinstance(v, (list, tuple)) for v in value):
@@ -776,7 +778,7 @@ def _coerce(path: str, value: Any) -> Any:
         if isinstance(value, (list, tuple)) and k.base in ("list", "tuple") and any(isinstance(v, str) for v in value):
             if k.item not in ("str", "ints"):
                 return _from_string(" ".join(map(str, value)), k)
-        if k.base == "float" and isinstance(value, bool):
+        if k.base in ("float", "int") and isinstance(value, bool):
             raise ValueError(value)
         if k.base == "int" and isinstance(value, float) and value.is_integer():
             return int(value)
@@ -787,7 +789,9 @@ def _coerce(path: str, value: Any) -> Any:
 
 def _bad_value(path: str, value: Any, k: _Kind, reason: str | None = None) -> str:
     shown = value if isinstance(value, str) else _format_value(value)
-    message = f"invalid value '{shown}' for {path}: expected {_describe(k)}"
+    allowed = "exp:start:end or start:end image ranges (inclusive), comma or space separated" \
+        if path == "exclude_images" else _describe(k)
+    message = f"invalid value '{shown}' for {path}: expected {allowed}"
     if reason:
         message += f" ({reason})"
     return message
@@ -928,7 +932,10 @@ def apply_overrides(params: ScaleParams, overrides: Mapping[str, Any] | Iterable
         if leaves[path].multiple:
             current = _get_nested(tree, path) or []
             if path == "exclude_images":
-                converted = split_image_ranges(converted)
+                try:
+                    converted = split_image_ranges(converted)
+                except ValueError as exc:
+                    raise ParameterError(_bad_value(path, value, _kind(leaves[path].annotation), str(exc))) from None
             add = converted if isinstance(converted, list) else ([] if converted is None else [converted])
             converted = current + [v for v in add if v not in current]
         _set_nested(tree, path, converted)

@@ -42,7 +42,7 @@ def parse_phil_text(text: str, source: str = "<phil>") -> list[tuple[str, str]]:
         # put braces outside quotes on their own
         pieces = _BRACES.sub(lambda m: m.group(1) or f"\n{m.group(2)}\n", line).split("\n")
         for piece in (p.strip() for p in pieces):
-            if not piece:
+            if not piece or piece.startswith("."):  # blank, or an attribute line (.help, .type ...)
                 continue
             if piece == "{":
                 if pending is None:

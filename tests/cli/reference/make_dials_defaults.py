@@ -1,7 +1,9 @@
 """Write dials_defaults.json: every dials.scale 3.12 option with default, type, choices, expert level.
 
 Runs ``dials.scale -c -a 2 -e 10`` and parses its phil text (independently of jaxscale), so
-tests/cli/test_params.py can compare our schema with DIALS'. Re-run after a DIALS upgrade:
+tests/cli/test_params.py can compare our schema with DIALS'. Also records how DIALS' own
+command-line interpreter (libtbx.phil.command_line, run with /usr/bin/python3) resolves a
+set of partial keys. Re-run after a DIALS upgrade:
 
     python tests/cli/reference/make_dials_defaults.py            # needs dials.scale on PATH
     python tests/cli/reference/make_dials_defaults.py dump.txt   # or parse a saved dump
@@ -130,13 +132,49 @@ def parse(text: str) -> dict[str, dict]:
     return out
 
 
+KEYS = ["d_min", "min", "intensity", "lmax", "surface_weight", "json", "a", "b", "error_model", "nbins",
+        "model", "scale_interval", "absorption_correction", "decay_correction", "fix", "correction.fix",
+        "interval", "method", "cutoff", "share.absorption", "Imid", "exclude_images", "exclude_datasets",
+        "engine", "full_matrix", "full_matrix_engine", "physical.scale_interval", "dmin", "d_mi", "nproc",
+        "reference", "log", "reflections", "input.experiments", "mode", "n_bins", "max_iterations", "use_datasets", "experiments", "html",
+        "absorption_level", "anomalous", "E2_range", "grouping", "minimisation", "partiality_cutoff"]
+
+RESOLVE = r"""
+import json, sys
+from dials.command_line.scale import phil_scope
+from dials.util.options import ArgumentParser
+from libtbx.phil.command_line import argument_interpreter
+from libtbx.utils import Sorry
+# the tree dials.scale's own parser uses (with the input scope), as in `dials.scale -c`
+master = ArgumentParser(phil=phil_scope, read_experiments=True, read_reflections=True, check_format=False).phil
+ai = argument_interpreter(master_phil=master)
+out = {}
+for key in json.loads(sys.argv[1]):
+    try:
+        params = ai.process_arg(key + "=1")
+        out[key] = {"path": params.all_definitions()[0].path}
+    except Sorry as exc:
+        text = str(exc)
+        kind = "ambiguous" if text.startswith("Ambiguous") else "unknown"
+        out[key] = {"error": kind, "candidates": [l.strip() for l in text.splitlines()[2:]]}
+print(json.dumps(out))
+"""
+
+
+def resolve_keys(python: str = "/usr/bin/python3") -> dict:
+    """How dials.scale's command line resolves each key of KEYS."""
+    done = subprocess.run([python, "-c", RESOLVE, json.dumps(KEYS)], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     if len(sys.argv) > 1:
         text = Path(sys.argv[1]).read_text()
     else:
         text = subprocess.run(["dials.scale", "-c", "-a", "2", "-e", "10"], check=True,
                               capture_output=True, text=True).stdout
-    result = {"source": "dials.scale -c -a 2 -e 10 (DIALS 3.12)", "parameters": parse(text)}
+    result = {"source": "dials.scale -c -a 2 -e 10 (DIALS 3.12)", "parameters": parse(text),
+              "key_resolution": resolve_keys()}
     (HERE / "dials_defaults.json").write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
     print(f"{len(result['parameters'])} parameters -> {HERE / 'dials_defaults.json'}")
 
