@@ -1,0 +1,100 @@
+"""Error model and outlier rejection recover planted truth."""
+from __future__ import annotations
+
+import numpy as np
+
+from jaxscale.errors import (
+    cap_weights,
+    normalised_intensity_outliers,
+    refine_error_model,
+    simple_outliers,
+    standard_outliers,
+    targeted_outliers,
+)
+from tests.errors.synthetic import make_grouped
+
+
+def test_individual_recovers_planted_a_b():
+    """DIALS' delta = sqrt((n-1)/n)(I/g - I_h)/sigma' has variance ((n-1)/n)^2 for correct
+    sigmas (the prefactor is the inverse of the unbiasing one), so with all groups of size
+    n = 4 and equal weights in a group the refined a is a_true * 3/4 while b is unbiased."""
+    d = make_grouped(n_groups=3000, a=1.4, b=0.04, seed=1, mult_range=(4, 5), g_per_group=True)
+    res = refine_error_model(d["intensity"], d["variance"], d["g"], d["group_id"])
+    assert res.refined
+    assert abs(res.a - 1.4 * 0.75) / 1.05 < 0.05
+    assert abs(res.b - 0.04) / 0.04 < 0.15
+    # corrected bin variances close to 1
+    assert np.all(np.abs(res.bin_variances_corrected - 1.0) < 0.25)
+    assert np.isclose(res.isa, 1 / (res.a * res.b))
+
+
+def test_regression_recovers_planted_a_b():
+    d = make_grouped(n_groups=3000, a=1.3, b=0.05, seed=2, g_per_group=True)
+    res = refine_error_model(d["intensity"], d["variance"], d["g"], d["group_id"], minimisation="regression")
+    assert abs(res.a - 1.3) / 1.3 < 0.15
+    assert abs(res.b - 0.05) / 0.05 < 0.3
+
+
+def test_too_few_reflections_leaves_model_unchanged():
+    d = make_grouped(n_groups=40, seed=3)
+    res = refine_error_model(d["intensity"], d["variance"], d["g"], d["group_id"], a=1.1, b=0.03)
+    assert not res.refined and (res.a, res.b) == (1.1, 0.03) and "Insufficient" in res.message
+
+
+def test_fixed_b_refines_only_a():
+    d = make_grouped(n_groups=2000, a=1.5, b=0.04, seed=4, mult_range=(5, 6), g_per_group=True)
+    res = refine_error_model(d["intensity"], d["variance"], d["g"], d["group_id"], b=0.04, refine_b=False)
+    assert res.b == 0.04 and abs(res.a - 1.5 * 0.8) / 1.2 < 0.05
+
+
+def test_standard_outliers_find_planted():
+    d = make_grouped(n_groups=1500, a=1.0, b=0.0, seed=5, n_outliers=40)
+    w = 1.0 / d["true_var"]
+    out = standard_outliers(d["intensity"], w, d["g"], d["group_id"], zmax=6.0)
+    assert np.all(out[d["outlier"]])
+    assert np.count_nonzero(out & ~d["outlier"]) <= 2
+
+
+def test_standard_iterates_within_a_group():
+    # one group of 6 with two gross outliers: two passes flag both; a pair is never tested
+    i = np.array([100.0, 101, 99, 100, 400, -300, 100, 500])
+    gid = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+    w = np.full(8, 1.0)
+    out = standard_outliers(i, w, np.ones(8), gid)
+    assert out.tolist() == [False, False, False, False, True, True, False, False]
+
+
+def test_simple_outliers_single_pass():
+    """Unit-sigma data (DIALS' second variance term (g/sum w g^2)^2 is small there)."""
+    rng = np.random.default_rng(6)
+    gid = np.repeat(np.arange(125), 20)
+    i = 100.0 + rng.normal(size=gid.size)
+    planted = np.zeros(gid.size, bool)
+    planted[::50] = True
+    i[planted] += 30.0
+    out = simple_outliers(i, np.ones(gid.size), np.ones(gid.size), gid, zmax=6.0)
+    assert out.tolist() == planted.tolist()
+
+
+def test_weight_cap_at_ten_times_median():
+    w = np.array([1.0, 2.0, 3.0, 100.0, 5.0, 5.0])
+    gid = np.array([0, 0, 0, 0, 1, 1])
+    np.testing.assert_allclose(cap_weights(w, gid), [1.0, 2.0, 3.0, 25.0, 5.0, 5.0])
+
+
+def test_targeted_outliers():
+    out = targeted_outliers(
+        np.array([100.0, 200.0, 100.0]), np.array([4.0, 4.0, 4.0]), np.ones(3),
+        np.array([100.0, 100.0, np.nan]), np.array([1.0, 1.0, 1.0]),
+    )
+    assert out.tolist() == [False, True, False]
+
+
+def test_e_squared_outliers():
+    rng = np.random.default_rng(0)
+    n = 5000
+    dss = rng.uniform(0.01, 1.0, n)
+    i = rng.exponential(1000 * np.exp(-2 * dss))  # Wilson-like acentric
+    i[:5] = 200 * 1000 * np.exp(-2 * dss[:5])
+    out = normalised_intensity_outliers(i, dss, np.ones(n), emax=10.0)
+    assert out[:5].all() and out[5:].sum() < 3
