@@ -83,7 +83,6 @@ def from_data(data: DatasetInput, options: Any) -> DatasetModelState:
         params["modulation"] = np.ones(n_xm * n_ym)
     if not params:
         raise ValueError("the array model needs at least one of decay or absorption corrections")
-    config["valid_image_range"] = list(expt.image_range)
     return DatasetModelState(MODEL_ID, config, params,
                              fixed_components=list(option(options, "array.correction.fix", None) or []))
 

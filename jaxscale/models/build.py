@@ -156,7 +156,10 @@ def _dataset_state(data: DatasetInput, options: Any) -> DatasetModelState:
     if model_id != "KB" and expt.is_still:
         raise ParameterError(f"model={model_id} needs a rotation scan; data set {data.dataset_index} "
                              "has none (use model=KB)")
-    return MODEL_TYPES[model_id].from_data(data, options)
+    state = MODEL_TYPES[model_id].from_data(data, options)
+    if not expt.is_still:  # DIALS set_image_ranges_in_scaling_models
+        state.config.setdefault("valid_image_range", list(expt.image_range))
+    return state
 
 
 def build_model(datasets: Sequence[DatasetInput], options: Any, *,

@@ -65,7 +65,6 @@ def from_data(data: DatasetInput, options: Any) -> DatasetModelState:
         config.update(lmax=lmax, abs_surface_weight=float(option(options, "dose_decay.surface_weight", 1e6)))
         params["absorption"] = np.zeros(lmax * (2 + lmax))
     params = {name: params[name] for name in COMPONENT_ORDER if name in params}
-    config["valid_image_range"] = list(expt.image_range)
     return DatasetModelState(MODEL_ID, config, params,
                              fixed_components=list(option(options, "dose_decay.correction.fix", None) or []))
 

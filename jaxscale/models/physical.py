@@ -61,7 +61,6 @@ def from_data(data: DatasetInput, options: Any) -> DatasetModelState:
             surface_weight = 5e5 if is_auto(surface_weight) else float(surface_weight)
         config.update(lmax=lmax, abs_surface_weight=surface_weight)
         params["absorption"] = np.zeros(lmax * lmax + 2 * lmax)
-    config["valid_image_range"] = list(expt.image_range)
     return DatasetModelState(MODEL_ID, config, params,
                              fixed_components=list(option(options, "physical.correction.fix", None) or []))
 

@@ -9,7 +9,9 @@ Writes tests/models/reference/dials_reference.json:
     table and the >100000-row lookup-table values, for 20 suitable rows of each of the
     four lcys sweeps of the DIALS 3.12 reference run, with their inputs (z_px, s1);
   * models: DIALS `from_data` scaling models (to_dict) for quartz and lcys_20 integrated
-    data with several option sets.
+    data with several option sets;
+  * scales: inverse scales of DIALS array / KB / dose_decay components with planted
+    parameters on sweep 0 of the lcys run, and DIALS `limit_image_range` results.
 """
 from __future__ import annotations
 
@@ -153,9 +155,65 @@ def model_cases() -> list[dict]:
     return cases
 
 
+def scale_cases(rng) -> list[dict]:
+    """DIALS component scales with planted parameters over the suitable rows of sweep 0 of
+    the lcys reference run (g kept for 60 rows), for the non-physical model types."""
+    from libtbx.phil import parse
+    ref = SHARED / "lcys_4sweep_dials" / "reference_dials3.12_scale"
+    expts = ExperimentListFactory.from_json_file(str(ref / "scaled.expt"), check_format=False)
+    table = flex.reflection_table.from_file(str(ref / "scaled.refl"))
+    bad = table.get_flags(table.flags.user_excluded_in_scaling) | table.get_flags(
+        table.flags.excluded_for_scaling)
+    t = table.select((table["id"] == 0) & ~bad)
+    t = calc_crystal_frame_vectors(t, expts[0])
+    t["s0c"] = align_axis_along_z((1.0, 0.0, 0.0), t["s0c"])
+    t["s1c"] = align_axis_along_z((1.0, 0.0, 0.0), t["s1c"])
+    rows = np.sort(rng.choice(len(t), 60, replace=False))
+    option_sets = [["model=array", "array.modulation_correction=True"],
+                   ["model=KB"],
+                   ["model=dose_decay", "dose_decay.absorption_correction=True"],
+                   ["model=dose_decay", "dose_decay.resolution_dependence=linear"]]
+    classes = {"array": ArrayScalingModel, "KB": KBScalingModel, "dose_decay": DoseDecay}
+    cases = []
+    for opts in option_sets:
+        params = phil_scope.fetch(parse("\n".join(opts))).extract()
+        model = classes[params.model].from_data(params, expts[0], t)
+        g = np.ones(len(t))
+        for name, comp in model.components.items():
+            null = comp.null_parameter_value
+            spread = {"relative_B": 2.0, "absorption": 0.01}.get(name, 0.2 if null == 1.0 else 1.0)
+            if name == "decay" and params.model == "dose_decay":
+                spread = 1e-5
+            comp.parameters = flex.double(null + rng.normal(0.0, spread, comp.n_params))
+        model.configure_components(t, expts[0], params)
+        for comp in model.components.values():
+            comp.update_reflection_data()
+            g *= flumpy.to_numpy(comp.calculate_scales())
+        cases.append({"options": opts, "model": json.loads(json.dumps(model.to_dict())),
+                      "rows": rows.tolist(), "g": g[rows].tolist()})
+    # limit_image_range of a physical and an array model (quartz, 100 images)
+    stem = SHARED / "quartz_3ded_dials" / "integrated"
+    qexp = ExperimentListFactory.from_json_file(str(stem) + ".expt", check_format=False)
+    qtab = flex.reflection_table.from_file(str(stem) + ".refl")
+    for opts, new_range in ((["model=physical"], (11, 90)), (["model=array"], (21, 100)),
+                            (["model=dose_decay"], (5, 64))):
+        params = phil_scope.fetch(parse("\n".join(opts))).extract()
+        model = {"physical": PhysicalScalingModel, "array": ArrayScalingModel,
+                 "dose_decay": DoseDecay}[params.model].from_data(params, qexp[0], qtab)
+        model.set_valid_image_range(qexp[0].scan.get_image_range())
+        for comp in model.components.values():
+            comp.parameters = flex.double(rng.normal(1.0, 0.1, comp.n_params))
+        before = json.loads(json.dumps(model.to_dict()))
+        model.limit_image_range(new_range)
+        cases.append({"options": opts, "limit_image_range": list(new_range), "before": before,
+                      "after": json.loads(json.dumps(model.to_dict()))})
+    return cases
+
+
 def main() -> None:
     rng = np.random.default_rng(20240601)
-    out = {"smoothers": smoother_cases(rng), "harmonics": harmonic_cases(rng), "models": model_cases()}
+    out = {"smoothers": smoother_cases(rng), "harmonics": harmonic_cases(rng), "models": model_cases(),
+           "scales": scale_cases(rng)}
     (HERE / "dials_reference.json").write_text(json.dumps(out))
 
 
