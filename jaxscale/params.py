@@ -23,7 +23,7 @@ Conventions for the engine:
   ``input.experiments`` and ``input.reflections`` (paths, paired by order).
 * DIALS ``floats(size=2)`` and ``unit_cell`` are tuples; ``ints``/``floats``/``strings`` lists.
 
-Public functions: :func:`iter_parameters`, :func:`resolve_key`, :func:`apply_overrides`,
+Public functions: :func:`iter_parameters`, :func:`resolve_key`, :func:`apply_overrides`, :func:`image_ranges`,
 :func:`params_from_dict`, :func:`diff_from_defaults`, :func:`check_conflicts`,
 :func:`explain_conflicts`, :func:`format_phil`, :func:`markdown_docs`.
 """
@@ -493,6 +493,15 @@ def split_image_ranges(value: Any) -> list[str]:
         if start > end:
             raise ValueError(f"'{item}' has start > end")
     return items
+
+
+def image_ranges(items: list[str]) -> list[tuple[int | None, int, int]]:
+    """``exclude_images`` items -> (experiment index or None for "start:end", first, last), inclusive."""
+    out: list[tuple[int | None, int, int]] = []
+    for item in split_image_ranges(items):
+        parts = [int(x) for x in item.split(":")]
+        out.append((parts[0], parts[1], parts[2]) if len(parts) == 3 else (None, parts[0], parts[1]))
+    return out
 
 
 # ================================================================ conflicts

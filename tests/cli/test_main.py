@@ -214,3 +214,28 @@ def test_show_real_files(shared_data, capsys):
 def test_show_stills(shared_data, capsys):
     code, out, err = run_main(["show", shared_data / "cunir_ssx_stills_dials" / "integrated.expt"], capsys)
     assert code == 0 and "experiments: 5" in out and out.count(", still,") == 5 and "P 21 3" in out
+
+
+def test_show_mtz_through_lazy_reader(tmp_path, monkeypatch, capsys):
+    """MTZ files go to jaxscale.io.mtz.read_unmerged_mtz; resolution from indices and cell."""
+    import types
+
+    import gemmi
+    import numpy as np
+
+    from jaxscale.data.table import ReflectionTable
+
+    mtz = tmp_path / "data.mtz"
+    mtz.write_bytes(b"MTZ \x00\x00\x00\x00")
+    table = ReflectionTable(columns={"miller_index": np.array([[1, 0, 0], [2, 2, 1]], dtype=np.int32),
+                                     "id": np.array([0, 1], dtype=np.int32)})
+    expt = types.SimpleNamespace(space_group=gemmi.SpaceGroup("P 2 3"), unit_cell=gemmi.UnitCell(10, 10, 10, 90, 90, 90),
+                                 is_still=False, image_range=(1, 45), osc_range=(0.0, 45.0), wavelength=1.0,
+                                 scaling_model=None)
+    module = types.ModuleType("jaxscale.io.mtz")
+    module.read_unmerged_mtz = lambda path: (table, [expt])
+    monkeypatch.setitem(sys.modules, "jaxscale.io.mtz", module)
+    code, out, err = run_main(["show", mtz], capsys)
+    assert code == 0, err
+    assert "(mtz)" in out and "rows: 2" in out and "datasets (id: rows): 0: 1, 1: 1" in out
+    assert "resolution: 3.33 - 10.00 Å" in out and "images 1-45" in out and "P 2 3" in out

@@ -191,3 +191,10 @@ def test_validate_assignment_and_attribute_paths():
     assert p.compute.precision == "float64" and p.output.merging.nbins == 20
     with pytest.raises(Exception):
         p.reflection_selection.method = "nonsense"
+
+
+def test_image_ranges_helper():
+    from jaxscale.params import image_ranges
+
+    p = apply_overrides(ScaleParams(), [("exclude_images", "0:101:200,1:1:5"), ("exclude_images", "30:40")])
+    assert image_ranges(p.exclude_images) == [(0, 101, 200), (1, 1, 5), (None, 30, 40)]
