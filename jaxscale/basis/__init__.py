@@ -1,0 +1,1 @@
+"""Basis functions: truncated Gaussian smoothers and DIALS real spherical harmonics (numpy)."""

@@ -102,7 +102,9 @@ class ScalingModel:
             if esds is not None:
                 key = component_key(state.model_id, name)
                 sl = self.param_slices[key][dataset_index]
-                entry["est_standard_devs"] = [float(v) for v in np.asarray(esds[key])[sl]]
+                values_esd = np.array(esds[key], dtype=np.float64)
+                values_esd[self.final_fixed_mask[key] & ~self.fixed_mask[key]] = 0.0  # fix_initial
+                entry["est_standard_devs"] = [float(v) for v in values_esd[sl]]
             elif name in state.esds:
                 entry["est_standard_devs"] = [float(v) for v in state.esds[name]]
             out[name] = entry

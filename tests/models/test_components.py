@@ -148,3 +148,15 @@ def test_lookup_mode_is_close_to_exact(sweeps):
     a_lookup = np.asarray(lookup.bases["physical.absorption"]["w"])
     diff = np.abs(a_exact - a_lookup).max()
     assert 1e-6 < diff < 0.05  # piecewise-constant 0.5 degree table: different but close
+
+
+def test_fixed_initial_esd_written_as_zero(sweeps):
+    model = build_model(sweeps[:2], apply_overrides(ScaleParams(), {"overwrite_existing_models": True}))
+    esds = {k: np.full(len(p), 0.5) for k, p in model.params.items()}
+    first = model.to_dials_json(0, esds=esds, error_model=(1.1, 0.02), imid=1)
+    second = model.to_dials_json(1, esds=esds)
+    assert first["scale"]["est_standard_devs"][:2] == [0.0, 0.5]
+    assert second["scale"]["est_standard_devs"][0] == 0.5
+    cfg = first["configuration_parameters"]
+    assert cfg["error_model_type"] == "BasicErrorModel" and cfg["error_model_parameters"] == [1.1, 0.02]
+    assert cfg["Imid"] == 1 and "error_model_type" not in second["configuration_parameters"]
