@@ -609,147 +609,152 @@ def _read_mtz(path: str) -> gemmi.Mtz:
         raise InputError(path, f"not a readable MTZ file ({exc})") from None
 
 
-def _sweeps(batch_numbers: np.ndarray, batch_dataset: np.ndarray) -> list[tuple[int, int]]:
-    """(first, last) batch numbers of runs of consecutive batches of one dataset."""
+def _sweeps(batch_numbers: np.ndarray, batch_group: np.ndarray) -> list[tuple[int, int]]:
+    """(first, last) batch numbers of runs of consecutive batch numbers within one group."""
     order = np.argsort(batch_numbers, kind="stable")
-    b, d = batch_numbers[order], batch_dataset[order]
-    breaks = np.flatnonzero((np.diff(b) != 1) | (np.diff(d) != 0)) + 1
-    starts = np.concatenate([[0], breaks])
-    ends = np.concatenate([breaks - 1, [b.size - 1]])
+    b, g = batch_numbers[order], batch_group[order]
+    breaks = np.flatnonzero((np.diff(b) != 1) | (np.diff(g) != 0)) + 1
+    starts = np.concatenate([[0], breaks]).astype(int)
+    ends = np.concatenate([breaks - 1, [b.size - 1]]).astype(int)
     return [(int(b[s]), int(b[e])) for s, e in zip(starts, ends)]
 
 
-def _crystal_from_header(cell: np.ndarray, umat: np.ndarray, sg: gemmi.SpaceGroup) -> dict:
-    """DIALS crystal dict from a batch cell and Mosflm U (stored transposed), Cambridge frame."""
-    U = umat.reshape(3, 3).T if np.any(umat) else np.eye(3)
-    A = U @ _b_mosflm(cell[None])[0]
-    real = np.linalg.inv(A)  # rows a, b, c
-    return {"__id__": "crystal", "real_space_a": real[0].tolist(), "real_space_b": real[1].tolist(),
-            "real_space_c": real[2].tolist(), "space_group_hall_symbol": sg.hall}
+def _reciprocal_from_header(cells: np.ndarray, umats: np.ndarray) -> np.ndarray:
+    """A = U·B_Mosflm (n, 3, 3) from batch cells (n, 6) and stored umat words (n, 9) = Uᵀ."""
+    U = np.swapaxes(umats.reshape(-1, 3, 3), -1, -2)
+    return U @ _b_mosflm(cells)
+
+
+def _s1_from_headers(hkl: np.ndarray, A: np.ndarray, axis: np.ndarray, s0: np.ndarray,
+                     rot_deg: np.ndarray) -> np.ndarray:
+    """Diffracted beam vectors s1 = s0 + R(axis, φ)·A·h (n, 3), per-row A (n, 3, 3)."""
+    r = np.einsum("nij,nj->ni", A, hkl.astype(float))
+    return s0 + np.einsum("nij,nj->ni", _rotations(axis, np.radians(rot_deg)), r)
+
+
+def _column_pairs(mtz: gemmi.Mtz) -> dict[str, str]:
+    """Intensity label → its sigma label: the first Q column right after each J column."""
+    cols = list(mtz.columns)
+    pairs = {}
+    for i, c in enumerate(cols[:-1]):
+        if c.type == "J" and cols[i + 1].type == "Q":
+            pairs[c.label] = cols[i + 1].label
+    return pairs
 
 
 def read_unmerged_mtz(path: str | os.PathLike) -> tuple[ReflectionTable, ExperimentList]:
     """Read an unmerged MTZ: a table with original indices and one Experiment per sweep.
 
-    Columns (DIALS names): miller_index (original, from M/ISYM), id, flags, batch,
-    intensity.sum.* (I, SIGI²), intensity.prf.* (IPR), xyzobs.px.value (XDET, YDET, z),
-    partiality (FRACTIONCALC or 1), lp, qe, background.sum.*, inverse_scale_factor(+variance)
-    from SCALEUSED, d, s1 (lab = Cambridge frame) where the headers give an orientation.
-    z is the array index from ROT and the sweep's oscillation where possible, else
-    batch − first batch + 0.5.
+    A sweep is a run of consecutive batch numbers of one dataset (all batches of a dataset
+    when the file has no batch headers). Columns (DIALS names): miller_index (original,
+    from M/ISYM), id, flags, batch, intensity.sum.* (I, SIGI²), intensity.prf.* (IPR),
+    xyzobs.px.value (XDET, YDET, z = batch − first batch + 0.5), partiality (FRACTIONCALC
+    or 1), lp, qe, background.sum.*, inverse_scale_factor(+variance) from SCALEUSED, rot
+    (ROT, degrees), d (MTZ cell), and s1 where the batch headers give an orientation that
+    reproduces |s1| = 1/λ (checked, since old exports use other frames).
     """
     path_s = os.fspath(path)
     mtz = _read_mtz(path_s)
     labels = mtz.column_labels()
-    by_label = {c.label: c for c in mtz.columns}
-    if "M_ISYM" in by_label and "M/ISYM" not in by_label:
-        by_label["M_ISYM"].label = "M/ISYM"
-        by_label["M/ISYM"] = by_label.pop("M_ISYM")
-    batch_cols = [c for c in mtz.columns if c.type == "B"]
+    for c in mtz.columns:
+        if c.label == "M_ISYM" and "M/ISYM" not in labels:
+            c.label = "M/ISYM"
+    batch_cols = [c.label for c in mtz.columns if c.type == "B"]
     if not batch_cols:
         raise InputError(path_s, "no BATCH column: not an unmerged MTZ", field="BATCH")
-    i_label = next((lab for lab in ("I", "IOBS", "IPR") if lab in by_label and by_label[lab].type == "J"), None)
-    if i_label is None:
-        raise InputError(path_s, f"no intensity column (type J: I or IPR); columns are {labels}", field="I")
+    pairs = _column_pairs(mtz)
+    sum_label = next((lab for lab in ("I", "IOBS", "IMEAN") if lab in pairs), None)
+    prf_label = "IPR" if "IPR" in pairs else None
+    if sum_label is None and prf_label is None:
+        raise InputError(path_s, f"no intensity column (type J followed by its sigma, type Q); columns are {labels}",
+                         field="I")
     if mtz.nreflections == 0:
         raise InputError(path_s, "file holds no reflections")
-    if "M/ISYM" in by_label:
+    if mtz.spacegroup is None:
+        raise InputError(path_s, "no space group in the MTZ header", field="SYMINF")
+    if "M/ISYM" in mtz.column_labels():
         mtz.switch_to_original_hkl()
     data = np.array(mtz, dtype=np.float64)  # (n, ncol)
     col = {c.label: data[:, i] for i, c in enumerate(mtz.columns)}
     n = data.shape[0]
     sg = mtz.spacegroup
-    if sg is None:
-        raise InputError(path_s, "no space group in the MTZ header", field="SYMINF")
-    batch = col[batch_cols[0].label].astype(np.int64)
+    batch = np.rint(col[batch_cols[0]]).astype(np.int64)
+    hkl = np.stack([col["H"], col["K"], col["L"]], 1).astype(np.int32)
 
-    # --- sweeps from the batch headers (or from the BATCH values when there are none)
-    headers = {b.number: b for b in mtz.batches}
+    # --- sweeps, from the batch headers or else from the BATCH values
+    headers = list(mtz.batches)
     if headers:
-        numbers = np.array(sorted(headers), dtype=np.int64)
-        ds_of = np.array([headers[b].dataset_id * 1000 + headers[b].ints[_I_NCRYST] for b in numbers])
+        numbers = np.array([b.number for b in headers], dtype=np.int64)
+        floats = np.array([list(b.floats) for b in headers], dtype=np.float64)  # (n_batches, 156)
+        group = np.array([b.dataset_id * 1000 + b.ints[_I_NCRYST] for b in headers], dtype=np.int64)
         missing = np.setdiff1d(np.unique(batch), numbers)
         if missing.size:
-            raise InputError(path_s, f"{missing.size} BATCH value(s) without a batch header, e.g. {missing[:3].tolist()}",
+            raise InputError(path_s, f"{missing.size} BATCH value(s) have no batch header, e.g. {missing[:3].tolist()}",
                              field="BATCH")
+        sweeps = _sweeps(numbers, group)
     else:
         numbers = np.unique(batch)
-        ds_of = np.zeros(numbers.size, dtype=np.int64)
-    sweeps = _sweeps(numbers, ds_of)
+        floats = np.zeros((numbers.size, 156))
+        sweeps = [(int(numbers[0]), int(numbers[-1]))]
+    order = np.argsort(numbers)
+    row_header = order[np.searchsorted(numbers[order], batch)]  # header index of each row
     firsts = np.array([s for s, _ in sweeps])
-    sweep_of_row = np.searchsorted(firsts, batch, side="right") - 1
+    sweep_of_row = (np.searchsorted(firsts, batch, side="right") - 1).astype(np.int32)
 
     ds_wavelength = {d.id: d.wavelength for d in mtz.datasets}
-    default_wl = next((d.wavelength for d in mtz.datasets[::-1] if d.wavelength > 0), 0.0)
+    default_wl = next((d.wavelength for d in reversed(list(mtz.datasets)) if d.wavelength > 0), 0.0)
+    mtz_cell = np.array(mtz.cell.parameters)
+    cells = np.where(floats[:, :1] > 0, floats[:, _F_CELL : _F_CELL + 6], mtz_cell)
+    umats = floats[:, _F_UMAT : _F_UMAT + 9]
+    oriented = np.any(umats != 0, axis=1)
+    umats = np.where(oriented[:, None], umats, np.eye(3).ravel())
+    A_batch = _reciprocal_from_header(cells, umats)  # (n_batches, 3, 3)
+
     experiments = ExperimentList()
     identifiers: dict[int, str] = {}
-    z = np.empty(n)
-    s1 = np.full((n, 3), np.nan)
-    has_orientation = False
-    cell_d = mtz.cell
-    xdet, ydet = col.get("XDET", np.zeros(n)), col.get("YDET", np.zeros(n))
+    beam_s0 = np.zeros((len(sweeps), 3))
+    axes = np.zeros((len(sweeps), 3))
+    wavelengths = np.zeros(len(sweeps))
     for k, (first, last) in enumerate(sweeps):
-        rows = np.flatnonzero(sweep_of_row == k)
-        h = headers.get(first)
-        if h is not None:
-            f = np.array(h.floats, dtype=np.float64)
-            start, width = float(f[_F_PHISTT]), float(f[_F_PHIRANGE])
-            wl = float(f[_F_ALAMBD]) or ds_wavelength.get(h.dataset_id, default_wl)
-            cell = f[_F_CELL : _F_CELL + 6] if f[_F_CELL] > 0 else np.array(cell_d.parameters)
-            crystal = _crystal_from_header(cell, f[_F_UMAT : _F_UMAT + 9], sg)
-            has_orientation |= bool(np.any(f[_F_UMAT : _F_UMAT + 9]))
-            so = f[_F_SO : _F_SO + 3]
-            direction = so / np.linalg.norm(so) if np.any(so) else np.array([-1.0, 0.0, 0.0])
-            axis = f[_F_E1 : _F_E1 + 3] if np.any(f[_F_E1 : _F_E1 + 3]) else f[_F_SCANAX : _F_SCANAX + 3]
-            axis = axis / np.linalg.norm(axis) if np.any(axis) else np.array([0.0, 0.0, 1.0])
-            nx, ny, dist = float(f[_F_DETLM + 1]), float(f[_F_DETLM + 3]), float(f[_F_DX])
-        else:
-            start, width, wl = 0.0, 0.0, default_wl
-            crystal = _crystal_from_header(np.array(cell_d.parameters), np.zeros(9), sg)
-            direction, axis = np.array([-1.0, 0.0, 0.0]), np.array([0.0, 0.0, 1.0])
-            nx = ny = dist = 0.0
-        if "ROT" in col and width != 0:
-            z[rows] = (col["ROT"][rows] - start) / width
-        else:
-            z[rows] = batch[rows] - first + 0.5
+        h = int(order[np.searchsorted(numbers[order], first)])
+        f = floats[h]
+        wl = float(f[_F_ALAMBD]) or ds_wavelength.get(headers[h].dataset_id if headers else -1, default_wl)
+        so = f[_F_SO : _F_SO + 3]
+        direction = so / np.linalg.norm(so) if np.any(so) else np.array([-1.0, 0.0, 0.0])
+        axis = f[_F_E1 : _F_E1 + 3] if np.any(f[_F_E1 : _F_E1 + 3]) else f[_F_SCANAX : _F_SCANAX + 3]
+        axis = axis / np.linalg.norm(axis) if np.any(axis) else np.array([0.0, 0.0, 1.0])
+        real = np.linalg.inv(A_batch[h])  # rows a, b, c
         ident = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{os.path.abspath(path_s)}#{first}-{last}"))
         identifiers[k] = ident
         experiments.append(Experiment(
             identifier=ident,
             beam={"direction": direction.tolist(), "wavelength": wl},
-            detector={"panels": [{"name": "Panel", "image_size": [int(nx), int(ny)], "directed_distance": dist}]},
+            detector={"panels": [{"name": "Panel", "image_size": [int(f[_F_DETLM + 1]), int(f[_F_DETLM + 3])],
+                                  "directed_distance": float(f[_F_DX])}]},
             goniometer={"rotation_axis": axis.tolist(), "fixed_rotation": np.eye(3).ravel().tolist(),
                         "setting_rotation": np.eye(3).ravel().tolist()},
             scan={"image_range": [1, last - first + 1], "batch_offset": first - 1,
-                  "oscillation": [start, width]},
-            crystal=crystal,
+                  "oscillation": [float(f[_F_PHISTT]), float(f[_F_PHIRANGE])]},
+            crystal={"__id__": "crystal", "real_space_a": real[0].tolist(), "real_space_b": real[1].tolist(),
+                     "real_space_c": real[2].tolist(), "space_group_hall_symbol": sg.hall},
         ))
-        if h is not None and "ROT" in col and np.any(f[_F_UMAT : _F_UMAT + 9]) and wl > 0:
-            s1[rows] = _s1_from_orientation(np.asarray(col_hkl(col, rows)), crystal, axis, direction, wl,
-                                            col["ROT"][rows])
+        beam_s0[k], axes[k], wavelengths[k] = -direction / wl if wl > 0 else 0.0, axis, wl
 
-    cols: dict[str, np.ndarray] = {
-        "miller_index": np.stack([col["H"], col["K"], col["L"]], 1).astype(np.int32),
-        "id": sweep_of_row.astype(np.int32),
-        "batch": batch.astype(np.int32),
-    }
+    cols: dict[str, np.ndarray] = {"miller_index": hkl, "id": sweep_of_row, "batch": batch.astype(np.int32)}
     flag = np.zeros(n, dtype=np.uint64)
-    if "I" in col or "IOBS" in col:
-        lab = "I" if "I" in col else "IOBS"
-        sig = col.get("SIGI", col.get("SIGIOBS"))
-        if sig is None:
-            raise InputError(path_s, f"column {lab} has no sigma column (SIGI)", field="SIGI")
-        cols["intensity.sum.value"], cols["intensity.sum.variance"] = col[lab], sig**2
+    if sum_label:
+        cols["intensity.sum.value"], cols["intensity.sum.variance"] = col[sum_label], col[pairs[sum_label]] ** 2
         flag |= np.uint64(F.INTEGRATED_SUM)
-    if "IPR" in col:
-        if "SIGIPR" not in col:
-            raise InputError(path_s, "column IPR has no SIGIPR", field="SIGIPR")
-        cols["intensity.prf.value"], cols["intensity.prf.variance"] = col["IPR"], col["SIGIPR"] ** 2
+    if prf_label:
+        cols["intensity.prf.value"], cols["intensity.prf.variance"] = col[prf_label], col[pairs[prf_label]] ** 2
         flag |= np.uint64(F.INTEGRATED_PRF)
     cols["flags"] = flag
-    cols["xyzobs.px.value"] = np.stack([xdet, ydet, z], 1)
+    first_of_row = firsts[sweep_of_row]
+    xdet = col.get("XDET", col.get("X", np.zeros(n)))
+    ydet = col.get("YDET", col.get("Y", np.zeros(n)))
+    cols["xyzobs.px.value"] = np.stack([xdet, ydet, batch - first_of_row + 0.5], 1)
     cols["partiality"] = col["FRACTIONCALC"].copy() if "FRACTIONCALC" in col else np.ones(n)
-    for src, dst in (("LP", "lp"), ("QE", "qe")):
+    for src, dst in (("LP", "lp"), ("QE", "qe"), ("ROT", "rot")):
         if src in col:
             cols[dst] = col[src]
     if "BG" in col:
@@ -758,24 +763,29 @@ def read_unmerged_mtz(path: str | os.PathLike) -> tuple[ReflectionTable, Experim
     if "SCALEUSED" in col:
         cols["inverse_scale_factor"] = col["SCALEUSED"]
         cols["inverse_scale_factor_variance"] = col["SIGSCALEUSED"] ** 2 if "SIGSCALEUSED" in col else np.zeros(n)
-    cols["d"] = cell_d.calculate_d_array(cols["miller_index"])
-    if has_orientation and np.isfinite(s1).all():
-        cols["s1"] = s1
+    cols["d"] = mtz.cell.calculate_d_array(hkl)
+    if "ROT" in col and oriented[row_header].all() and (wavelengths > 0).all():
+        s1 = _oriented_s1(hkl, A_batch[row_header], axes[sweep_of_row], beam_s0[sweep_of_row],
+                          col["ROT"], wavelengths[sweep_of_row])
+        if s1 is not None:
+            cols["s1"] = s1
     types = {"miller_index": "cctbx::miller::index<>", "id": "int", "batch": "int", "flags": "std::size_t",
              "xyzobs.px.value": "vec3<double>", "s1": "vec3<double>"}
-    table = ReflectionTable(cols, identifiers,
-                            {k: types.get(k, "double") for k in cols})
-    return table, experiments
+    return ReflectionTable(cols, identifiers, {k: types.get(k, "double") for k in cols}), experiments
 
 
-def col_hkl(col: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
-    return np.stack([col["H"][rows], col["K"][rows], col["L"][rows]], 1)
+def _oriented_s1(hkl: np.ndarray, A: np.ndarray, axis: np.ndarray, s0: np.ndarray, rot_deg: np.ndarray,
+                 wavelength: np.ndarray) -> np.ndarray | None:
+    """s1 (n, 3) from the headers' orientation, or None if it fails the |s1| = 1/λ check.
 
-
-def _s1_from_orientation(hkl: np.ndarray, crystal: dict, axis: np.ndarray, direction: np.ndarray,
-                         wavelength: float, rot_deg: np.ndarray) -> np.ndarray:
-    """Diffracted beam vectors s1 = s0 + R(axis, φ)·A·h (n, 3), |s1| ≈ 1/λ for a good model."""
-    A = np.linalg.inv(np.array([crystal["real_space_a"], crystal["real_space_b"], crystal["real_space_c"]]))
-    r = hkl.astype(float) @ A.T  # (n, 3) reciprocal-lattice vectors at φ = 0
-    s0 = -direction / wavelength
-    return s0 + np.einsum("nij,nj->ni", _rotations(axis, np.radians(rot_deg)), r)
+    DIALS writes `so` as the unit sample→source vector in the Cambridge frame; older
+    exports wrote s0 in the lab frame, so both beam senses are tried.
+    """
+    best, best_err = None, np.inf
+    for sign in (1.0, -1.0):
+        s1 = _s1_from_headers(hkl, A, axis, sign * s0, rot_deg)
+        ratio = np.linalg.norm(s1, axis=1) * wavelength
+        err = float(np.quantile(np.abs(ratio - 1.0), 0.9))
+        if err < best_err:
+            best, best_err = s1, err
+    return best if best_err < 0.02 else None
