@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from jaxscale.exceptions import ParameterError
+from tests.conftest import requires_dials
 from jaxscale.params import (AUTO, ScaleParams, apply_overrides, check_conflicts, diff_from_defaults,
                              explain_conflicts, format_phil, is_auto, iter_parameters, params_from_dict,
                              resolve_key, resolve_key_verbose, _leaves)
@@ -198,3 +199,19 @@ def test_image_ranges_helper():
 
     p = apply_overrides(ScaleParams(), [("exclude_images", "0:101:200,1:1:5"), ("exclude_images", "30:40")])
     assert image_ranges(p.exclude_images) == [(0, 101, 200), (1, 1, 5), (None, 30, 40)]
+
+
+@requires_dials
+def test_committed_reference_matches_installed_dials():
+    """The JSON fixture is what make_dials_defaults.py gets from the installed DIALS today."""
+    import importlib.util
+    import subprocess
+
+    spec = importlib.util.spec_from_file_location("make_ref", Path(__file__).parent / "reference" /
+                                                  "make_dials_defaults.py")
+    make_ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_ref)
+    text = subprocess.run(["dials.scale", "-c", "-a", "2", "-e", "10"], check=True, capture_output=True,
+                          text=True, timeout=120).stdout
+    assert make_ref.parse(text) == DIALS
+    assert make_ref.resolve_keys() == REFERENCE["key_resolution"]
