@@ -575,3 +575,40 @@ def merging_statistics(obs: ScaledObservations, n_bins: int = 20, use_internal_v
             suggested = merging_statistics(cut, n_bins, use_internal_variance, anomalous, _suggest=False)
     return MergingStatistics(bins, overall, a_bins, a_overall, limits, fit, suggested,
                              obs.space_group.hm, tuple(obs.unit_cell.parameters))
+
+
+# --------------------------------------------------------------------------------------
+# per-batch statistics (merging_stats.md §6)
+
+@dataclass(frozen=True)
+class BatchStatistics:
+    """Per batch (image number + batch offset), arrays of shape (n_batches,)."""
+
+    batch: np.ndarray            # batch numbers present, increasing
+    dataset: np.ndarray          # experiment index of the batch
+    n_obs: np.ndarray
+    r_merge: np.ndarray          # Σ|I − <I>_h| / Σ I over the batch (<I> from all data)
+    i_over_sigma: np.ndarray     # mean I/σ of the batch's observations
+    scale: np.ndarray            # mean inverse scale factor g
+
+
+def batch_statistics(obs: ScaledObservations, batch: np.ndarray, inverse_scale: np.ndarray) -> BatchStatistics:
+    """Rmerge, <I/σ> and <g> per batch; `batch`, `inverse_scale` (n,) aligned with `obs`."""
+    mean, _, n = weighted_merge(*_gid(obs.miller_asu), obs.intensity, obs.sigma)
+    gid = _gid(obs.miller_asu)[0]
+    batches, b = np.unique(np.asarray(batch), return_inverse=True)
+    b = b.reshape(-1)
+    B = batches.shape[0]
+    cnt = np.bincount(b, minlength=B)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r_merge = np.bincount(b, np.abs(obs.intensity - mean[gid]), minlength=B) / np.bincount(b, obs.intensity, minlength=B)
+        i_over_sigma = np.bincount(b, obs.intensity / obs.sigma, minlength=B) / cnt
+        scale = np.bincount(b, np.asarray(inverse_scale, float), minlength=B) / cnt
+    dataset = np.zeros(B, dtype=np.int64)
+    dataset[b] = obs.dataset
+    return BatchStatistics(batches, dataset, cnt, r_merge, i_over_sigma, scale)
+
+
+def _gid(keys: np.ndarray) -> tuple[np.ndarray, int]:
+    unique, gid = group_by_index(keys)
+    return gid, unique.shape[0]

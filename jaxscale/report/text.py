@@ -52,13 +52,14 @@ def merging_statistics_table(stats: MergingStatistics) -> str:
     return text
 
 
-def summary_table(stats: MergingStatistics) -> str:
-    """The "Summary of merging statistics" block (3 columns, or 4 with "Suggested")."""
+def summary_values(stats: MergingStatistics) -> dict[str, list]:
+    """Summary rows {label: values}: [Overall, Low, High] or, with a CC½-fit cut,
+    [Suggested, Low, High, Overall] (Low/High of the cut data); single-valued anomalous
+    rows (slope, dF/F, dI/s(dI)) hold one value. Completeness in %."""
     sel = stats.suggested
     four = sel is not None
-
     values: dict[str, list] = {}
-    for label, fmt, source, name in _SUMMARY_ROWS:
+    for label, _, source, name in _SUMMARY_ROWS:
         if source == "main":
             full = (stats.overall, stats.bins)
             cut = (sel.overall, sel.bins) if four else None
@@ -80,15 +81,20 @@ def summary_table(stats: MergingStatistics) -> str:
         if "completeness" in name:
             vals = [v * 100 for v in vals]
         values[label] = vals
+    return values
 
+
+def summary_table(stats: MergingStatistics) -> str:
+    """The "Summary of merging statistics" block (3 columns, or 4 with "Suggested")."""
+    four = stats.suggested is not None
+    values = summary_values(stats)
     head = "".ljust(44) + ("Suggested   Low    High  Overall" if four else " Overall    Low     High") + "\n"
     text = "\n            -------------Summary of merging statistics--------------           \n\n" + head
-    n_col = 4 if four else 3
     for label, fmt, _, _ in _SUMMARY_ROWS:
         if label not in values:
             continue
         row = values[label]
-        if n_col == 4 and len(row) == 1:
+        if four and len(row) == 1:
             row = row + [None] * 3
         fmts = [fmt] + [fmt.strip()] * (len(row) - 1)
         text += label.ljust(44) + " ".join(
