@@ -193,10 +193,10 @@ with warnings.catch_warnings():  # the DIALS name output.json shadows BaseModel.
     warnings.simplefilter("ignore")
 
     class OutputScope(_Scope):
-        log: str | None = opt("dials.scale.log", "Log file name.", type="str")
+        log: str | None = opt("jaxscale.log", "Log file name (dials.scale: dials.scale.log).", type="str")
         experiments: str | None = opt("scaled.expt", "Output experiment list.", type="str")
         reflections: str | None = opt("scaled.refl", "Output reflection table.", type="str")
-        html: str | None = opt("dials.scale.html", "HTML report file name.", type="str")
+        html: str | None = opt("jaxscale.html", "HTML report file name (dials.scale: dials.scale.html).", type="str")
         json: str | None = opt(None, "Write the report data as JSON to this file.", type="str")
         unmerged_mtz: str | None = opt(None, "Also write an unmerged MTZ file.", type="str")
         merged_mtz: str | None = opt(None, "Also write a merged MTZ file.", type="str")
