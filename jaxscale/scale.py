@@ -1,0 +1,646 @@
+"""`jaxscale.scale.run`: the dials.scale algorithm end to end (spec overview.md §5).
+
+read inputs -> prepare each data set -> build models -> initial outlier rejection ->
+round 1 (L-BFGS) -> expand, outliers -> profile/summation combination -> outliers ->
+round 2 -> expand, outliers, error model -> full-matrix LM (+ fix_initial iteration) ->
+expand with covariance -> final outliers and error model -> output variances, flags ->
+scaled.refl/.expt, merging statistics, log.
+
+All observation arrays here are over the *suitable* rows of all data sets concatenated in
+data-set order (the rows the model's bases describe); `_Obs` keeps the map back to tables.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxscale.data import flags as F
+from jaxscale.data.prepare import prepare_dataset, prescaling_correction, inverse_partiality
+from jaxscale.data.symmetry import best_unit_cell, d_star_sq, epsilon, group_ids, map_to_asu
+from jaxscale.data.table import ReflectionTable
+from jaxscale.errors.error_model import ErrorModelResult, refine_error_model
+from jaxscale.errors.outliers import determine_outliers, normalised_intensity_outliers
+from jaxscale.exceptions import InputError, ParameterError
+from jaxscale.models.build import DatasetInput, ScalingModel, build_model
+from jaxscale.optimize.lbfgs import minimise_lbfgs
+from jaxscale.optimize.levmar import (
+    inverse_scale_variance,
+    minimise_full_matrix,
+    parameter_covariance,
+    propagate_variance,
+)
+from jaxscale.target.losses import get_loss
+from jaxscale.target.objective import ScalingTarget, make_problem
+
+TEMPORARY_COLUMNS = ("intensity", "variance", "prescaling_correction", "s0c", "s1c", "Esq", "batch", "shoebox")
+
+
+# ------------------------------------------------------------------------- progress/log
+class _Log:
+    """Collects log lines and forwards phases/messages to an optional progress object."""
+
+    def __init__(self, progress: Any | None):
+        self.progress = progress
+        self.lines: list[str] = []
+
+    def __call__(self, msg: str = "") -> None:
+        self.lines.append(msg)
+        if self.progress is not None and hasattr(self.progress, "log"):
+            self.progress.log(msg)
+
+    def phase(self, name: str, total: int | None = None) -> None:
+        if self.progress is not None and hasattr(self.progress, "on_phase_start"):
+            self.progress.on_phase_start(name, total)
+
+    def advance(self, n: int = 1) -> None:
+        if self.progress is not None and hasattr(self.progress, "on_advance"):
+            self.progress.on_advance(n)
+
+    def end(self) -> None:
+        if self.progress is not None and hasattr(self.progress, "on_phase_end"):
+            self.progress.on_phase_end()
+
+
+@dataclasses.dataclass
+class ScaleResult:
+    """What a run produced: tables/experiments written, model, error model, statistics."""
+
+    table: ReflectionTable  # scaled table, all data sets (id = data-set index)
+    experiments: list
+    model: ScalingModel
+    x: np.ndarray  # final flat parameters
+    error_model: tuple[float, float] | None
+    error_model_result: ErrorModelResult | None
+    statistics: Any
+    log: list[str]
+    timings: dict[str, float]
+    imid: float | None = None
+    outputs: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------- inputs
+def _pair_inputs(params: Any, inputs: Sequence[str]) -> list[tuple[str, str]]:
+    refls = [p for p in inputs if str(p).endswith(".refl")] or list(params.input.reflections or [])
+    expts = [p for p in inputs if str(p).endswith((".expt", ".json"))] or list(params.input.experiments or [])
+    others = [p for p in inputs if not str(p).endswith((".refl", ".expt", ".json", ".phil", ".yaml", ".yml"))]
+    if others:
+        raise InputError(others[0], "only DIALS .refl/.expt inputs are supported by the scaling engine so far")
+    if not refls or len(refls) != len(expts):
+        raise InputError(None, f"need matching .refl/.expt pairs (got {len(refls)} .refl, {len(expts)} .expt)")
+    return list(zip(refls, expts))
+
+
+def _read_datasets(params: Any, inputs: Sequence[str]) -> tuple[list, list[ReflectionTable]]:
+    """One (experiment, table) per experiment, tables split by `id`."""
+    from jaxscale.io.expt import assign_identifiers, read_expt
+    from jaxscale.io.refl import read_refl
+
+    experiments, tables = [], []
+    for refl_path, expt_path in _pair_inputs(params, inputs):
+        expts = read_expt(expt_path)
+        table = read_refl(refl_path)
+        assign_identifiers(table, expts, refl_path)
+        ids = np.asarray(table["id"])
+        by_ident = {v: k for k, v in table.identifiers.items()}
+        for expt in expts:
+            k = by_ident.get(expt.identifier)
+            rows = np.flatnonzero(ids == k) if k is not None else np.zeros(0, dtype=np.int64)
+            sub = table.select(rows)
+            sub.identifiers = {0: expt.identifier}
+            sub["id"] = np.zeros(len(sub), dtype=np.int32)
+            experiments.append(expt)
+            tables.append(sub)
+    use = params.dataset_selection.use_datasets
+    exclude = params.dataset_selection.exclude_datasets
+    keep = [i for i in range(len(experiments)) if (use is None or i in use) and not (exclude and i in exclude)]
+    experiments = [experiments[i] for i in keep]
+    tables = [tables[i] for i in keep]
+    sgs = {e.space_group.number for e in experiments}
+    if len(sgs) > 1:
+        raise InputError(None, f"experiments have different space groups {sorted(sgs)}")
+    return experiments, tables
+
+
+# ------------------------------------------------------------------------- observations
+@dataclasses.dataclass
+class _Obs:
+    """Suitable rows of all data sets, concatenated (the model's observation order)."""
+
+    dataset: np.ndarray  # i[n] data-set position
+    row: np.ndarray  # i[n] row in that data set's prepared table
+    intensity: np.ndarray  # f[n]
+    variance: np.ndarray  # f[n]
+    group: np.ndarray  # i[n] group id (anomalous per the `anomalous` option)
+    group_anom: np.ndarray  # i[n] group id with I+ and I- apart (error model)
+    partiality: np.ndarray | None  # f[n]
+    d_star_sq: np.ndarray  # f[n] with the first experiment's cell (E^2 test)
+    epsilon: np.ndarray  # f[n]
+
+    @property
+    def n(self) -> int:
+        return self.intensity.size
+
+
+def _bucket(n: int) -> int:
+    """Padded size (next of 2^k, 1.25 2^k, 1.5 2^k, 1.75 2^k) so rounds reuse compilations."""
+    if n <= 256:
+        return 256
+    k = 2 ** int(math.floor(math.log2(n)))
+    for f in (1.0, 1.25, 1.5, 1.75, 2.0):
+        if n <= f * k:
+            return int(f * k)
+    return 2 * k
+
+
+# ------------------------------------------------------------------------- the engine
+class _Scaler:
+    """State of one dials.scale run over the joint observations of all data sets."""
+
+    def __init__(self, params: Any, experiments: list, prepared: list, model: ScalingModel, log: _Log):
+        self.p = params
+        self.experiments = experiments
+        self.prepared = prepared
+        self.model = model
+        self.log = log
+        self.multi = len(experiments) > 1
+        sg = experiments[0].space_group
+        parts = []
+        for k, prep in enumerate(prepared):
+            t = prep.table
+            rows = np.flatnonzero(_suitable(t))
+            parts.append((k, rows, t))
+        self.obs = self._observations(parts, sg)
+        self.target = ScalingTarget(model.components, model.params, loss=self._loss())
+        self.x = self.target.x0.copy()
+        self.free = self.target.free_mask(model.fixed_mask)
+        self.final_free = self.target.free_mask(model.final_fixed_mask)
+        # error models: one (a, b) per error-model group (combined: one)
+        self.error_model: tuple[float, float] | None = None
+        self.error_model_result: ErrorModelResult | None = None
+        if params.weighting.error_model.error_model == "basic":
+            self.error_model = self._initial_error_model()
+        self.global_error_model = self.error_model if not self.multi else None
+        self.outlier = np.zeros(self.obs.n, dtype=bool)
+        self.var_g = np.zeros(self.obs.n)
+        self.imid: float | None = None
+        self.g = np.asarray(self.target.inverse_scale(jnp.asarray(self.x), model.bases))
+
+    # -------------------------------------------------------------- setup helpers
+    def _loss(self):
+        name = self.p.weighting.likelihood
+        if name == "student_t":
+            return get_loss(name, dof=self.p.weighting.student_t_dof)
+        if name == "huber":
+            return get_loss(name, k=self.p.weighting.huber_delta)
+        return get_loss(name)
+
+    def _initial_error_model(self) -> tuple[float, float]:
+        em = self.p.weighting.error_model
+        a, b = 1.0, 0.02
+        saved = self.experiments[0].scaling_model
+        if saved and not em.reset_error_model and not self.p.overwrite_existing_models:
+            pars = saved.get("configuration_parameters", {}).get("error_model_parameters")
+            if pars:
+                a, b = float(pars[0]), float(pars[1])
+        if em.basic.a is not None:
+            a = em.basic.a
+        if em.basic.b is not None:
+            b = em.basic.b
+        return a, b
+
+    def _observations(self, parts, sg) -> _Obs:
+        cell = self.experiments[0].unit_cell
+        dataset, row, inten, var, miller, part = [], [], [], [], [], []
+        has_p = all("partiality" in t for _, _, t in parts)
+        for k, rows, t in parts:
+            dataset.append(np.full(rows.size, k))
+            row.append(rows)
+            inten.append(np.asarray(t["intensity"])[rows])
+            var.append(np.asarray(t["variance"])[rows])
+            miller.append(np.asarray(t["miller_index"])[rows])
+            if has_p:
+                part.append(np.asarray(t["partiality"])[rows])
+        miller = np.concatenate(miller)
+        asu, _ = map_to_asu(miller, sg, anomalous=bool(self.p.anomalous))
+        group, _ = group_ids(asu)
+        asu_anom, _ = map_to_asu(miller, sg, anomalous=True)
+        group_anom, _ = group_ids(asu_anom)
+        return _Obs(
+            dataset=np.concatenate(dataset),
+            row=np.concatenate(row),
+            intensity=np.concatenate(inten),
+            variance=np.concatenate(var),
+            group=group,
+            group_anom=group_anom,
+            partiality=np.concatenate(part) if has_p else None,
+            d_star_sq=d_star_sq(miller, cell),
+            epsilon=epsilon(miller, sg).astype(np.float64),
+        )
+
+    # -------------------------------------------------------------- weights, subsets
+    def weights(self, error_model: tuple[float, float] | None) -> np.ndarray:
+        v = self.obs.variance
+        if error_model is not None:
+            a, b = error_model
+            v = a * a * (v + (b * self.obs.intensity) ** 2)
+        return 1.0 / v
+
+    def subset(self) -> np.ndarray:
+        """Pre-selected rows of groups with >= 2 members (use_all below ~50000 refl)."""
+        o = self.obs
+        sel = o.intensity / np.sqrt(o.variance) > self.p.reflection_selection.Isigma_range[0]
+        if o.partiality is not None:
+            sel &= o.partiality > self.p.reflection_selection.min_partiality
+        d_range = self.p.reflection_selection.d_range
+        if d_range is not None:
+            d = 1.0 / np.sqrt(o.d_star_sq)
+            sel &= (d > d_range[0]) & (d < d_range[1])
+        counts = np.bincount(o.group[sel], minlength=o.group.max() + 1)
+        return sel & (counts[o.group] >= 2)
+
+    # -------------------------------------------------------------- minimisation
+    def _problem(self, rows: np.ndarray):
+        """Padded ScalingProblem + bases over `rows` (weights with the current error model)."""
+        o = self.obs
+        idx = np.flatnonzero(rows)
+        n = idx.size
+        size = _bucket(n)
+        _, gid = np.unique(o.group[idx], return_inverse=True)
+        n_groups = int(gid.max()) + 1 if n else 0
+        g_size = _bucket(n_groups + 1)
+        pad = size - n
+        idx_p = np.r_[idx, np.full(pad, idx[0] if n else 0)]
+        w = np.r_[self.weights(self.error_model)[idx], np.zeros(pad)]
+        inten = np.r_[o.intensity[idx], np.zeros(pad)]
+        gid_p = np.r_[gid, np.full(pad, n_groups)]
+        problem = make_problem(inten, w, gid_p, n_groups=g_size)
+        return problem, self.model.select(idx_p)
+
+    def lbfgs_round(self, label: str) -> None:
+        rows = self.subset() & ~self.outlier
+        problem, bases = self._problem(rows)
+        data = self.target.data(problem, bases, anchor=self.x, free=self.free)
+        ref = self.p.scaling_refinery
+        engine = ref.engine
+        if engine == "SimpleLBFGS":
+            res = minimise_lbfgs(self.target, data, x0=self.x, rmsd_tolerance=ref.rmsd_tolerance,
+                                 max_iterations=ref.max_iterations)
+        else:
+            res = minimise_full_matrix(self.target, data, x0=self.x, engine=engine,
+                                       rmsd_tolerance=ref.rmsd_tolerance, max_iterations=ref.max_iterations)
+        self.x = res.x
+        self._log_steps(label, res)
+
+    def full_matrix_round(self) -> None:
+        ref = self.p.scaling_refinery
+        rows = self.subset() & ~self.outlier
+        problem, bases = self._problem(rows)
+        data = self.target.data(problem, bases, anchor=self.x, free=self.free)
+        res = minimise_full_matrix(self.target, data, x0=self.x, engine=ref.full_matrix_engine,
+                                   rmsd_tolerance=ref.rmsd_tolerance, max_iterations=ref.full_matrix_max_iterations)
+        self.x = res.x
+        self._log_steps("Full-matrix round", res)
+        if np.any(self.final_free != self.free):
+            data = self.target.data(problem, bases, anchor=self.x, free=self.final_free)
+            res = minimise_full_matrix(self.target, data, x0=self.x, engine=ref.full_matrix_engine,
+                                       rmsd_tolerance=ref.rmsd_tolerance / 4.0, max_iterations=1)
+            self.x = res.x
+            self._log_steps("Full-matrix round (first scale parameter fixed)", res)
+        self.covariance = parameter_covariance(res, damped=True)
+        self.fm_result = res
+
+    def _log_steps(self, label: str, res) -> None:
+        self.log(f"\n{label}: {res.n_reflections} reflections")
+        self.log("  Step   RMSD_I")
+        for i, r in enumerate(res.rmsd_history):
+            self.log(f"  {i:4d}  {r:.5g}")
+        self.log(f"  {res.reason}")
+
+    # -------------------------------------------------------------- expansion, outliers
+    def expand(self, with_covariance: bool = False) -> None:
+        self.g = np.asarray(self.target.inverse_scale(jnp.asarray(self.x), self.model.bases))
+        if with_covariance and getattr(self, "covariance", None) is not None:
+            self.var_g = inverse_scale_variance(self.target, self.x, self.covariance, self.model.bases, self.obs.n)
+
+    def reject_outliers(self, label: str) -> None:
+        p = self.p.scaling_options
+        o = self.obs
+        w = self.weights(self.global_error_model)
+        out = determine_outliers(o.intensity, w, self.g, o.group, zmax=p.outlier_zmax, method=p.outlier_rejection)
+        if p.emax and p.emax > 0:
+            out |= normalised_intensity_outliers(o.intensity / self.g, o.d_star_sq, o.epsilon, p.emax)
+        self.outlier = out
+        self.log(f"{int(out.sum())} outliers found ({label})")
+
+    # -------------------------------------------------------------- error model
+    def refine_error_model(self, label: str) -> None:
+        if self.error_model is None:
+            return
+        em = self.p.weighting.error_model
+        o = self.obs
+        rows = ~self.outlier
+        res = refine_error_model(
+            o.intensity[rows], o.variance[rows], self.g[rows], o.group_anom[rows],
+            partiality=None if o.partiality is None else o.partiality[rows],
+            a=self.error_model[0], b=self.error_model[1],
+            refine_a=em.basic.a is None, refine_b=em.basic.b is None,
+            minimisation=em.basic.minimisation, min_Ih=em.basic.min_Ih, n_bins=em.basic.n_bins,
+        )
+        if res.refined:
+            self.error_model = (res.a, res.b)
+            self.error_model_result = res
+            self.global_error_model = self.error_model
+            self.log(f"Error model ({label}): a = {res.a:.5f}, b = {res.b:.5f} (ISa {res.isa:.3f}, "
+                     f"{res.n_reflections} reflections)")
+        else:
+            self.log(f"Error model ({label}) not refined: {res.message}")
+
+    # -------------------------------------------------------------- intensity combination
+    def combine_intensities(self) -> None:
+        """Choose profile / summation / blend by the lowest Rmeas (overview.md §6)."""
+        tables = [prep.table for prep in self.prepared]
+        if not all("intensity.prf.value" in t and "intensity.sum.value" in t for t in tables):
+            return
+        o = self.obs
+        cols = {}
+        for name in ("intensity.prf.value", "intensity.prf.variance", "intensity.sum.value",
+                     "intensity.sum.variance", "flags"):
+            cols[name] = np.concatenate([np.asarray(t[name])[o.row[o.dataset == k]] for k, t in enumerate(tables)])
+        conv = np.concatenate([prescaling_correction(t)[o.row[o.dataset == k]] for k, t in enumerate(tables)])
+        inv_p = np.concatenate([inverse_partiality(t)[o.row[o.dataset == k]] for k, t in enumerate(tables)])
+        part = o.partiality if o.partiality is not None else np.ones(o.n)
+        both = F.has_all(cols["flags"], F.INTEGRATED)
+        i_sum, v_sum = cols["intensity.sum.value"] * inv_p, cols["intensity.sum.variance"] * inv_p**2
+        i_prf, v_prf = cols["intensity.prf.value"], cols["intensity.prf.variance"]
+        test = both & ~self.outlier & (v_sum > 0) & (v_prf > 0) & (self.g > 0) & (part > 0)
+        if not test.any():
+            return
+        raw = i_sum[test]
+        avg = max(10.0, float(np.mean(raw)))
+        imid = float(np.max(raw)) / 10.0
+        candidates = [0.0, 1.0, avg, imid]
+        while imid > avg:
+            imid /= 10.0
+            candidates.append(imid)
+        results = []
+        for c in candidates:
+            i_c, v_c = _blend(c, i_prf[test], v_prf[test], i_sum[test], v_sum[test])
+            rmeas = _rmeas(i_c * conv[test] / self.g[test], np.sqrt(v_c) * conv[test] / self.g[test], o.group[test])
+            results.append(rmeas)
+        valid = [(r, c) for r, c in zip(results, candidates) if r >= 0]
+        best = min(valid)[1] if valid else 0.0
+        self.log("Intensity combination: " + ", ".join(
+            f"{'prf' if c == 0 else 'sum' if c == 1 else f'{c:.2f}'}: Rmeas {r:.5f}" for c, r in zip(candidates, results)))
+        self.imid = best
+        prf_ok = F.has_all(cols["flags"], F.INTEGRATED_PRF)
+        sum_ok = F.has_all(cols["flags"], F.INTEGRATED_SUM)
+        if best == 1.0:
+            use_sum = sum_ok | ~prf_ok
+            inten = np.where(use_sum, i_sum, i_prf)
+            var = np.where(use_sum, v_sum, v_prf)
+        else:
+            use_prf = prf_ok | ~sum_ok
+            inten = np.where(use_prf, i_prf, i_sum)
+            var = np.where(use_prf, v_prf, v_sum)
+            if best != 0.0:
+                i_b, v_b = _blend(best, i_prf, v_prf, i_sum, v_sum)
+                inten = np.where(both, i_b, inten)
+                var = np.where(both, v_b, var)
+        o.intensity = inten * conv
+        o.variance = var * conv * conv
+        self.log(f"Combined intensities chosen: {'profile' if best == 0 else 'summation' if best == 1 else f'Imid = {best:.2f}'}")
+
+
+def _suitable(table: ReflectionTable) -> np.ndarray:
+    return ~F.has_any(table["flags"], F.USER_EXCLUDED_IN_SCALING | F.EXCLUDED_FOR_SCALING)
+
+
+def _blend(imid: float, i_prf, v_prf, i_sum, v_sum):
+    """Profile/summation blend w = 1/(1 + (I_sum/Imid)^3) (0: profile, 1: summation)."""
+    if imid == 0.0:
+        return i_prf, v_prf
+    if imid == 1.0:
+        return i_sum, v_sum
+    with np.errstate(over="ignore", invalid="ignore"):
+        w = np.where(i_sum <= 0, 1.0, 1.0 / (1.0 + (np.maximum(i_sum, 0) / imid) ** 3))
+    return w * i_prf + (1 - w) * i_sum, w * v_prf + (1 - w) * v_sum
+
+
+def _rmeas(intensity: np.ndarray, sigma: np.ndarray, group: np.ndarray) -> float:
+    """Rmeas of scaled observations with I/sigma > 1 (inverse-variance group means)."""
+    keep = (sigma > 0) & (intensity / np.where(sigma > 0, sigma, 1.0) > 1.0)
+    if not keep.any():
+        return -1.0
+    i, s = intensity[keep], sigma[keep]
+    _, gid = np.unique(group[keep], return_inverse=True)
+    w = 1.0 / s**2
+    n = np.bincount(gid).astype(np.float64)
+    mean = np.bincount(gid, w * i) / np.bincount(gid, w)
+    multi = n[gid] > 1
+    if not multi.any():
+        return -1.0
+    num = np.sum(np.sqrt(n[gid] / np.maximum(n[gid] - 1, 1))[multi] * np.abs(i - mean[gid])[multi])
+    den = np.sum(i[multi])
+    return float(num / den) if den > 0 else -1.0
+
+
+def _dataset_inputs(experiments: list, prepared: list) -> list[DatasetInput]:
+    out = []
+    for k, (expt, prep) in enumerate(zip(experiments, prepared)):
+        t = prep.table
+        rows = _suitable(t)
+        d_all = np.asarray(t["d"])
+        xyz = np.asarray(t["xyzobs.px.value"])
+        config = d_all > 0
+        out.append(DatasetInput(
+            experiment=expt, z_px=xyz[rows, 2], d=d_all[rows], s1=np.asarray(t["s1"])[rows],
+            xyz_px=xyz[rows], dataset_index=k, config_xyz_px=xyz[config], config_d=d_all[config]))
+    return out
+
+
+# ------------------------------------------------------------------------- public entry
+def run(params: Any, inputs: Sequence[str], progress: Any | None = None) -> ScaleResult:
+    """Scale the inputs with dials.scale's algorithm; write outputs named in params.output."""
+    from jaxscale.data.exclude import apply_exclude_images
+
+    log = _Log(progress)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    log.phase("reading input", None)
+    experiments, tables = _read_datasets(params, inputs)
+    log.end()
+    if not experiments:
+        raise InputError(None, "no data sets to scale")
+    cell = best_unit_cell(experiments) if params.reflection_selection.best_unit_cell is None else None
+    if cell is None:
+        import gemmi
+
+        cell = gemmi.UnitCell(*params.reflection_selection.best_unit_cell)
+    prepared = []
+    for k, (expt, table) in enumerate(zip(experiments, tables)):
+        excluded = None
+        if params.exclude_images:
+            z = np.asarray(table["xyzobs.px.value"])[:, 2]
+            excluded, _ = apply_exclude_images(np.full(len(table), k), z, [expt], [k], params.exclude_images)
+        prep = prepare_dataset(
+            table, intensity_choice=params.reflection_selection.intensity_choice,
+            partiality_cutoff=params.cut_data.partiality_cutoff, min_isigi=params.cut_data.min_isigi,
+            best_cell=cell, d_min=params.cut_data.d_min, d_max=params.cut_data.d_max, image_excluded=excluded)
+        log(f"Data set {k}: {prep.counts.n_input} rows, {prep.counts.n_partials_combined} partials combined, "
+            f"{prep.counts.n_user_excluded_or_excluded} excluded, {prep.counts.n_suitable} suitable")
+        prepared.append(prep)
+    timings["prepare"] = time.perf_counter() - t_start
+
+    t0 = time.perf_counter()
+    model = build_model(_dataset_inputs(experiments, prepared), params)
+    scaler = _Scaler(params, experiments, prepared, model, log)
+    log(f"Model: {', '.join(f'{k} {np.size(v)}' for k, v in model.params.items())} parameters")
+    timings["model"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    so = params.scaling_options
+    already_scaled = all(s.is_scaled for s in model.states.values())
+    if already_scaled:
+        for k, prep in enumerate(prepared):
+            sel = scaler.obs.dataset == k
+            scaler.outlier[sel] = F.has_any(np.asarray(tables[k]["flags"])[prep.kept_rows][scaler.obs.row[sel]],
+                                            F.OUTLIER_IN_SCALING)
+    else:
+        scaler.reject_outliers("initial")
+    log.phase("scaling", 6)
+    scaler.lbfgs_round("Round 1")
+    log.advance()
+    scaler.expand()
+    scaler.reject_outliers("after round 1")
+    if params.reflection_selection.intensity_choice == "combine":
+        scaler.combine_intensities()
+        scaler.reject_outliers("after intensity combination")
+    scaler.lbfgs_round("Round 2")
+    log.advance()
+    scaler.expand()
+    scaler.reject_outliers("after round 2")
+    scaler.refine_error_model("after round 2")
+    log.advance()
+    if so.full_matrix:
+        scaler.full_matrix_round()
+        scaler.expand(with_covariance=True)
+    else:
+        scaler.lbfgs_round("Round 3")
+        scaler.expand()
+    log.advance()
+    scaler.reject_outliers("final")
+    scaler.refine_error_model("final")
+    log.end()
+    timings["scaling"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    out_table, out_experiments = _output_tables(scaler, experiments, prepared, params, log)
+    from jaxscale.merge.merging import scaled_observations
+    from jaxscale.merge.statistics import merging_statistics
+
+    stats = None
+    try:
+        obs = scaled_observations(out_table, out_experiments, anomalous=False)
+        stats = merging_statistics(obs, n_bins=params.output.merging.nbins or 20,
+                                   use_internal_variance=params.output.use_internal_variance,
+                                   anomalous=True, d_min=params.cut_data.d_min)
+        from jaxscale.report.text import merging_report
+
+        log(merging_report(stats))
+    except InputError as exc:
+        log(f"No merging statistics: {exc}")
+    timings["statistics"] = time.perf_counter() - t0
+    outputs = _write_outputs(params, out_table, out_experiments, log)
+    timings["total"] = time.perf_counter() - t_start
+    log(f"Total time taken: {timings['total']:.2f}s")
+    if params.output.log:
+        from jaxscale.io.atomic import atomic_write_text
+
+        atomic_write_text(params.output.log, "\n".join(log.lines) + "\n")
+        outputs["log"] = params.output.log
+    return ScaleResult(out_table, out_experiments, model, scaler.x, scaler.error_model, scaler.error_model_result,
+                       stats, log.lines, timings, scaler.imid, outputs)
+
+
+def _output_tables(scaler: _Scaler, experiments: list, prepared: list, params: Any, log: _Log):
+    """Per data set: scales, variances (§5.5), flags; concatenated with id = data-set index."""
+    o = scaler.obs
+    out_tables = []
+    cutoff = params.cut_data.small_scale_cutoff or 0.0
+    esd_flat = np.sqrt(np.maximum(np.diag(scaler.covariance), 0.0)) if getattr(scaler, "covariance", None) is not None else None
+    params_tree = scaler.target.params_of(scaler.x)
+    esd_tree = None if esd_flat is None else {k: np.asarray(v) for k, v in scaler.target.params_of(esd_flat).items()}
+    out_experiments = []
+    for k, (expt, prep) in enumerate(zip(experiments, prepared)):
+        t = prep.table.copy()
+        n = len(t)
+        sel = o.dataset == k
+        rows = o.row[sel]
+        g = np.ones(n) if "inverse_scale_factor" not in t else np.asarray(t["inverse_scale_factor"], dtype=np.float64).copy()
+        g[rows] = scaler.g[sel]
+        var_g = np.zeros(n)
+        var_g[rows] = scaler.var_g[sel]
+        intensity = np.asarray(t["intensity"], dtype=np.float64).copy()
+        variance = np.asarray(t["variance"], dtype=np.float64).copy()
+        intensity[rows] = o.intensity[sel]
+        variance[rows] = o.variance[sel]
+        has_cov = getattr(scaler, "covariance", None) is not None
+        variance = propagate_variance(variance, intensity, g, var_g if has_cov else None, scaler.error_model)
+        flags = F.clear_bits(np.asarray(t["flags"]), F.OUTLIER_IN_SCALING | F.SCALED)
+        out_rows = np.zeros(n, dtype=bool)
+        out_rows[rows] = scaler.outlier[sel]
+        flags = F.set_bits(flags, out_rows, F.OUTLIER_IN_SCALING)
+        flags = F.set_bits(flags, g < cutoff, F.EXCLUDED_FOR_SCALING)
+        flags = F.set_bits(flags, ~F.has_any(flags, F.BAD_FOR_SCALING), F.SCALED)
+        t["flags"] = flags
+        t["inverse_scale_factor"] = g
+        t["inverse_scale_factor_variance"] = var_g
+        t["intensity.scale.value"] = intensity
+        t["intensity.scale.variance"] = variance
+        t["id"] = np.full(n, k, dtype=np.int32)
+        t.identifiers = {k: expt.identifier}
+        for col in TEMPORARY_COLUMNS:
+            if col in t:
+                del t[col]
+        out_tables.append(t)
+        new = dataclasses.replace(expt)
+        new.scaling_model = scaler.model.to_dials_json(
+            k, params=params_tree, esds=esd_tree, error_model=scaler.error_model, imid=scaler.imid)
+        out_experiments.append(new)
+        n_small = int(np.count_nonzero(g < cutoff))
+        if n_small:
+            log(f"{n_small} reflections of data set {k} have inverse scale < {cutoff} and are excluded")
+    table = ReflectionTable.concatenate(out_tables)
+    return table, out_experiments
+
+
+def _write_outputs(params: Any, table: ReflectionTable, experiments: list, log: _Log) -> dict[str, str]:
+    from jaxscale.io.expt import write_expt
+    from jaxscale.io.refl import write_refl
+
+    out = {}
+    if params.output.reflections:
+        write_refl(table, params.output.reflections)
+        out["reflections"] = params.output.reflections
+    if params.output.experiments:
+        write_expt(experiments, params.output.experiments)
+        out["experiments"] = params.output.experiments
+    if params.output.unmerged_mtz:
+        from jaxscale.io.mtz import write_unmerged_mtz
+
+        write_unmerged_mtz(params.output.unmerged_mtz, table, experiments,
+                           crystal_name=params.output.crystal_name, project_name=params.output.project_name,
+                           partiality_threshold=params.cut_data.partiality_cutoff)
+        out["unmerged_mtz"] = params.output.unmerged_mtz
+    for name, path in out.items():
+        log(f"Saving {name} to {path}")
+    return out
+
+
+__all__ = ["ScaleResult", "run"]
