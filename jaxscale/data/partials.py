@@ -52,7 +52,12 @@ def sum_partials(table: ReflectionTable) -> PartialSummation:
     target = first_row[used]  # (n_multi_groups,) rows that receive the merged values
     gsum = lambda values: np.bincount(group, weights=values, minlength=n_groups)[used]  # noqa: E731
 
-    out = table.copy()
+    changed = [f"intensity.{k}.{f}" for k in kinds for f in ("value", "variance")] + ["partiality"]
+    out = ReflectionTable(
+        {k: (v.copy() if k in changed else v) for k, v in table.columns.items()},
+        dict(table.identifiers),
+        dict(table.dials_types),
+    )
     if "prf" in kinds:
         i = np.asarray(table["intensity.prf.value"], dtype=np.float64)[rows]
         v = np.asarray(table["intensity.prf.variance"], dtype=np.float64)[rows]

@@ -282,7 +282,8 @@ def prepare_dataset(
     """
     if intensity_choice not in INTENSITY_CHOICES:
         raise ValueError(f"intensity_choice must be one of {INTENSITY_CHOICES}")
-    work = table.copy()
+    # shallow copy: every column changed below is replaced by a new array, never edited
+    work = ReflectionTable(dict(table.columns), dict(table.identifiers), dict(table.dials_types))
     n_input = len(work)
     if reset_flags:
         reset_scaling_flags(work)
