@@ -42,7 +42,9 @@ def _make_step(target: ScalingTarget, memory_size: int):
         return _STEP_CACHE[key][1], _STEP_CACHE[key][2]
     opt = optax.lbfgs(
         memory_size=memory_size,
-        linesearch=optax.scale_by_zoom_linesearch(max_linesearch_steps=20, curv_rtol=0.9),
+        linesearch=optax.scale_by_zoom_linesearch(
+            max_linesearch_steps=20, curv_rtol=0.9, initial_guess_strategy="one"
+        ),
     )
 
     @jax.jit

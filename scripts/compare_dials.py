@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""Run dials.scale and jaxscale with the same options on the same input and compare.
+
+Usage: compare_dials.py [--keep DIR] FILE.refl FILE.expt [...] [key=value ...]
+
+Prints per data set: relative RMS difference of per-observation inverse scale factors
+(after removing one overall factor), CC and relative RMS difference of merged
+intensities, outlier-flag overlap, error-model a, b of both, CC1/2 / Rmerge / Rpim / I/sigma
+of both (computed with the same jaxscale merging code on both outputs), wall time and
+peak memory of both and their ratios. Both programs run in temporary directories under
+/usr/bin/time -v.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import jaxscale  # noqa: E402,F401
+from jaxscale.data import flags as F  # noqa: E402
+from jaxscale.io.expt import read_expt  # noqa: E402
+from jaxscale.io.refl import read_refl  # noqa: E402
+from jaxscale.merge.merging import merge_scaled, scaled_observations  # noqa: E402
+from jaxscale.merge.statistics import merging_statistics  # noqa: E402
+
+
+def timed(cmd: list[str], cwd: Path) -> tuple[float, float, int, str]:
+    """(wall s, peak RSS MB, exit status, output tail) of a command under /usr/bin/time -v."""
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=cwd, capture_output=True, text=True)
+    err = proc.stderr
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", err)
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
+    seconds = 0.0
+    if wall:
+        for part in wall.group(1).split(":"):
+            seconds = seconds * 60 + float(part)
+    return seconds, (int(rss.group(1)) / 1024 if rss else float("nan")), proc.returncode, (proc.stdout + err)[-3000:]
+
+
+def row_keys(table) -> np.ndarray:
+    """Key per row for matching the two outputs: id, hkl, observed centroid (rounded)."""
+    hkl = np.asarray(table["miller_index"], dtype=np.int64)
+    xyz = np.round(np.asarray(table["xyzobs.px.value"]) * 100).astype(np.int64)
+    ids = np.asarray(table["id"], dtype=np.int64)
+    return np.stack([ids, hkl[:, 0], hkl[:, 1], hkl[:, 2], xyz[:, 0], xyz[:, 1], xyz[:, 2]], axis=1)
+
+
+def match_rows(a, b) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (ia, ib) of rows present in both tables with the same key."""
+    ka, kb = row_keys(a), row_keys(b)
+    va = np.ascontiguousarray(ka).view([("", ka.dtype)] * ka.shape[1]).ravel()
+    vb = np.ascontiguousarray(kb).view([("", kb.dtype)] * kb.shape[1]).ravel()
+    common, ia, ib = np.intersect1d(va, vb, return_indices=True)
+    return ia, ib
+
+
+def error_model(expts) -> list:
+    out = []
+    for e in expts:
+        sm = e.scaling_model or {}
+        out.append(sm.get("configuration_parameters", {}).get("error_model_parameters"))
+    return out
+
+
+def summary(stats) -> dict:
+    o = stats.overall
+    pick = lambda name: float(np.asarray(getattr(o, name)).reshape(-1)[0])  # noqa: E731
+    return {k: pick(k) for k in ("cc_half", "r_merge", "r_pim", "i_over_sigma_mean", "n_obs")}
+
+
+def compare(dials_dir: Path, jax_dir: Path) -> dict:
+    td, tj = read_refl(dials_dir / "scaled.refl"), read_refl(jax_dir / "scaled.refl")
+    ed, ej = read_expt(dials_dir / "scaled.expt"), read_expt(jax_dir / "scaled.expt")
+    ia, ib = match_rows(td, tj)
+    fd, fj = np.asarray(td["flags"])[ia], np.asarray(tj["flags"])[ib]
+    gd, gj = np.asarray(td["inverse_scale_factor"])[ia], np.asarray(tj["inverse_scale_factor"])[ib]
+    ids = np.asarray(td["id"])[ia]
+    both_scaled = F.has_any(fd, F.SCALED) & F.has_any(fj, F.SCALED) & (gd > 0) & (gj > 0)
+    out = {"n_rows_dials": len(td), "n_rows_jax": len(tj), "n_matched": int(ia.size), "datasets": []}
+    log_ratio_all = np.log(gj[both_scaled] / gd[both_scaled])
+    overall = float(np.mean(log_ratio_all)) if log_ratio_all.size else 0.0
+    for k in np.unique(ids):
+        sel = both_scaled & (ids == k)
+        lr = np.log(gj[sel] / gd[sel]) - overall
+        od = F.has_any(fd[ids == k], F.OUTLIER_IN_SCALING)
+        oj = F.has_any(fj[ids == k], F.OUTLIER_IN_SCALING)
+        out["datasets"].append({
+            "id": int(k),
+            "g_rel_rms_diff": float(np.sqrt(np.mean((np.exp(lr) - 1) ** 2))) if lr.size else float("nan"),
+            "g_rel_max_diff": float(np.max(np.abs(np.exp(lr) - 1))) if lr.size else float("nan"),
+            "n_compared": int(sel.sum()),
+            "outliers_dials": int(od.sum()), "outliers_jax": int(oj.sum()), "outliers_both": int((od & oj).sum()),
+        })
+    # merged intensities (same merging code on both outputs)
+    od_obs = scaled_observations(td, ed)
+    oj_obs = scaled_observations(tj, ej)
+    md, mj = merge_scaled(od_obs), merge_scaled(oj_obs)
+    kd = [tuple(r) for r in md.miller]
+    pos = {h: i for i, h in enumerate(kd)}
+    pairs = np.array([(pos[tuple(h)], j) for j, h in enumerate(mj.miller) if tuple(h) in pos])
+    i_d, i_j = md.intensity[pairs[:, 0]], mj.intensity[pairs[:, 1]] * np.exp(overall)
+    out["merged"] = {
+        "n_common": int(len(pairs)), "n_dials": len(md), "n_jax": len(mj),
+        "cc": float(np.corrcoef(i_d, i_j)[0, 1]),
+        "rel_rms_diff": float(np.sqrt(np.mean((i_j - i_d) ** 2)) / np.sqrt(np.mean(i_d**2))),
+        "overall_factor_jax_over_dials": float(np.exp(overall)),
+    }
+    out["error_model"] = {"dials": error_model(ed), "jax": error_model(ej)}
+    out["stats"] = {"dials": summary(merging_statistics(od_obs, anomalous=False)),
+                    "jax": summary(merging_statistics(oj_obs, anomalous=False))}
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("args", nargs="+")
+    ap.add_argument("--keep", help="directory to keep both runs in (default: a temporary directory)")
+    ap.add_argument("--json", help="write the comparison as JSON here")
+    ap.add_argument("--dials-dir", help="reuse an existing dials.scale run (scaled.refl/.expt) instead of running it")
+    ns = ap.parse_args()
+    files = [str(Path(a).resolve()) for a in ns.args if "=" not in a]
+    opts = [a for a in ns.args if "=" in a]
+    base = Path(ns.keep) if ns.keep else Path(tempfile.mkdtemp(prefix="compare_dials_"))
+    dials_dir, jax_dir = base / "dials", base / "jaxscale"
+    dials_dir.mkdir(parents=True, exist_ok=True)
+    jax_dir.mkdir(parents=True, exist_ok=True)
+    if ns.dials_dir:
+        dials_dir = Path(ns.dials_dir)
+        t_d, m_d, rc_d, tail_d = float("nan"), float("nan"), 0, ""
+    else:
+        t_d, m_d, rc_d, tail_d = timed(["dials.scale", *files, *opts], dials_dir)
+    if rc_d != 0:
+        print(tail_d)
+        print(f"dials.scale failed with status {rc_d}")
+        return 1
+    t_j, m_j, rc_j, tail_j = timed([sys.executable, "-m", "jaxscale.cli.main", "scale", *files, *opts], jax_dir)
+    if rc_j != 0:
+        print(tail_j)
+        print(f"jaxscale failed with status {rc_j}")
+        return 1
+    result = compare(dials_dir, jax_dir)
+    result["time_s"] = {"dials": t_d, "jax": t_j, "ratio_jax_over_dials": t_j / t_d if t_d else float("nan")}
+    result["peak_rss_mb"] = {"dials": m_d, "jax": m_j, "ratio_jax_over_dials": m_j / m_d if m_d else float("nan")}
+    print(f"inputs: {' '.join(files)} {' '.join(opts)}  (runs in {base})")
+    print(f"rows: DIALS {result['n_rows_dials']}, jaxscale {result['n_rows_jax']}, matched {result['n_matched']}")
+    for d in result["datasets"]:
+        print(f"  data set {d['id']}: g rel. RMS diff {d['g_rel_rms_diff']:.4%} (max {d['g_rel_max_diff']:.4%}, "
+              f"n={d['n_compared']}); outliers DIALS {d['outliers_dials']}, jaxscale {d['outliers_jax']}, "
+              f"both {d['outliers_both']}")
+    m = result["merged"]
+    print(f"merged I: CC {m['cc']:.6f}, rel. RMS diff {m['rel_rms_diff']:.4%} over {m['n_common']} "
+          f"(DIALS {m['n_dials']}, jaxscale {m['n_jax']}), overall factor {m['overall_factor_jax_over_dials']:.4f}")
+    print(f"error model a, b: DIALS {result['error_model']['dials']}, jaxscale {result['error_model']['jax']}")
+    for who in ("dials", "jax"):
+        s = result["stats"][who]
+        print(f"  {who:6s}: CC1/2 {s['cc_half']:.4f}  Rmerge {s['r_merge']:.4f}  Rpim {s['r_pim']:.4f}  "
+              f"I/sigma {s['i_over_sigma_mean']:.2f}  n_obs {int(s['n_obs'])}")
+    print(f"wall: DIALS {t_d:.1f} s, jaxscale {t_j:.1f} s (ratio {result['time_s']['ratio_jax_over_dials']:.2f}); "
+          f"peak RSS: DIALS {m_d:.0f} MB, jaxscale {m_j:.0f} MB (ratio {result['peak_rss_mb']['ratio_jax_over_dials']:.2f})")
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(result, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
