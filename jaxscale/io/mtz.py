@@ -132,7 +132,7 @@ def _cell_array(expt: Experiment) -> np.ndarray:
     return np.array(expt.unit_cell.parameters, dtype=float)
 
 
-def best_cell(experiments: Sequence[Experiment]) -> gemmi.UnitCell:
+def median_cell(experiments: Sequence[Experiment]) -> gemmi.UnitCell:
     """Per-parameter median of the experiments' cells (DIALS `determine_best_unit_cell`)."""
     return gemmi.UnitCell(*np.median([_cell_array(e) for e in experiments], axis=0))
 
@@ -494,8 +494,10 @@ def write_unmerged_mtz(
         raise InputError(path_s, f"experiments do not share one space group ({sorted(space_groups)})",
                          field="space_group")
     sg = experiments[0].space_group
-    cell = best_cell if isinstance(best_cell, gemmi.UnitCell) else (
-        gemmi.UnitCell(*best_cell) if best_cell is not None else globals()["best_cell"](experiments))
+    if best_cell is None:
+        cell = median_cell(experiments)
+    else:
+        cell = best_cell if isinstance(best_cell, gemmi.UnitCell) else gemmi.UnitCell(*best_cell)
 
     cols, kinds = _export_rows(table, cell, partiality_threshold, d_min, min_isigi, combine_partials, path_s)
     offsets = batch_offsets_for(experiments, path_s)
