@@ -1,0 +1,294 @@
+"""One self-contained HTML report (plotly, its JS inlined; no network) from plain data.
+
+`write_report(path, data)` takes a dict; only "statistics" is required, every other
+section is optional and its plots are left out when absent. Shapes (n = observations,
+m = unique reflections, B = batches; arrays may be numpy arrays or lists):
+
+    title: str
+    statistics: MergingStatistics                       (jaxscale.merge.statistics)
+    batches: BatchStatistics | {"batch", "r_merge", "i_over_sigma", "scale"[, "dataset"]}: (B,)
+    model: {"datasets": [{"name": str,
+                          "scale":  {"rotation_deg": (k,), "value": (k,)},
+                          "decay":  {"rotation_deg": (k,), "b": (k,)},
+                          "absorption": {"theta_deg": (t,), "phi_deg": (p,), "correction": (t, p)}
+                         }, ...]}                         each component optional
+    error_model: {"a": float, "b": float,
+                  "normal_plot": {"expected": (k,), "observed": (k,)},   sorted δ vs normal quantiles
+                  "bins": {"i_mean": (k,), "variance_before": (k,), "variance_after": (k,)}}
+    outliers: {"x_px": (o,), "y_px": (o,), "image": (o,)[, "dataset": (o,)]}
+    merged: {"intensity": (m,), "sigma": (m,), "d_star_sq": (m,), "centric": (m,) bool}
+            -> Wilson plot, cumulative intensity distribution N(z), <I²>/<I>² vs resolution
+    anomalous: {"delta_i_over_sigma": (k,)}  ΔI/σ(ΔI) of Bijvoet pairs -> normal probability
+            plot (resolution plots of CCanom / anomalous completeness come from statistics)
+"""
+from __future__ import annotations
+
+import html as _html
+import json
+import os
+
+import numpy as np
+import plotly.graph_objects as go
+import plotly.offline
+
+from jaxscale.io.atomic import atomic_path
+from jaxscale.merge.statistics import MergingStatistics
+
+_CSS = """
+body{font-family:system-ui,-apple-system,sans-serif;margin:0;background:#f6f7f9;color:#222}
+header{background:#24374f;color:#fff;padding:14px 24px}
+header h1{margin:0;font-size:22px}
+section{background:#fff;margin:16px 24px;padding:12px 18px;border-radius:6px;box-shadow:0 1px 3px #0002}
+h2{font-size:18px;margin:6px 0 10px}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(480px,1fr));gap:10px}
+.plot{min-height:360px}
+table{border-collapse:collapse;font-size:13px}
+td,th{padding:2px 8px;text-align:right;border-bottom:1px solid #eee}
+th{background:#eef1f5}
+td:first-child,th:first-child{text-align:left}
+"""
+
+
+def _a(x) -> np.ndarray:
+    return np.asarray(x, dtype=float)
+
+
+def _fig(traces, title, xtitle, ytitle, **layout) -> go.Figure:
+    fig = go.Figure(traces)
+    fig.update_layout(title=title, xaxis_title=xtitle, yaxis_title=ytitle, template="plotly_white",
+                      margin=dict(l=60, r=20, t=50, b=50), height=360,
+                      autosize=True, legend=dict(orientation="h", y=-0.2), **layout)
+    return fig
+
+
+def _resolution_axis(fig: go.Figure, d_star_sq: np.ndarray) -> go.Figure:
+    """Ticks at d*² positions labelled with d (Å)."""
+    ticks = np.linspace(d_star_sq.min(), d_star_sq.max(), 6)
+    fig.update_xaxes(tickvals=ticks.tolist(), ticktext=["%.2f" % (1 / np.sqrt(t)) if t > 0 else "∞" for t in ticks],
+                     title="Resolution (Å)")
+    return fig
+
+
+def _resolution_figures(st: MergingStatistics) -> list[go.Figure]:
+    b = st.bins
+    x = 0.5 * (st.d_star_sq_limits[:-1] + st.d_star_sq_limits[1:])
+    figs = []
+    cc = [go.Scatter(x=x, y=b.cc_half, name="CC½", mode="lines+markers"),
+          go.Scatter(x=x, y=b.cc_half_critical, name="CC½ critical (p=0.01)", mode="lines",
+                     line=dict(dash="dot"))]
+    if np.any(np.isfinite(b.cc_anom)):
+        cc.append(go.Scatter(x=x, y=b.cc_anom, name="CCanom", mode="lines+markers"))
+    figs.append(_fig(cc, "CC½ vs resolution", "", "CC"))
+    figs.append(_fig([go.Scatter(x=x, y=b.i_over_sigma_mean, name="⟨I/σ⟩", mode="lines+markers")],
+                     "⟨I/σ(I)⟩ vs resolution", "", "⟨I/σ⟩"))
+    figs.append(_fig([go.Scatter(x=x, y=getattr(b, k), name=n, mode="lines+markers")
+                      for k, n in (("r_merge", "Rmerge"), ("r_meas", "Rmeas"), ("r_pim", "Rpim"))],
+                     "R-factors vs resolution", "", "R"))
+    comp = [go.Scatter(x=x, y=100 * b.completeness, name="completeness", mode="lines+markers")]
+    if st.anomalous_bins is not None:
+        comp.append(go.Scatter(x=x, y=100 * st.anomalous_bins.anom_completeness,
+                               name="anomalous completeness", mode="lines+markers"))
+    figs.append(_fig(comp, "Completeness vs resolution", "", "%"))
+    mult = [go.Scatter(x=x, y=b.multiplicity, name="multiplicity", mode="lines+markers")]
+    if st.anomalous_bins is not None:
+        mult.append(go.Scatter(x=x, y=st.anomalous_bins.multiplicity, name="anomalous multiplicity",
+                               mode="lines+markers"))
+    figs.append(_fig(mult, "Multiplicity vs resolution", "", "multiplicity"))
+    figs.append(_fig([go.Scatter(x=x, y=b.i_mean, name="⟨I⟩", mode="lines+markers")],
+                     "Wilson plot (⟨I⟩ per bin)", "", "⟨I⟩", yaxis_type="log"))
+    return [_resolution_axis(f, x) for f in figs]
+
+
+def _batch_figures(bt) -> list[go.Figure]:
+    get = (lambda k: getattr(bt, k)) if not isinstance(bt, dict) else bt.get
+    batch = _a(get("batch"))
+    figs = [
+        _fig([go.Scatter(x=batch, y=_a(get("scale")), name="⟨g⟩", mode="markers", marker=dict(size=3)),
+              go.Scatter(x=batch, y=_a(get("r_merge")), name="Rmerge", mode="markers", marker=dict(size=3),
+                         yaxis="y2")],
+             "Scale and Rmerge vs batch", "batch", "mean inverse scale",
+             yaxis2=dict(title="Rmerge", overlaying="y", side="right")),
+        _fig([go.Scatter(x=batch, y=_a(get("i_over_sigma")), name="⟨I/σ⟩", mode="markers", marker=dict(size=3))],
+             "⟨I/σ⟩ vs batch", "batch", "⟨I/σ⟩"),
+    ]
+    return figs
+
+
+def _model_figures(model: dict) -> list[go.Figure]:
+    figs = []
+    sets = model.get("datasets", [])
+    scale = [go.Scatter(x=_a(d["scale"]["rotation_deg"]), y=_a(d["scale"]["value"]), name=d.get("name", str(i)),
+                        mode="lines") for i, d in enumerate(sets) if d.get("scale")]
+    if scale:
+        figs.append(_fig(scale, "Scale component vs rotation", "rotation (°)", "scale"))
+    decay = [go.Scatter(x=_a(d["decay"]["rotation_deg"]), y=_a(d["decay"]["b"]), name=d.get("name", str(i)),
+                        mode="lines") for i, d in enumerate(sets) if d.get("decay")]
+    if decay:
+        figs.append(_fig(decay, "Relative B vs rotation", "rotation (°)", "B (Å²)"))
+    for i, d in enumerate(sets):
+        ab = d.get("absorption")
+        if ab:
+            fig = _fig([go.Heatmap(x=_a(ab["phi_deg"]), y=_a(ab["theta_deg"]), z=_a(ab["correction"]),
+                                   colorscale="Viridis", colorbar=dict(title="correction"))],
+                       f"Absorption surface ({d.get('name', i)})", "φ (°)", "θ (°)")
+            figs.append(fig)
+    return figs
+
+
+def _error_model_figures(em: dict) -> list[go.Figure]:
+    figs = []
+    npp = em.get("normal_plot")
+    if npp:
+        e, o = _a(npp["expected"]), _a(npp["observed"])
+        lim = [float(np.nanmin(e)), float(np.nanmax(e))]
+        figs.append(_fig([go.Scattergl(x=e, y=o, mode="markers", marker=dict(size=3), name="δ"),
+                          go.Scatter(x=lim, y=lim, mode="lines", name="y = x", line=dict(dash="dot"))],
+                         "Normal probability plot of normalised deviations "
+                         f"(a = {em.get('a', float('nan')):.4g}, b = {em.get('b', float('nan')):.4g})",
+                         "expected quantile", "observed δ"))
+    bins = em.get("bins")
+    if bins:
+        x = _a(bins["i_mean"])
+        figs.append(_fig([go.Scatter(x=x, y=_a(bins["variance_before"]), name="uncorrected", mode="lines+markers"),
+                          go.Scatter(x=x, y=_a(bins["variance_after"]), name="corrected", mode="lines+markers")],
+                         "Variance of normalised deviations vs intensity", "⟨I⟩", "variance",
+                         xaxis_type="log"))
+    return figs
+
+
+def _outlier_figures(out: dict) -> list[go.Figure]:
+    color = _a(out["dataset"]) if "dataset" in out else None
+    marker = dict(size=4, color=color) if color is not None else dict(size=4)
+    return [
+        _fig([go.Scattergl(x=_a(out["x_px"]), y=_a(out["y_px"]), mode="markers", marker=marker, name="outliers")],
+             "Outliers on the detector", "x (px)", "y (px)", yaxis_autorange="reversed"),
+        _fig([go.Histogram(x=_a(out["image"]), nbinsx=100, name="outliers")],
+             "Outliers vs image", "image", "count"),
+    ]
+
+
+def _merged_figures(mg: dict, n_bins: int = 20) -> list[go.Figure]:
+    I, ds2, centric = _a(mg["intensity"]), _a(mg["d_star_sq"]), np.asarray(mg["centric"], bool)
+    edges = np.linspace(ds2.min(), ds2.max() * (1 + 1e-9), n_bins + 1)
+    b = np.clip(np.searchsorted(edges, ds2, side="right") - 1, 0, n_bins - 1)
+    cnt = np.maximum(np.bincount(b, minlength=n_bins), 1)
+    mean = np.bincount(b, I, minlength=n_bins) / cnt
+    second = np.bincount(b, I * I, minlength=n_bins) / cnt / np.where(mean != 0, mean**2, np.nan)
+    x = 0.5 * (edges[:-1] + edges[1:])
+    z = I / mean[b]
+    zgrid = np.linspace(0, 1, 21)
+    traces = []
+    for name, sel in (("acentric", ~centric), ("centric", centric)):
+        if sel.any():
+            traces.append(go.Scatter(x=zgrid, y=(z[sel][None, :] <= zgrid[:, None]).mean(axis=1),
+                                     name=f"{name} observed", mode="lines+markers"))
+    traces.append(go.Scatter(x=zgrid, y=1 - np.exp(-zgrid), name="acentric theory", line=dict(dash="dot")))
+    from math import erf, sqrt
+    traces.append(go.Scatter(x=zgrid, y=[erf(sqrt(v / 2)) for v in zgrid], name="centric theory",
+                             line=dict(dash="dot")))
+    return [
+        _resolution_axis(_fig([go.Scatter(x=x, y=np.log(np.where(mean > 0, mean, np.nan)), mode="lines+markers",
+                                          name="ln ⟨I⟩")], "Wilson plot", "", "ln ⟨I⟩"), x),
+        _fig(traces, "Cumulative intensity distribution N(z)", "z = I/⟨I⟩", "N(z)"),
+        _resolution_axis(_fig([go.Scatter(x=x, y=second, mode="lines+markers", name="⟨I²⟩/⟨I⟩²"),
+                               go.Scatter(x=[x[0], x[-1]], y=[2, 2], mode="lines", name="acentric untwinned",
+                                          line=dict(dash="dot"))],
+                              "Second moment of intensities", "", "⟨I²⟩/⟨I⟩²"), x),
+    ]
+
+
+def _anomalous_figures(st: MergingStatistics, an: dict | None) -> list[go.Figure]:
+    figs = []
+    if st.anomalous_bins is not None:
+        x = 0.5 * (st.d_star_sq_limits[:-1] + st.d_star_sq_limits[1:])
+        a = st.anomalous_bins
+        figs.append(_resolution_axis(_fig(
+            [go.Scatter(x=x, y=st.bins.cc_anom, name="CCanom", mode="lines+markers"),
+             go.Scatter(x=x, y=st.bins.cc_anom_critical, name="critical (p=0.01)", mode="lines",
+                        line=dict(dash="dot")),
+             go.Scatter(x=x, y=a.anom_signal, name="dF/F", mode="lines+markers"),
+             go.Scatter(x=x, y=a.delta_i_over_sigma, name="dI/σ(dI)", mode="lines+markers")],
+            "Anomalous signal vs resolution", "", "value"), x))
+    if an and "delta_i_over_sigma" in an:
+        y = np.sort(_a(an["delta_i_over_sigma"]))
+        n = y.shape[0]
+        from statistics import NormalDist
+        q = np.array([NormalDist().inv_cdf((i + 0.5) / n) for i in range(n)]) if n else np.zeros(0)
+        figs.append(_fig([go.Scattergl(x=q, y=y, mode="markers", marker=dict(size=3), name="ΔI/σ(ΔI)"),
+                          go.Scatter(x=[-3, 3], y=[-3, 3], mode="lines", name="y = x", line=dict(dash="dot"))],
+                         "Anomalous normal probability plot", "expected quantile", "ΔI/σ(ΔI)"))
+    return figs
+
+
+def _summary_html(st: MergingStatistics) -> str:
+    from jaxscale.report.text import _SUMMARY_ROWS, summary_values
+
+    vals = summary_values(st)
+    cols = ["Suggested", "Low", "High", "Overall"] if st.suggested is not None else ["Overall", "Low", "High"]
+    rows = []
+    for label, fmt, _, _ in _SUMMARY_ROWS:
+        if label in vals:
+            cells = "".join(f"<td>{(fmt.strip() % v) if v is not None else ''}</td>" for v in vals[label])
+            rows.append(f"<tr><td>{_html.escape(label)}</td>{cells}</tr>")
+    head = "".join(f"<th>{c}</th>" for c in [""] + cols)
+    note = ""
+    if st.d_min_cc_half_fit is not None:
+        note = f"<p>Resolution where the CC½ tanh fit reaches 0.3: {st.d_min_cc_half_fit:.2f} Å</p>"
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>{note}"
+
+
+def _bins_html(st: MergingStatistics) -> str:
+    names = [("d_max", "%.2f"), ("d_min", "%.2f"), ("n_obs", "%d"), ("n_uniq", "%d"), ("multiplicity", "%.2f"),
+             ("completeness", "%.2f"), ("i_mean", "%.1f"), ("i_over_sigma_mean", "%.1f"), ("r_merge", "%.3f"),
+             ("r_meas", "%.3f"), ("r_pim", "%.3f"), ("cc_half", "%.3f"), ("cc_anom", "%.3f")]
+    head = "".join(f"<th>{n}</th>" for n, _ in names)
+    body = []
+    for s, idx in [(st.bins, i) for i in range(len(st.bins))] + [(st.overall, 0)]:
+        r = s.row(idx)
+        r["completeness"] *= 100
+        body.append("<tr>" + "".join(f"<td>{f % r[n]}</td>" for n, f in names) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def build_html(data: dict) -> str:
+    """The report page as a string (see the module docstring for `data`)."""
+    st: MergingStatistics = data["statistics"]
+    sections: list[tuple[str, list[go.Figure], str]] = [
+        ("Merging statistics", [], _summary_html(st) + "<h2>By resolution bin</h2>" + _bins_html(st)),
+        ("Statistics vs resolution", _resolution_figures(st), ""),
+    ]
+    if data.get("batches") is not None:
+        sections.append(("Statistics vs batch", _batch_figures(data["batches"]), ""))
+    if data.get("model"):
+        sections.append(("Scaling model", _model_figures(data["model"]), ""))
+    if data.get("error_model"):
+        sections.append(("Error model", _error_model_figures(data["error_model"]), ""))
+    if data.get("outliers"):
+        sections.append(("Outliers", _outlier_figures(data["outliers"]), ""))
+    if data.get("merged"):
+        sections.append(("Intensity distribution", _merged_figures(data["merged"]), ""))
+    if st.anomalous_bins is not None or data.get("anomalous"):
+        sections.append(("Anomalous signal", _anomalous_figures(st, data.get("anomalous")), ""))
+    parts = []
+    n = 0
+    for title, figs, extra in sections:
+        divs = []
+        for fig in figs:
+            divs.append(f'<div class="plot">{fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"plot{n}", config={"responsive": True})}</div>')
+            n += 1
+        grid = f'<div class="grid">{"".join(divs)}</div>' if divs else ""
+        parts.append(f"<section><h2>{_html.escape(title)}</h2>{extra}{grid}</section>")
+    title = _html.escape(data.get("title", "jaxscale report"))
+    return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
+            f"<title>{title}</title><style>{_CSS}</style>"
+            f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head>"
+            f"<body><header><h1>{title}</h1></header>{''.join(parts)}"
+            f"<script>window.JAXSCALE_N_PLOTS={json.dumps(n)};</script></body></html>")
+
+
+def write_report(path: str | os.PathLike, data: dict) -> None:
+    """Write the self-contained HTML report for `data` (module docstring) atomically."""
+    page = build_html(data)
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(page)
