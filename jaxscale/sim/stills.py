@@ -1,0 +1,278 @@
+"""Simulated serial still shots, each its own experiment, with planted KB-type truth.
+
+Per still: a random crystal orientation, a scale k and a B (DIALS convention,
+g = k exp(B / (2 d^2))). Reflections are found by drawing random points on the detector,
+taking the reciprocal-lattice point nearest to the matching Ewald-sphere point, and keeping
+it when its excitation error gives a partiality above a cutoff (so partialities follow a
+Gaussian rocking profile). Everything is vectorised over all stills of a chunk.
+Optional: indexing ambiguity (a planted fraction of stills re-indexed by a twin operator of
+a merohedral/polar group, with the crystal model re-indexed consistently), anomalous signal,
+noise on the reported partiality.
+"""
+from __future__ import annotations
+
+import gemmi
+import numpy as np
+
+from jaxscale.data import flags as F
+from jaxscale.data.table import ReflectionTable
+from jaxscale.io.expt import Experiment, ExperimentList
+from jaxscale.sim import common as C
+from jaxscale.sim.rotation import shaped_cell
+
+
+def _first_occurrence(still: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Mask (n,) of the first row of every distinct (still, key) pair, in input order."""
+    order = np.lexsort((np.arange(len(key)), key, still))
+    s, k = still[order], key[order]
+    first_sorted = np.ones(len(order), dtype=bool)
+    first_sorted[1:] = (s[1:] != s[:-1]) | (k[1:] != k[:-1])
+    mask = np.zeros(len(order), dtype=bool)
+    mask[order[first_sorted]] = True
+    return mask
+
+
+def _rank_within(still: np.ndarray) -> np.ndarray:
+    """0-based position of each row among the rows of its still, in input order: (n,)."""
+    order = np.argsort(still, kind="stable")
+    s = still[order]
+    start = np.searchsorted(s, s, side="left")
+    rank = np.empty(len(still), dtype=np.int64)
+    rank[order] = np.arange(len(still)) - start
+    return rank
+
+
+def _find_reflections(
+    A: np.ndarray, need: np.ndarray, *, cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup, d_min: float,
+    s0: np.ndarray, detector: C.FlatDetector, sigma_excitation: float, mosaic_rad: float,
+    partiality_min: float, rng: np.random.Generator, max_rounds: int = 8,
+) -> dict[str, np.ndarray]:
+    """Reflections of stills with crystal matrices A (m, 3, 3) until each has need[i] of them.
+
+    Returns per reflection: still (local index), hkl (true indexing), s1, partiality (true).
+    Rounds draw more candidates only for stills that are still short.
+    """
+    A_inv = np.linalg.inv(A)
+    k0 = float(np.linalg.norm(s0))  # 1 / wavelength
+    size_f = detector.image_size[0] * detector.pixel_size
+    size_s = detector.image_size[1] * detector.pixel_size
+    absent_ops = space_group.operations()
+    have = np.zeros(len(A), dtype=np.int64)
+    parts: list[dict[str, np.ndarray]] = []
+    rate = 0.2  # acceptance guess, updated from each round
+    for _ in range(max_rounds):  # a few rounds; each is vectorised over all short stills
+        short = np.nonzero(have < need)[0]
+        if len(short) == 0:
+            break
+        n_draw = np.ceil((need[short] - have[short]) / rate * 1.3).astype(np.int64) + 4
+        still = np.repeat(short, n_draw)
+        x = rng.uniform(0.0, size_f, len(still))
+        y = rng.uniform(0.0, size_s, len(still))
+        r_target = detector.ray(x, y) * k0 - s0  # on the Ewald sphere
+        hkl = np.rint(np.einsum("nij,nj->ni", A_inv[still], r_target)).astype(np.int32)
+        r = np.einsum("nij,nj->ni", A[still], hkl.astype(float))
+        r_len = np.linalg.norm(r, axis=1)
+        excitation = np.linalg.norm(s0 + r, axis=1) - k0
+        sigma = sigma_excitation + mosaic_rad * r_len
+        partiality = np.exp(-0.5 * (excitation / sigma) ** 2)
+        ok = (r_len > 0) & (r_len <= 1.0 / d_min) & (partiality >= partiality_min)
+        ok[ok] &= ~np.asarray(absent_ops.systematic_absences(np.ascontiguousarray(hkl[ok])), dtype=bool)
+        s1 = s0 + r
+        s1 *= (k0 / np.linalg.norm(s1, axis=1))[:, None]
+        _, _, on = detector.project(s1)
+        ok &= on
+        if not ok.any() and not parts:
+            raise ValueError("no reflection of any still reaches the Ewald sphere on the detector; check d_min and the cell")
+        rate = max(0.5 * rate, float(ok.mean()), 0.01)
+        cand = {"still": still[ok], "hkl": hkl[ok], "s1": s1[ok], "partiality": partiality[ok]}
+        if parts:
+            prev = {k: np.concatenate([p[k] for p in parts] + [cand[k]]) for k in cand}
+        else:
+            prev = cand
+        first = _first_occurrence(prev["still"], C.pack_hkl(prev["hkl"]))
+        prev = {k: v[first] for k, v in prev.items()}
+        rank = _rank_within(prev["still"])
+        prev = {k: v[rank < need[prev["still"]]] for k, v in prev.items()}
+        parts = [prev]
+        have = np.bincount(prev["still"], minlength=len(A))
+    out = parts[0]
+    order = np.lexsort((out["hkl"][:, 2], out["hkl"][:, 1], out["hkl"][:, 0], out["still"]))
+    return {k: v[order] for k, v in out.items()}
+
+
+def twin_operator(cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup, op: str | None) -> np.ndarray:
+    """Integer M (3, 3), h' = h @ M, of the indexing-ambiguity operator (gemmi's first twin law by default)."""
+    if op is None:
+        laws = gemmi.find_twin_laws(cell, space_group, 3.0, False)
+        if not laws:
+            raise ValueError(f"space group {space_group.hm} with cell {cell.parameters} has no indexing ambiguity")
+        return C.hkl_matrix(laws[0])
+    return C.hkl_matrix(gemmi.Op(op))
+
+
+def simulate_stills(
+    n_stills: int = 1000,
+    obs_per_still: int = 100,
+    *,
+    space_group: str = "P 21 21 21",
+    cell: tuple[float, float, float, float, float, float] | None = None,
+    d_min: float = 2.0,
+    wavelength: float = 1.3,
+    seed: int = 0,
+    scale_sigma: float = 0.3,
+    B_sigma: float = 5.0,
+    outlier_fraction: float = 0.002,
+    error_model: tuple[float, float] = (1.0, 0.03),
+    anomalous_signal: float = 0.0,
+    ambiguity_fraction: float = 0.0,
+    ambiguity_op: str | None = None,
+    partiality_noise: float = 0.0,
+    partiality_min: float = 0.1,
+    wilson_B: float = 20.0,
+    mean_intensity: float = 1000.0,
+    background_per_pixel: float = 1.0,
+    sigma_excitation: float = 3e-4,
+    mosaicity_deg: float = 0.05,
+    chunk_stills: int = 20_000,
+) -> tuple[ReflectionTable, ExperimentList, dict]:
+    """Simulate `n_stills` integrated stills with up to `obs_per_still` reflections each.
+
+    cell: None gives a cell of the group's crystal system with a = 60 A.
+    Per-still truth: scale k ~ exp(N(0, scale_sigma)), B ~ N(0, B_sigma) (DIALS convention).
+    ambiguity_fraction: fraction of stills whose reported Miller indices (and crystal model)
+    are re-indexed by `ambiguity_op` (a gemmi real-space triplet such as "-x,y,-z"; default
+    gemmi's first twin law for the cell/group). partiality_noise: log-normal sd of the
+    reported partiality around the true one. Returns (table, experiments, truth).
+    """
+    rng = np.random.default_rng(seed)
+    sg = gemmi.SpaceGroup(space_group)
+    unit_cell = gemmi.UnitCell(*cell) if cell is not None else shaped_cell(sg, 60.0)
+    beam = C.beam_dict(wavelength)
+    s0_dir = np.asarray(beam["direction"])
+    s0 = -s0_dir / wavelength
+    detector = C.detector_for_resolution(wavelength, d_min)
+    unique = C.wilson_unique_set(unit_cell, sg, d_min, mean_intensity=mean_intensity, wilson_B=wilson_B,
+                                 anomalous_signal=anomalous_signal, rng=rng)
+
+    U = C.random_rotations(n_stills, rng)
+    real_rows = C.real_space_rows(unit_cell, U)  # (n_stills, 3, 3)
+    A = np.linalg.inv(real_rows)
+    k_still = np.exp(rng.normal(0.0, scale_sigma, n_stills))
+    B_still = rng.normal(0.0, B_sigma, n_stills)
+    reindexed = rng.random(n_stills) < ambiguity_fraction
+    M = twin_operator(unit_cell, sg, ambiguity_op) if ambiguity_fraction > 0 else np.eye(3, dtype=np.int64)
+
+    need = np.full(n_stills, int(obs_per_still), dtype=np.int64)
+    found = []
+    for start in range(0, n_stills, chunk_stills):  # chunks bound memory; each is vectorised
+        stop = min(start + chunk_stills, n_stills)
+        refl = _find_reflections(A[start:stop], need[start:stop], cell=unit_cell, space_group=sg, d_min=d_min,
+                                 s0=s0, detector=detector, sigma_excitation=sigma_excitation,
+                                 mosaic_rad=np.radians(mosaicity_deg), partiality_min=partiality_min, rng=rng)
+        refl["still"] = refl["still"] + start
+        found.append(refl)
+    refl = {k: np.concatenate([f[k] for f in found]) for k in found[0]}
+    still, hkl, s1, p_true = refl["still"], refl["hkl"], refl["s1"], refl["partiality"]
+    n = len(still)
+
+    d = unit_cell.calculate_d_array(np.ascontiguousarray(hkl))
+    g = k_still[still] * np.exp(B_still[still] / (2.0 * d**2))
+    asu, plus = C.map_to_asu(hkl, sg)
+    urow = unique.lookup(asu)
+    i_true = unique.true_intensity(urow, plus)
+    lp = 1.0 / C.polarization_factor(s1, beam)
+    qe = detector.quantum_efficiency(s1)
+    raw_full = g * i_true * qe / lp
+    bg_px = background_per_pixel * rng.lognormal(0.0, 0.2, n)
+    meas = C.measure(raw_full, p_true, background_per_pixel=bg_px, n_foreground=40, n_background=300,
+                     error_model=error_model, outlier_fraction=outlier_fraction, rng=rng)
+    p_reported = p_true
+    if partiality_noise > 0:
+        p_reported = np.clip(p_true * rng.lognormal(0.0, partiality_noise, n), 1e-3, 1.0)
+
+    # re-index the planted fraction: reported h' = h @ M, crystal A' = A M^-T so A' h' = A h
+    hkl_reported = hkl.copy()
+    sel = reindexed[still]
+    hkl_reported[sel] = (hkl[sel].astype(np.int64) @ M).astype(np.int32)
+    M_inv_T = np.linalg.inv(M.astype(float)).T
+    rows_reported = real_rows.copy()
+    rows_reported[reindexed] = np.linalg.inv(A[reindexed] @ M_inv_T)
+
+    x_mm, y_mm, _ = detector.project(s1)
+    px = detector.pixel_size
+    x_px, y_px = x_mm / px, y_mm / px
+    xo = x_px + rng.normal(0, 0.3, n)
+    yo = y_px + rng.normal(0, 0.3, n)
+    bbox = np.stack([np.floor(x_px) - 4, np.floor(x_px) + 5, np.floor(y_px) - 4, np.floor(y_px) + 5,
+                     np.zeros(n), np.ones(n)], axis=1).astype(np.int32)
+    zeros = np.zeros(n)
+    identifiers = C.new_identifiers(n_stills, rng)
+    table = ReflectionTable({
+        "miller_index": hkl_reported,
+        "id": still.astype(np.int32),
+        "panel": np.zeros(n, np.uint64),
+        "flags": np.full(n, F.PREDICTED | F.INDEXED | F.INTEGRATED_SUM, dtype=np.uint64),
+        "entering": np.zeros(n, bool),
+        "d": d,
+        "s1": s1,
+        "xyzcal.px": np.stack([x_px, y_px, zeros], 1),
+        "xyzcal.mm": np.stack([x_mm, y_mm, zeros], 1),
+        "xyzobs.px.value": np.stack([xo, yo, zeros + 0.5], 1),
+        "xyzobs.mm.value": np.stack([xo * px, yo * px, zeros], 1),
+        "bbox": bbox,
+        "partiality": p_reported,
+        "lp": lp,
+        "qe": qe,
+        "intensity.sum.value": meas.sum_value,
+        "intensity.sum.variance": meas.sum_variance,
+        "background.sum.value": meas.background_sum,
+        "background.sum.variance": meas.background_variance,
+        "background.mean": meas.background_sum / 40.0,
+    }, dict(enumerate(identifiers)))
+    table.dials_types.update({"flags": "std::size_t", "panel": "std::size_t", "entering": "bool", "id": "int",
+                              "bbox": "int6", "miller_index": "cctbx::miller::index<>"})
+
+    beam_model = beam
+    detector_model = detector.to_dict()  # one dict object shared by every experiment
+    hall = " " + sg.hall.strip()
+    rows_list = rows_reported.tolist()
+    experiments = ExperimentList(
+        Experiment(
+            identifier=identifiers[i],
+            beam=beam_model,
+            detector=detector_model,
+            crystal={"__id__": "crystal", "real_space_a": rows_list[i][0], "real_space_b": rows_list[i][1],
+                     "real_space_c": rows_list[i][2], "space_group_hall_symbol": hall},
+            imageset={"__id__": "ImageSet", "images": [f"sim_still_{i:07d}.cbf"], "mask": None, "gain": None,
+                      "pedestal": None, "dx": None, "dy": None, "params": {}},
+        )
+        for i in range(n_stills)  # model dicts only; the arrays above are all vectorised
+    )
+
+    truth = {
+        "kind": np.array("stills"),
+        "space_group": np.array(sg.hm),
+        "unit_cell": np.array(unit_cell.parameters),
+        "still_scale": k_still,
+        "still_B": B_still,
+        "reindexed": reindexed,
+        "ambiguity_matrix": M,
+        "orientation": U,
+        "inverse_scale": g,
+        "partiality_true": p_true,
+        "miller_index_true": hkl,
+        "i_true": i_true,
+        "unique_index": urow,
+        "outlier": meas.outlier,
+        "asu_hkl": unique.asu_hkl,
+        "i_plus": unique.i_plus,
+        "i_minus": unique.i_minus,
+        "i_mean": unique.i_mean,
+        "d_unique": unique.d,
+        "centric": unique.centric,
+        "error_model": np.array(error_model, dtype=float),
+        "wilson_B": np.array(wilson_B),
+        "mean_intensity": np.array(mean_intensity),
+        "anomalous_signal": np.array(anomalous_signal),
+    }
+    return table, experiments, truth
