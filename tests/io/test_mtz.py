@@ -23,7 +23,7 @@ from jaxscale.io.mtz import (
     write_unmerged_mtz,
 )
 from jaxscale.io.refl import read_refl
-from tests.conftest import requires_dials
+from tests.conftest import DIALS_PYTHON, requires_dials
 
 REF = json.loads((Path(__file__).parent / "reference" / "mtz_dials_export.json").read_text())
 LCYS_SCALED = "lcys_4sweep_dials/reference_dials3.12_scale/scaled"
@@ -309,3 +309,9 @@ def test_live_dials_export_full_comparison(shared_data, written, tmp_path):
     assert np.abs(fa - fb)[:, 6:15].max() <= 1.2e-7  # umat
     assert np.abs(fa - fb).max() <= 2e-5  # phistt/phiend float32 rounding at ~180 deg
     assert [list(x.ints) for x in ours.batches] == [list(x.ints) for x in theirs.batches]
+    # cctbx (the reader DIALS, xia2 and phenix use) decodes our M/ISYM to the same indices
+    script = ("import iotbx.mtz, json, sys; m = iotbx.mtz.object(sys.argv[1]); "
+              "print(json.dumps([list(h) for h in m.extract_original_index_miller_indices()]))")
+    got = subprocess.run([DIALS_PYTHON, "-c", script, str(written["lcys_scaled"][0])], check=True,
+                         capture_output=True, text=True).stdout
+    np.testing.assert_array_equal(json.loads(got), np.array(theirs)[:, :3])
