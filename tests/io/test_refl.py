@@ -132,3 +132,12 @@ def test_dials_reads_our_file(tmp_path, shared_data):
     assert ident == sorted(table.identifiers.values())[0]
     assert float(total) == pytest.approx(table["inverse_scale_factor"].sum(), rel=1e-12)
     assert hkl.strip() == str(tuple(int(v) for v in table["miller_index"][7]))
+
+
+def test_written_file_has_umask_permissions(tmp_path):
+    import os
+    table = ReflectionTable({"d": np.array([1.0])})
+    write_refl(table, tmp_path / "p.refl")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "p.refl").stat().st_mode & 0o777 == 0o666 & ~umask
