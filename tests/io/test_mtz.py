@@ -315,3 +315,33 @@ def test_live_dials_export_full_comparison(shared_data, written, tmp_path):
     got = subprocess.run([DIALS_PYTHON, "-c", script, str(written["lcys_scaled"][0])], check=True,
                          capture_output=True, text=True).stdout
     np.testing.assert_array_equal(json.loads(got), np.array(theirs)[:, :3])
+
+
+def test_two_wavelengths_two_datasets(tmp_path):
+    """Planted: experiments at 1.0 and 1.5 Å → datasets 1 and 2, columns in the last, batches
+    pointing at their wavelength; identical image ranges are moved to the next epoch."""
+    def expt(ident, wavelength):
+        return Experiment(identifier=ident, beam={"direction": [0, 0, 1], "wavelength": wavelength},
+                          detector={"panels": [{"fast_axis": [1, 0, 0], "slow_axis": [0, -1, 0],
+                                                "origin": [-10, 10, -100], "image_size": [20, 20]}]},
+                          goniometer={"rotation_axis": [1, 0, 0]},
+                          scan={"image_range": [1, 2], "oscillation": [0.0, 1.0], "batch_offset": 0},
+                          crystal={"real_space_a": [10, 0, 0], "real_space_b": [0, 11, 0],
+                                   "real_space_c": [0, 0, 12], "space_group_hall_symbol": " P 1"})
+    n = 4
+    table = ReflectionTable({
+        "miller_index": np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]], np.int32),
+        "id": np.array([0, 0, 1, 1], np.int32), "flags": np.zeros(n, np.uint64),
+        "inverse_scale_factor": np.ones(n), "intensity.scale.value": np.full(n, 10.0),
+        "intensity.scale.variance": np.ones(n), "xyzobs.px.value": np.array([[1.0, 1.0, 0.5]] * 2 + [[1, 1, 1.5]] * 2),
+    }, {0: "a", 1: "b"})
+    path = tmp_path / "two.mtz"
+    write_unmerged_mtz(path, table, [expt("a", 1.0), expt("b", 1.5)])
+    mtz = gemmi.read_mtz_file(str(path))
+    assert [(d.id, d.wavelength) for d in mtz.datasets] == [(1, 1.0), (2, 1.5)]
+    assert {c.dataset_id for c in mtz.columns} == {2}
+    assert [(b.number, b.dataset_id) for b in mtz.batches] == [(1, 1), (2, 1), (101, 2), (102, 2)]
+    np.testing.assert_array_equal(_columns(mtz)["BATCH"], [1, 1, 102, 102])
+    t, ex = read_unmerged_mtz(path)
+    assert [e.wavelength for e in ex] == pytest.approx([1.0, 1.5])
+    np.testing.assert_array_equal(t["id"], [0, 0, 1, 1])
