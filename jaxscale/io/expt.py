@@ -21,7 +21,6 @@ from jaxscale.io.atomic import atomic_path
 
 MODEL_KINDS = ("beam", "detector", "goniometer", "scan", "crystal", "profile", "imageset", "scaling_model")
 
-
 @dataclass
 class Experiment:
     identifier: str = ""
@@ -112,15 +111,14 @@ class Experiment:
     def batch_offset(self) -> int:
         return int((self.scan or {}).get("batch_offset", 0))
 
-
 class ExperimentList(list):
     """A list of Experiment; `identifiers()` in order."""
 
     def identifiers(self) -> list[str]:
         return [e.identifier for e in self]
 
-
-def _expand(doc: dict, path: str) -> ExperimentList:
+def decode_expt(doc: dict, path: str = "<json>") -> ExperimentList:
+    """Experiments of a decoded .expt JSON document (shared models expanded)."""
     out = ExperimentList()
     for k, entry in enumerate(doc.get("experiment", [])):
         exp = Experiment(identifier=str(entry.get("identifier", "") or ""))
@@ -143,7 +141,6 @@ def _expand(doc: dict, path: str) -> ExperimentList:
         out.append(exp)
     return out
 
-
 def read_expt(path: str | os.PathLike) -> ExperimentList:
     """Read a DIALS experiment list (JSON)."""
     path = os.fspath(path)
@@ -156,7 +153,7 @@ def read_expt(path: str | os.PathLike) -> ExperimentList:
         raise InputError(path, f"not a valid JSON experiment list ({exc})") from None
     if not isinstance(doc, dict) or doc.get("__id__") != "ExperimentList":
         raise InputError(path, "not a DIALS experiment list (missing '__id__: ExperimentList')")
-    experiments = _expand(doc, path)
+    experiments = decode_expt(doc, path)
     if not experiments:
         raise InputError(path, "experiment list is empty", field="experiment")
     for exp in experiments:
@@ -165,7 +162,6 @@ def read_expt(path: str | os.PathLike) -> ExperimentList:
         except (KeyError, RuntimeError, ValueError) as exc:
             raise InputError(path, f"cannot read the crystal's space group ({exc})", field="space_group_hall_symbol") from None
     return experiments
-
 
 def encode_expt(experiments: list[Experiment]) -> dict:
     """The JSON document of an experiment list, identical model dicts shared."""
@@ -189,13 +185,11 @@ def encode_expt(experiments: list[Experiment]) -> dict:
         doc[kind] = pools[kind]
     return doc
 
-
 def write_expt(experiments: list[Experiment], path: str | os.PathLike) -> None:
     """Write an experiment list as DIALS JSON, atomically."""
     text = json.dumps(encode_expt(experiments), indent=2)
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-
 
 def assign_identifiers(table: ReflectionTable, experiments: ExperimentList, path: str = "") -> None:
     """Make table and experiments agree on identifiers, creating UUIDs where both lack them.
@@ -219,3 +213,5 @@ def assign_identifiers(table: ReflectionTable, experiments: ExperimentList, path
         if not exp.identifier:
             exp.identifier = str(uuid.uuid4())
         table.identifiers[k] = exp.identifier
+
+_expand = decode_expt  # old private name, kept for callers written before decode_expt was public

@@ -22,7 +22,7 @@ import numpy as np
 from jaxscale.data.table import ReflectionTable
 from jaxscale.exceptions import InputError
 from jaxscale.io.atomic import atomic_path
-from jaxscale.io.expt import ExperimentList, _expand, encode_expt
+from jaxscale.io.expt import ExperimentList, decode_expt, encode_expt
 
 FORMAT, VERSION = "jaxscale-table", 1
 _CHUNK_BYTES = 4 << 20  # ~4 MiB per chunk: large sequential I/O, still allows partial reads
@@ -114,5 +114,5 @@ def load_table(path: str | os.PathLike) -> tuple[ReflectionTable, ExperimentList
     bad = [k for k, v in columns.items() if v.shape[0] != nrows]
     if bad:
         raise InputError(path_s, f"columns {bad} do not have {nrows} rows", field=bad[0])
-    experiments = _expand(doc, path_s) if doc is not None else None
+    experiments = decode_expt(doc, path_s) if doc is not None else None
     return ReflectionTable(columns, identifiers, types), experiments
