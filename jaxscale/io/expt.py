@@ -214,4 +214,3 @@ def assign_identifiers(table: ReflectionTable, experiments: ExperimentList, path
             exp.identifier = str(uuid.uuid4())
         table.identifiers[k] = exp.identifier
 
-_expand = decode_expt  # old private name, kept for callers written before decode_expt was public
