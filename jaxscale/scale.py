@@ -110,10 +110,13 @@ def _read_datasets(params: Any, inputs: Sequence[str]) -> tuple[list, list[Refle
         by_ident = {v: k for k, v in table.identifiers.items()}
         for expt in expts:
             k = by_ident.get(expt.identifier)
-            rows = np.flatnonzero(ids == k) if k is not None else np.zeros(0, dtype=np.int64)
+            if len(expts) == 1:  # DIALS keeps unindexed (id -1) rows with the one experiment
+                rows = np.arange(len(table))
+            else:
+                rows = np.flatnonzero(ids == k) if k is not None else np.zeros(0, dtype=np.int64)
             sub = table.select(rows)
             sub.identifiers = {0: expt.identifier}
-            sub["id"] = np.zeros(len(sub), dtype=np.int32)
+            sub["id"] = np.where(np.asarray(sub["id"]) < 0, -1, 0).astype(np.int32)
             experiments.append(expt)
             tables.append(sub)
     use = params.dataset_selection.use_datasets
@@ -328,13 +331,24 @@ class _Scaler:
         if with_covariance and getattr(self, "covariance", None) is not None:
             self.var_g = inverse_scale_variance(self.target, self.x, self.covariance, self.model.bases, self.obs.n)
 
-    def reject_outliers(self, label: str) -> None:
+    def reject_outliers(self, label: str, per_dataset: bool = False) -> None:
+        """Outliers on the global table; per_dataset: each data set's own table with its
+        error-model weights (DIALS' initial rejection, done by each single scaler)."""
         p = self.p.scaling_options
         o = self.obs
-        w = self.weights(self.global_error_model)
-        out = determine_outliers(o.intensity, w, self.g, o.group, zmax=p.outlier_zmax, method=p.outlier_rejection)
-        if p.emax and p.emax > 0:
-            out |= normalised_intensity_outliers(o.intensity / self.g, o.d_star_sq, o.epsilon, p.emax)
+        if per_dataset:
+            w = self.weights(self.error_model)
+            sets = [o.dataset == k for k in range(len(self.experiments))]  # loop over data sets
+        else:
+            w = self.weights(self.global_error_model)
+            sets = [np.ones(o.n, dtype=bool)]
+        out = np.zeros(o.n, dtype=bool)
+        for sel in sets:
+            out[sel] = determine_outliers(o.intensity[sel], w[sel], self.g[sel], o.group[sel],
+                                          zmax=p.outlier_zmax, method=p.outlier_rejection)
+            if p.emax and p.emax > 0:
+                out[sel] |= normalised_intensity_outliers(o.intensity[sel] / self.g[sel], o.d_star_sq[sel],
+                                                          o.epsilon[sel], p.emax)
         self.outlier = out
         self.log(f"{int(out.sum())} outliers found ({label})")
 
@@ -414,6 +428,8 @@ class _Scaler:
                 var = np.where(both, v_b, var)
         o.intensity = inten * conv
         o.variance = var * conv * conv
+        # updating the intensities also puts the error-model weights into the global table
+        self.global_error_model = self.error_model
         self.log(f"Combined intensities chosen: {'profile' if best == 0 else 'summation' if best == 1 else f'Imid = {best:.2f}'}")
 
 
@@ -512,7 +528,7 @@ def run(params: Any, inputs: Sequence[str], progress: Any | None = None) -> Scal
             scaler.outlier[sel] = F.has_any(np.asarray(tables[k]["flags"])[prep.kept_rows][scaler.obs.row[sel]],
                                             F.OUTLIER_IN_SCALING)
     else:
-        scaler.reject_outliers("initial")
+        scaler.reject_outliers("initial", per_dataset=True)
     log.phase("scaling", 6)
     scaler.lbfgs_round("Round 1")
     log.advance()
