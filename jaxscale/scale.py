@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxscale.data import flags as F
-from jaxscale.data.prepare import prepare_dataset, prescaling_correction, inverse_partiality
+from jaxscale.data.prepare import prepare_dataset
 from jaxscale.data.symmetry import best_unit_cell, d_star_sq, epsilon, group_ids, map_to_asu
 from jaxscale.data.table import ReflectionTable
 from jaxscale.errors.error_model import ErrorModelResult, refine_error_model
@@ -144,6 +144,7 @@ class _Obs:
     partiality: np.ndarray | None  # f[n]
     d_star_sq: np.ndarray  # f[n] with the first experiment's cell (E^2 test)
     epsilon: np.ndarray  # f[n]
+    miller: np.ndarray  # i[n, 3] original indices
 
     @property
     def n(self) -> int:
@@ -192,6 +193,8 @@ class _Scaler:
         self.outlier = np.zeros(self.obs.n, dtype=bool)
         self.var_g = np.zeros(self.obs.n)
         self.imid: float | None = None
+        self.imids: dict[int, float] = {}  # data-set position -> chosen Imid
+        self._subset: np.ndarray | None = None
         self.g = np.asarray(self.target.inverse_scale(jnp.asarray(self.x), model.bases))
 
     # -------------------------------------------------------------- setup helpers
@@ -244,6 +247,7 @@ class _Scaler:
             partiality=np.concatenate(part) if has_p else None,
             d_star_sq=d_star_sq(miller, cell),
             epsilon=epsilon(miller, sg).astype(np.float64),
+            miller=miller,
         )
 
     # -------------------------------------------------------------- weights, subsets
@@ -255,17 +259,55 @@ class _Scaler:
         return 1.0 / v
 
     def subset(self) -> np.ndarray:
-        """Pre-selected rows of groups with >= 2 members (use_all below ~50000 refl)."""
+        """Rows chosen for minimisation (chosen once, on the first call: DIALS' scaling subset)."""
+        if self._subset is None:
+            self._subset = self._select_subset()
+        return self._subset
+
+    def _select_subset(self) -> np.ndarray:
+        """`reflection_selection.method` over the suitable rows (spec overview.md §4)."""
+        from jaxscale.data import selection as S
+
+        rs = self.p.reflection_selection
         o = self.obs
-        sel = o.intensity / np.sqrt(o.variance) > self.p.reflection_selection.Isigma_range[0]
-        if o.partiality is not None:
-            sel &= o.partiality > self.p.reflection_selection.min_partiality
-        d_range = self.p.reflection_selection.d_range
-        if d_range is not None:
-            d = 1.0 / np.sqrt(o.d_star_sq)
-            sel &= (d > d_range[0]) & (d < d_range[1])
-        counts = np.bincount(o.group[sel], minlength=o.group.max() + 1)
-        return sel & (counts[o.group] >= 2)
+        d = 1.0 / np.sqrt(o.d_star_sq)
+        min_p = 0.0 if rs.min_partiality is None else rs.min_partiality
+        method = rs.method
+        if method == "use_all":
+            self.log(f"Using all {o.n} suitable reflections for minimisation")
+            return np.ones(o.n, dtype=bool)
+        if method == "intensity_ranges":
+            esq = S.quasi_normalised_esq(o.intensity, o.miller, self.experiments[0].unit_cell,
+                                         self.experiments[0].space_group)
+            sel = S.select_intensity_ranges(esq, o.intensity, o.variance, o.partiality, d, tuple(rs.E2_range),
+                                            tuple(rs.Isigma_range), min_p, rs.d_range)
+            self.log(f"Selected {int(sel.sum())} reflections in the E^2 / I/sigma ranges for minimisation")
+            return sel
+        rng = np.random.default_rng(42)
+        rand = rs.random
+        min_groups = 2000 if rand.min_groups is None else rand.min_groups
+        min_refl = 50000 if rand.min_reflections is None else rand.min_reflections
+        pre = S.preselection(o.intensity, o.variance, o.partiality, d, tuple(rs.Isigma_range), min_p, rs.d_range)
+        if not self.multi:
+            res = S.select_single_dataset(o.group, pre, rng, min_groups, min_refl)
+        else:
+            cutoff = rand.multi_dataset.Isigma_cutoff
+            cutoff = 1.0 if cutoff is None else cutoff
+            try:
+                if method == "random":
+                    res = S.select_multi_dataset_random(o.group, o.intensity, o.variance, rng, min_groups,
+                                                        min_refl, cutoff)
+                else:
+                    res = S.select_multi_dataset_quasi_random(o.group, o.dataset, o.intensity, o.variance,
+                                                              o.d_star_sq, pre, rng, min_groups, min_refl, cutoff)
+            except ValueError as exc:
+                raise InputError(None, str(exc)) from None
+        if res.details.get("fallback") == "use_all":
+            self.log("No groups left with multiplicity > 1 after preselection: using all reflections")
+        else:
+            self.log(f"Selected {res.n_groups_selected}/{res.n_groups_available} groups (m>1) for "
+                     f"minimisation ({int(res.selected.sum())} reflections)")
+        return res.selected
 
     # -------------------------------------------------------------- minimisation
     def _problem(self, rows: np.ndarray):
@@ -377,93 +419,52 @@ class _Scaler:
 
     # -------------------------------------------------------------- intensity combination
     def combine_intensities(self) -> None:
-        """Choose profile / summation / blend by the lowest Rmeas (overview.md §6)."""
+        """Choose profile / summation / blend by the lowest Rmeas (overview.md §6) and put the
+        chosen intensities into the observations (data sets without profiles: summation)."""
+        from jaxscale.data.combine import SUMMATION, apply_imid, choose_imid
+
         tables = [prep.table for prep in self.prepared]
-        if not all("intensity.prf.value" in t and "intensity.sum.value" in t for t in tables):
-            return
         o = self.obs
-        cols = {}
-        for name in ("intensity.prf.value", "intensity.prf.variance", "intensity.sum.value",
-                     "intensity.sum.variance", "flags"):
-            cols[name] = np.concatenate([np.asarray(t[name])[o.row[o.dataset == k]] for k, t in enumerate(tables)])
-        conv = np.concatenate([prescaling_correction(t)[o.row[o.dataset == k]] for k, t in enumerate(tables)])
-        inv_p = np.concatenate([inverse_partiality(t)[o.row[o.dataset == k]] for k, t in enumerate(tables)])
-        part = o.partiality if o.partiality is not None else np.ones(o.n)
-        both = F.has_all(cols["flags"], F.INTEGRATED)
-        i_sum, v_sum = cols["intensity.sum.value"] * inv_p, cols["intensity.sum.variance"] * inv_p**2
-        i_prf, v_prf = cols["intensity.prf.value"], cols["intensity.prf.variance"]
-        test = both & ~self.outlier & (v_sum > 0) & (v_prf > 0) & (self.g > 0) & (part > 0)
-        if not test.any():
+        with_prf = [k for k, t in enumerate(tables) if "intensity.prf.value" in t and "intensity.sum.value" in t]
+        if not with_prf:
             return
-        raw = i_sum[test]
-        avg = max(10.0, float(np.mean(raw)))
-        imid = float(np.max(raw)) / 10.0
-        candidates = [0.0, 1.0, avg, imid]
-        while imid > avg:
-            imid /= 10.0
-            candidates.append(imid)
-        results = []
-        for c in candidates:
-            i_c, v_c = _blend(c, i_prf[test], v_prf[test], i_sum[test], v_sum[test])
-            rmeas = _rmeas(i_c * conv[test] / self.g[test], np.sqrt(v_c) * conv[test] / self.g[test], o.group[test])
-            results.append(rmeas)
-        valid = [(r, c) for r, c in zip(results, candidates) if r >= 0]
-        best = min(valid)[1] if valid else 0.0
-        self.log("Intensity combination: " + ", ".join(
-            f"{'prf' if c == 0 else 'sum' if c == 1 else f'{c:.2f}'}: Rmeas {r:.5f}" for c, r in zip(candidates, results)))
-        self.imid = best
-        prf_ok = F.has_all(cols["flags"], F.INTEGRATED_PRF)
-        sum_ok = F.has_all(cols["flags"], F.INTEGRATED_SUM)
-        if best == 1.0:
-            use_sum = sum_ok | ~prf_ok
-            inten = np.where(use_sum, i_sum, i_prf)
-            var = np.where(use_sum, v_sum, v_prf)
-        else:
-            use_prf = prf_ok | ~sum_ok
-            inten = np.where(use_prf, i_prf, i_sum)
-            var = np.where(use_prf, v_prf, v_sum)
-            if best != 0.0:
-                i_b, v_b = _blend(best, i_prf, v_prf, i_sum, v_sum)
-                inten = np.where(both, i_b, inten)
-                var = np.where(both, v_b, var)
-        o.intensity = inten * conv
-        o.variance = var * conv * conv
+        g_k, out_k = [], []
+        for k, t in enumerate(tables):  # loop over data sets
+            sel = o.dataset == k
+            g = np.ones(len(t))
+            g[o.row[sel]] = self.g[sel]
+            out = np.zeros(len(t), dtype=bool)
+            out[o.row[sel]] = self.outlier[sel]
+            g_k.append(g)
+            out_k.append(out)
+        comb = self.p.reflection_selection.combine
+        sg = self.experiments[0].space_group
+        jobs = [with_prf] if comb.joint_analysis else [[k] for k in with_prf]
+        imids = {k: SUMMATION for k in range(len(tables))}
+        for ks in jobs:
+            choice = choose_imid([tables[k] for k in ks], sg, [g_k[k] for k in ks], [out_k[k] for k in ks],
+                                 imids=comb.Imid or None)
+            who = "all data sets" if len(ks) > 1 or not self.multi else f"data set {ks[0]}"
+            self.log(f"Intensity combination ({who}, {choice.n_test} test reflections):")
+            self.log("  Imid              Rmeas    CC1/2")
+            for c, r, cc in zip(choice.imids, choice.rmeas, choice.cc_half):
+                self.log(f"  {choice.label(c):16s} {r:7.5f}  {cc:7.5f}")
+            self.log(f"Combined intensities chosen: {choice.label(choice.imid)}")
+            for k in ks:
+                imids[k] = choice.imid
+        for k, t in enumerate(tables):  # loop over data sets
+            sel = o.dataset == k
+            inten, var = apply_imid(t, imids[k])
+            o.intensity[sel] = inten[o.row[sel]]
+            o.variance[sel] = var[o.row[sel]]
+        self.imids = imids
+        self.imid = imids[with_prf[0]]
         # updating the intensities also puts the error-model weights into the global table
         self.global_error_model = self.error_model
-        self.log(f"Combined intensities chosen: {'profile' if best == 0 else 'summation' if best == 1 else f'Imid = {best:.2f}'}")
 
 
 def _suitable(table: ReflectionTable) -> np.ndarray:
     return ~F.has_any(table["flags"], F.USER_EXCLUDED_IN_SCALING | F.EXCLUDED_FOR_SCALING)
-
-
-def _blend(imid: float, i_prf, v_prf, i_sum, v_sum):
-    """Profile/summation blend w = 1/(1 + (I_sum/Imid)^3) (0: profile, 1: summation)."""
-    if imid == 0.0:
-        return i_prf, v_prf
-    if imid == 1.0:
-        return i_sum, v_sum
-    with np.errstate(over="ignore", invalid="ignore"):
-        w = np.where(i_sum <= 0, 1.0, 1.0 / (1.0 + (np.maximum(i_sum, 0) / imid) ** 3))
-    return w * i_prf + (1 - w) * i_sum, w * v_prf + (1 - w) * v_sum
-
-
-def _rmeas(intensity: np.ndarray, sigma: np.ndarray, group: np.ndarray) -> float:
-    """Rmeas of scaled observations with I/sigma > 1 (inverse-variance group means)."""
-    keep = (sigma > 0) & (intensity / np.where(sigma > 0, sigma, 1.0) > 1.0)
-    if not keep.any():
-        return -1.0
-    i, s = intensity[keep], sigma[keep]
-    _, gid = np.unique(group[keep], return_inverse=True)
-    w = 1.0 / s**2
-    n = np.bincount(gid).astype(np.float64)
-    mean = np.bincount(gid, w * i) / np.bincount(gid, w)
-    multi = n[gid] > 1
-    if not multi.any():
-        return -1.0
-    num = np.sum(np.sqrt(n[gid] / np.maximum(n[gid] - 1, 1))[multi] * np.abs(i - mean[gid])[multi])
-    den = np.sum(i[multi])
-    return float(num / den) if den > 0 else -1.0
 
 
 def _dataset_inputs(experiments: list, prepared: list) -> list[DatasetInput]:
@@ -627,7 +628,7 @@ def _output_tables(scaler: _Scaler, experiments: list, prepared: list, params: A
         out_tables.append(t)
         new = dataclasses.replace(expt)
         new.scaling_model = scaler.model.to_dials_json(
-            k, params=params_tree, esds=esd_tree, error_model=scaler.error_model, imid=scaler.imid)
+            k, params=params_tree, esds=esd_tree, error_model=scaler.error_model, imid=scaler.imids.get(k, scaler.imid))
         out_experiments.append(new)
         n_small = int(np.count_nonzero(g < cutoff))
         if n_small:
