@@ -329,12 +329,9 @@ def choose_removals(result: DeltaCCResult, groups: DataGroups,
     flagged = np.asarray(result.below_cutoff, dtype=bool)
     if groups.mode == "dataset":
         removed = np.flatnonzero(flagged)
-        ranges = {int(i): (list(valid_image_ranges.get(int(i))) if valid_image_ranges
-                           and valid_image_ranges.get(int(i)) is not None else None)
-                  for i in groups.dataset_id}
         gone = [int(i) for i in groups.dataset_id[removed]]
-        for i in gone:
-            ranges[i] = []
+        current = dict(valid_image_ranges or {})
+        ranges = {int(i): ([] if int(i) in gone else current.get(int(i))) for i in groups.dataset_id}
         return Removal(flagged, removed, [], [], ranges, gone)
 
     # image groups are numbered consecutively within each data set (see image_groups)

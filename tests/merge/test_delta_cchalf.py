@@ -230,3 +230,58 @@ def test_termination_reason_order():
     assert dc.termination_reason(1, 5, 1.0, 89.0, **kw) == "below_completeness_limit"
     assert dc.termination_reason(3, 5, 1.0, 95.0, **kw) == "max_cycles"
     assert dc.termination_reason(2, 5, 1.0, 95.0, **kw) is None
+
+
+# --------------------------------------------------------------------------------------
+# scale_and_filter_results.json
+
+
+def _layout(value):
+    """Key tree of a JSON document: dicts by key, lists by their first element's layout."""
+    if isinstance(value, dict):
+        return {k: _layout(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_layout(value[0])] if value else []
+    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
+
+
+def test_scale_and_filter_results_layout_and_stats(lcys, reference):
+    """Our document has DIALS' layout; its merging-stats numbers are DIALS' (lcys reference)."""
+    from jaxscale.merge.merging import scaled_observations
+    from jaxscale.merge.statistics import merging_statistics
+
+    table, experiments = lcys
+    stats = merging_statistics(scaled_observations(table, experiments), anomalous=False, _suggest=False)
+    summary = dc.merging_stats_summary(stats)
+    dials_stats = json.loads((REFERENCE.parent / "lcys_reference_stats.json").read_text())
+    np.testing.assert_allclose(summary["ccs"], [b["cc_one_half"] for b in dials_stats["bins"]], atol=1e-9)
+    np.testing.assert_allclose(summary["rmerge"], [b["r_merge"] for b in dials_stats["bins"]], rtol=1e-9)
+    np.testing.assert_allclose(summary["rpim"], [b["r_pim"] for b in dials_stats["bins"]], rtol=1e-9)
+    np.testing.assert_allclose(summary["d_min"], [b["d_min"] for b in dials_stats["bins"]], rtol=1e-9)
+    overall = dials_stats["overall"]
+    assert summary["overall"]["completeness"] == pytest.approx(100 * overall["completeness"], rel=1e-9)
+    assert summary["overall"]["n_obs"] == overall["n_obs"]
+    assert summary["overall"]["i_over_sigma_mean"] == pytest.approx(overall["i_over_sigma_mean"], rel=1e-9)
+
+    obs = dc.delta_cchalf_observations(table, experiments)
+    groups = dc.image_groups(obs.dataset_id, obs.image, 100)
+    result = dc.delta_cchalf(obs, groups, stdcutoff=1.5)
+    valid = {i: [e.image_range] for i, e in enumerate(experiments)}
+    removal = dc.choose_removals(result, groups, valid)
+    identifiers = {i: e.identifier for i, e in enumerate(experiments)}
+    n_initial = len(scaled_observations(table, experiments))
+    cycle = dc.cycle_results(stats, result, removal, groups, 0, identifiers, [], n_initial)
+    assert cycle["cumul_percent_removed"] == 0.0
+    assert cycle["delta_cc_half_values"] == sorted(cycle["delta_cc_half_values"])
+    reason = dc.termination_reason(1, 0, 0.0, None, max_cycles=2, max_percent_removed=10, min_completeness=None)
+    doc = dc.scale_and_filter_results(
+        [cycle], reason, n_initial, [(e.identifier, e.image_range) for e in experiments],
+        [(identifiers[i], removal.valid_image_ranges[i]) for i in range(4)], stats)
+    dials_doc = json.loads((REFERENCE.parent / "delta_cchalf_scale_and_filter_results.json").read_text())
+    ours = json.loads(json.dumps(doc))
+    assert _layout(ours) == _layout(dials_doc)
+    assert ours["termination_reason"] == dials_doc["termination_reason"] == "no_more_removed"
+    assert ours["initial_expids_and_image_ranges"] == dials_doc["initial_expids_and_image_ranges"]
+    assert ours["expids_and_image_ranges"] == dials_doc["expids_and_image_ranges"]
+    assert len(ours["cycle_results"]["1"]["delta_cc_half_values"]) == len(
+        dials_doc["cycle_results"]["1"]["delta_cc_half_values"])
