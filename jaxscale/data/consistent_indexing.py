@@ -78,10 +78,13 @@ def apply_reindexing(
     miller = np.asarray(miller).reshape(-1, 3)
     dataset_index = np.asarray(dataset_index, dtype=np.int64)
     keys = [_as_real_space_op(o).triplet() for o in ops]
-    distinct, op_of_set = np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True)
-    mats = np.stack([op_hkl_matrix(t) for t in distinct]) if len(distinct) else np.zeros((0, 3, 3), np.int64)
-    m = mats[op_of_set.reshape(-1)[dataset_index]]  # (n, 3, 3)
-    return np.einsum("ni,nij->nj", miller.astype(np.int64), m).astype(np.int32)
+    distinct, op_of_set = np.unique(np.asarray(keys, dtype=str), return_inverse=True)
+    op_of_obs = op_of_set.reshape(-1)[dataset_index]  # (n,)
+    out = np.empty(miller.shape, dtype=np.int32)
+    for k, triplet in enumerate(distinct):  # one matrix product per distinct op (few)
+        sel = op_of_obs == k
+        out[sel] = miller[sel].astype(np.int64) @ op_hkl_matrix(triplet)
+    return out
 
 
 def _coset_labels(mats: np.ndarray, point_group: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -99,6 +102,8 @@ class _Rows:
     dataset: list[np.ndarray]  # int64 data set of the row
     column: list[np.ndarray]  # int64 index of the ASU reflection in [0, n_unique)
     value: list[np.ndarray]  # float64 mean normalised intensity
+    match: list[list[np.ndarray]]  # match[b][c] (n_rows_b,): row of setting c with the same
+    #   (data set, column) as this row of setting b, or -1
     n_unique: int
     n_datasets: int
 
@@ -139,7 +144,15 @@ def _merged_rows(
         out_v.append(np.bincount(inv, x) / np.bincount(inv))
         out_d.append(upair // n_unique)
         out_c.append(upair % n_unique)
-    return _Rows(out_d, out_c, out_v, n_unique, n_datasets)
+    keys = [d * n_unique + c for d, c in zip(out_d, out_c)]  # each sorted (from np.unique)
+    match = []
+    for kb in keys:
+        row = []
+        for kc in keys:
+            pos = np.minimum(np.searchsorted(kc, kb), max(len(kc) - 1, 0))
+            row.append(np.where(kc[pos] == kb, pos, -1) if len(kc) else np.full(len(kb), -1))
+        match.append(row)
+    return _Rows(out_d, out_c, out_v, match, n_unique, n_datasets)
 
 
 # --- pairwise correlations ----------------------------------------------------------------------
@@ -288,16 +301,17 @@ def _cc_to_reference(rows: _Rows, assign: np.ndarray, include: np.ndarray, min_c
         sel = own[b] & include[rows.dataset[b]]
         ref_sum += np.bincount(rows.column[b][sel], rows.value[b][sel], U)
         ref_n += np.bincount(rows.column[b][sel], minlength=U)
-    cur_key = np.concatenate([rows.dataset[b][own[b]] * U + rows.column[b][own[b]] for b in range(m)])
-    cur_val = np.concatenate([rows.value[b][own[b]] for b in range(m)])
-    order = np.argsort(cur_key)
-    cur_key, cur_val = cur_key[order], cur_val[order]
     xs, ys, uses, segs = [], [], [], []
     for b in range(m):
-        key = rows.dataset[b] * U + rows.column[b]
-        pos = np.minimum(np.searchsorted(cur_key, key), max(len(cur_key) - 1, 0))
-        mine = (cur_key[pos] == key) & include[rows.dataset[b]] if len(cur_key) else np.zeros(len(key), bool)
-        s = ref_sum[rows.column[b]] - np.where(mine, cur_val[pos], 0.0)
+        current = assign[rows.dataset[b]]
+        mine = np.zeros(len(current), dtype=bool)  # this reflection is in the set's own reference rows
+        mine_val = np.zeros(len(current))
+        for c in range(m):  # small loop over settings
+            hit = (current == c) & (rows.match[b][c] >= 0)
+            mine |= hit
+            mine_val[hit] = rows.value[c][rows.match[b][c][hit]]
+        mine &= include[rows.dataset[b]]
+        s = ref_sum[rows.column[b]] - np.where(mine, mine_val, 0.0)
         c = ref_n[rows.column[b]] - mine
         xs.append(rows.value[b])
         ys.append(np.where(c > 0, s / np.maximum(c, 1), 0.0))
@@ -407,6 +421,9 @@ def resolve_indexing_ambiguity(
     use = np.isfinite(intensity) & np.isfinite(variance) & (variance > 0) & (dss > 0)
     if d_min is not None:
         use &= dss <= 1.0 / d_min**2
+    if use.sum() < min_common:
+        log.append(f"Only {int(use.sum())} usable observations: all data sets keep h,k,l.")
+        return identity_result
     mats = np.stack([op_hkl_matrix(o) for o in ops])  # (m, 3, 3)
     x = _normalised_intensity(intensity[use], dss[use], dataset_index[use], n_datasets, n_bins)
     rows = _merged_rows(miller[use], x, dataset_index[use], n_datasets, space_group, mats)
@@ -433,7 +450,8 @@ def resolve_indexing_ambiguity(
 
     # fix the global choice: the most common setting becomes the identity
     point_group = rotation_matrices(space_group)
-    counts = np.bincount(assign, minlength=m)
+    decided = ~np.isnan(cc).all(axis=1)  # data sets with any usable CC to the reference
+    counts = np.bincount(assign[decided], minlength=m)
     star = int(np.argmax(counts))
     relabel = _coset_labels(
         np.einsum("aij,jk->aik", mats, np.rint(np.linalg.inv(mats[star])).astype(np.int64)), point_group, mats
@@ -443,9 +461,12 @@ def resolve_indexing_ambiguity(
         cc = cc[:, np.argsort(relabel)]
     elif star != 0:
         log.append("Global setting not normalised (the point group is not normal in the lattice group).")
+    assign = np.where(decided, assign, 0)  # no data, no reason to reindex
 
-    filled = np.sort(np.where(np.isnan(cc), -np.inf, cc), axis=1)
-    confidence = np.where(np.isfinite(filled[:, -2]), filled[:, -1] - filled[:, -2], np.nan)
+    ranked = np.sort(np.where(np.isnan(cc), -np.inf, cc), axis=1)
+    two = np.isfinite(ranked[:, -2])
+    confidence = np.full(n_datasets, np.nan)
+    confidence[two] = ranked[two, -1] - ranked[two, -2]
     op_strings = [candidates[a] for a in assign]
     summary = _summarise_pairs(r, count, assign[subset], m)
     summary["n_datasets_in_matrix"] = int(len(subset))

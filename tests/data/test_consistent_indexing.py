@@ -158,3 +158,15 @@ def test_d_min_restricts_the_data_used():
     full = resolve_indexing_ambiguity(h, i, v, ds, 20, sg, uc)
     # the decision really used fewer reflections
     assert res.cc_matrix_summary["median_common_reflections"] < 0.8 * full.cc_matrix_summary["median_common_reflections"]
+
+
+def test_datasets_without_data_keep_identity():
+    planted = np.ones(10, dtype=np.int64)
+    planted[:3] = 0  # the majority setting (1) becomes the identity
+    h, i, v, ds, sg, uc, planted, mats = simulate(10, 200, *P4, seed=7, planted=planted)
+    res = resolve_indexing_ambiguity(h, i, v, ds, 12, sg, uc)  # sets 10 and 11 have no observations
+    assert res.ops[10:] == ["h,k,l", "h,k,l"] and np.isnan(res.confidence[10:]).all()
+    np.testing.assert_array_equal(res.op_index[:10], (planted == 0).astype(int))
+    assert np.isfinite(res.confidence[:10]).all()
+    bad = resolve_indexing_ambiguity(h, i, np.zeros_like(v), ds, 10, sg, uc)  # nothing usable
+    assert bad.n_flipped == 0 and "usable" in bad.log_lines[-1]
