@@ -1,0 +1,77 @@
+"""Block-structured LM/PCG and the diag((J^T J)^-1) approximations, measured against dense
+linear algebra on a small planted-truth still problem."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxscale.optimize.structured import minimise_structured, pcg, variance_diagonal
+from jaxscale.serial import kb_gauge, simulate_flat_stills
+from jaxscale.target.sharding import KBStillsTarget, make_observations
+
+N_EXP, PER, N_GROUPS = 80, 40, 400
+
+
+@pytest.fixture(scope="module")
+def solved():
+    sim = simulate_flat_stills(N_EXP, PER, N_GROUPS, seed=5, outlier_fraction=0.0)
+    obs = make_observations(sim["intensity"], 1.0 / sim["variance"], sim["d"], sim["group_id"],
+                            sim["experiment_index"], N_GROUPS, N_EXP)
+    t = KBStillsTarget()
+    free = np.ones((N_EXP, 2), bool)
+    free[0] = False
+    x0 = np.stack([np.ones(N_EXP), np.zeros(N_EXP)], 1)
+    res = minimise_structured(t.residual_fn, t.block_diagonal_fn, x0, obs, free, sim["intensity"].size,
+                              rmsd_tolerance=1e-10)
+    return sim, obs, t, free, res
+
+
+def test_pcg_solves_spd_system():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(30, 30))
+    a = a @ a.T + 30 * np.eye(30)
+    b = rng.normal(size=30)
+    diag_inv = 1.0 / np.diag(a)
+    x, its, res = pcg(lambda v: jnp.asarray(a) @ v, jnp.asarray(b), lambda v: jnp.asarray(diag_inv) * v, 1e-12, 100)
+    np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a, b), rtol=1e-9)
+    assert int(its) < 30 and float(res) <= 1e-12
+
+
+def test_levmar_reaches_dense_least_squares_minimum_and_truth(solved):
+    sim, obs, t, free, res = solved
+    x = jnp.asarray(res.x)
+    # at the minimum the exact gradient J^T r vanishes on free parameters
+    grad = jax.grad(lambda y: jnp.sum(t.residual_fn(y, obs) ** 2))(x)
+    assert np.abs(np.asarray(grad)[free]).max() < 1e-6 * np.abs(np.asarray(jax.grad(
+        lambda y: jnp.sum(t.residual_fn(y, obs) ** 2))(jnp.asarray(np.stack([np.ones(N_EXP), np.zeros(N_EXP)], 1))))).max()
+    # one dense Gauss-Newton step from the solution moves nothing
+    jac = np.asarray(jax.jacfwd(lambda y: t.residual_fn(y, obs))(x)).reshape(-1, 2 * N_EXP)[:, free.reshape(-1)]
+    step = np.linalg.lstsq(jac, -np.asarray(t.residual_fn(x, obs)), rcond=None)[0]
+    assert np.abs(step).max() < 1e-6
+    # planted truth in the fixed gauge (still 0: k = 1, B = 0)
+    k_rel = res.x[:, 0] / (sim["k"] / sim["k"][0])
+    assert np.sqrt(np.mean((k_rel - 1) ** 2)) < 0.05
+    assert np.sqrt(np.mean((res.x[:, 1] - (sim["B"] - sim["B"][0])) ** 2)) < 1.5
+    assert res.reason == "RMSD no longer decreasing" and max(res.cg_iterations) < 200
+
+
+def test_variance_approximations_against_exact_inverse(solved):
+    """Measured error of each diag((J^T J)^-1) approximation (relative to the dense inverse)."""
+    _, obs, t, free, res = solved
+    args = (t.residual_fn, t.block_diagonal_fn, res.x, obs, free)
+    exact = variance_diagonal(*args, method="exact")
+    assert np.all(exact[~free] == 0) and np.all(exact[free] > 0)
+    rel = {}
+    for method in ("block", "block_gauge", "stochastic"):
+        approx = variance_diagonal(*args, method=method, gauge=kb_gauge(res.x), n_probes=16)
+        rel[method] = approx[free] / exact[free] - 1.0
+    # ignoring all coupling underestimates badly (the gauge: every still is relative to still 0)
+    assert np.median(rel["block"]) < -0.3
+    # block inverses moved to the fixed gauge: within a few per cent, no solves
+    print({m: (float(np.median(np.abs(v))), float(np.abs(v).max()), float(np.mean(v))) for m, v in rel.items()})
+    assert np.median(np.abs(rel["block_gauge"])) < 0.06 and np.abs(rel["block_gauge"]).max() < 0.2
+    # Hutchinson correction: unbiased on average (measured mean -1.4 %) but, at 16 probes,
+    # far noisier per parameter (median |err| 14 %, max > 100 %) than block_gauge
+    assert abs(np.mean(rel["stochastic"])) < 0.05
