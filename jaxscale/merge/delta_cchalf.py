@@ -200,9 +200,9 @@ def _cc_half_from_bin_sums(n: np.ndarray, sm: np.ndarray, sm2: np.ndarray, sv: n
     sigma_e = sv / nn
     with np.errstate(divide="ignore", invalid="ignore"):
         cc = np.where(use, (sigma_y - sigma_e) / (sigma_y + sigma_e), np.nan)
-    weight = np.where(use, n, 0.0)
-    total = weight.sum(axis=-1)
-    overall = np.where(total > 0, np.where(use, cc * n, 0.0).sum(axis=-1) / np.where(total > 0, total, 1.0), 0.0)
+    total = np.where(use, n, 0.0).sum(axis=-1)
+    weighted = np.where(use, cc * n, 0.0).sum(axis=-1)
+    overall = np.where(total > 0, weighted / np.where(total > 0, total, 1.0), 0.0)
     return overall, cc
 
 
@@ -465,9 +465,11 @@ def scale_and_filter_results(cycles: Sequence[dict], termination: str, initial_n
         "termination_reason": termination,
         "initial_n_reflections": int(initial_n_reflections),
         "initial_expids_and_image_ranges": [
-            None if e is None else [e[0], [int(e[1][0]), int(e[1][1])]] for e in initial_expids_and_image_ranges],
+            None if e is None else [e[0], [int(e[1][0]), int(e[1][1])]]
+            for e in initial_expids_and_image_ranges],
         "expids_and_image_ranges": [
-            None if e is None else [e[0], [[int(a), int(b)] for a, b in e[1]]] for e in expids_and_image_ranges],
+            None if e is None else [e[0], [[int(a), int(b)] for a, b in e[1]]]
+            for e in expids_and_image_ranges],
         "cycle_results": {str(i + 1): c for i, c in enumerate(cycles)},
         "final_stats": None if final_stats is None else merging_stats_summary(final_stats),
     }
