@@ -85,30 +85,91 @@ class ScaleResult:
 
 
 # ------------------------------------------------------------------------- inputs
-def _pair_inputs(params: Any, inputs: Sequence[str]) -> list[tuple[str, str]]:
-    refls = [p for p in inputs if str(p).endswith(".refl")] or list(params.input.reflections or [])
-    expts = [p for p in inputs if str(p).endswith((".expt", ".json"))] or list(params.input.experiments or [])
-    others = [p for p in inputs if not str(p).endswith((".refl", ".expt", ".json", ".phil", ".yaml", ".yml"))]
+_REFL, _EXPT, _MTZ, _XDS = ".refl", (".expt", ".json"), ".mtz", (".hkl",)
+_CONFIG = (".phil", ".yaml", ".yml")
+
+
+def _sort_inputs(params: Any, inputs: Sequence[str]) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """(.refl/.expt pairs matched by order, unmerged MTZ files, XDS files); the pairs come
+    from `inputs` or, when it names none, from params.input."""
+    low = [(str(p), str(p).lower()) for p in inputs]
+    refls = [p for p, q in low if q.endswith(_REFL)] or [str(p) for p in params.input.reflections or []]
+    expts = [p for p, q in low if q.endswith(_EXPT)] or [str(p) for p in params.input.experiments or []]
+    mtzs = [p for p, q in low if q.endswith(_MTZ)]
+    xdss = [p for p, q in low if q.endswith(_XDS)]
+    others = [p for p, q in low if not q.endswith((_REFL, *_EXPT, _MTZ, *_XDS, *_CONFIG))]
     if others:
-        raise InputError(others[0], "only DIALS .refl/.expt inputs are supported by the scaling engine so far")
-    if not refls or len(refls) != len(expts):
+        raise InputError(others[0], "not a DIALS .refl/.expt, unmerged .mtz or XDS .HKL file")
+    if len(refls) != len(expts):
         raise InputError(None, f"need matching .refl/.expt pairs (got {len(refls)} .refl, {len(expts)} .expt)")
-    return list(zip(refls, expts))
+    if not refls and not mtzs and not xdss:
+        raise InputError(None, "no input files: give .refl + .expt pairs, unmerged .mtz or XDS .HKL files")
+    return list(zip(refls, expts)), mtzs, xdss
 
 
-def _read_datasets(params: Any, inputs: Sequence[str]) -> tuple[list, list[ReflectionTable]]:
-    """One (experiment, table) per experiment, tables split by `id`."""
+def _validator():
+    """jaxscale.data.validate when present (input checks), else None."""
+    try:
+        from jaxscale.data import validate
+    except ImportError:  # pragma: no cover - optional stage
+        return None
+    return validate
+
+
+def _read_sources(params: Any, inputs: Sequence[str], log: "_Log") -> list[tuple[str, Any, ReflectionTable]]:
+    """(source path, experiment list, table) per input file, validated and with identifiers."""
     from jaxscale.io.expt import assign_identifiers, read_expt
     from jaxscale.io.refl import read_refl
 
-    experiments, tables = [], []
-    for refl_path, expt_path in _pair_inputs(params, inputs):
+    validate = _validator()
+    choice = params.reflection_selection.intensity_choice
+    pairs, mtzs, xdss = _sort_inputs(params, inputs)
+    sources = []
+
+    def check(table, path):
+        if validate is not None:
+            for warning in validate.validate_reflections(table, path, intensity_choice=choice):
+                log(f"Warning: {warning}")
+
+    for refl_path, expt_path in pairs:
         expts = read_expt(expt_path)
         table = read_refl(refl_path)
+        check(table, refl_path)
+        if validate is not None:
+            for warning in validate.validate_pair(table, expts, refl_path, expt_path):
+                log(f"Warning: {warning}")
         assign_identifiers(table, expts, refl_path)
+        sources.append((refl_path, expts, table))
+    if mtzs:
+        from jaxscale.io.mtz import read_unmerged_mtz
+
+        for path in mtzs:
+            table, expts = read_unmerged_mtz(path)
+            if "partiality" in table and not np.any(np.asarray(table["partiality"]) > 0):
+                del table["partiality"]  # FRACTIONCALC = 0 throughout (AIMLESS output): no partialities
+                log(f"{path}: FRACTIONCALC is 0 throughout; treating the reflections as full")
+            check(table, path)
+            assign_identifiers(table, expts, path)
+            sources.append((path, expts, table))
+    if xdss:
+        from jaxscale.io.xds import read_xds
+
+        for path in xdss:
+            table, expts = read_xds(path)
+            check(table, path)
+            assign_identifiers(table, expts, path)
+            sources.append((path, expts, table))
+    return sources
+
+
+def _read_datasets(params: Any, inputs: Sequence[str], log: "_Log | None" = None) -> tuple[list, list[ReflectionTable]]:
+    """One (experiment, table) per experiment over all inputs, tables split by `id`."""
+    log = log if log is not None else _Log(None)
+    experiments, tables, origin = [], [], []
+    for path, expts, table in _read_sources(params, inputs, log):
         ids = np.asarray(table["id"])
         by_ident = {v: k for k, v in table.identifiers.items()}
-        for expt in expts:
+        for expt in expts:  # loop over experiments
             k = by_ident.get(expt.identifier)
             if len(expts) == 1:  # DIALS keeps unindexed (id -1) rows with the one experiment
                 rows = np.arange(len(table))
@@ -119,14 +180,21 @@ def _read_datasets(params: Any, inputs: Sequence[str]) -> tuple[list, list[Refle
             sub["id"] = np.where(np.asarray(sub["id"]) < 0, -1, 0).astype(np.int32)
             experiments.append(expt)
             tables.append(sub)
+            origin.append(path)
     use = params.dataset_selection.use_datasets
     exclude = params.dataset_selection.exclude_datasets
     keep = [i for i in range(len(experiments)) if (use is None or i in use) and not (exclude and i in exclude)]
     experiments = [experiments[i] for i in keep]
     tables = [tables[i] for i in keep]
-    sgs = {e.space_group.number for e in experiments}
-    if len(sgs) > 1:
-        raise InputError(None, f"experiments have different space groups {sorted(sgs)}")
+    origin = [origin[i] for i in keep]
+    validate = _validator()
+    if validate is not None:
+        validate.validate_space_groups(experiments, origin)
+        validate.validate_options(params, experiments)
+    else:
+        sgs = {e.space_group.number for e in experiments}
+        if len(sgs) > 1:
+            raise InputError(None, f"experiments have different space groups {sorted(sgs)}")
     return experiments, tables
 
 
@@ -342,13 +410,20 @@ class _Scaler:
         self.x = res.x
         self._log_steps(label, res)
 
-    def full_matrix_round(self) -> None:
+    def full_matrix_round(self) -> bool:
+        """LM round (+ one with the first scale fixed) and the covariance; False (parameters
+        unchanged, no covariance) when the normal equations are singular."""
         ref = self.p.scaling_refinery
         rows = self.subset() & ~self.outlier
         problem, bases = self._problem(rows)
         data = self.target.data(problem, bases, anchor=self.x, free=self.free)
-        res = minimise_full_matrix(self.target, data, x0=self.x, engine=ref.full_matrix_engine,
-                                   rmsd_tolerance=ref.rmsd_tolerance, max_iterations=ref.full_matrix_max_iterations)
+        try:
+            res = minimise_full_matrix(self.target, data, x0=self.x, engine=ref.full_matrix_engine,
+                                       rmsd_tolerance=ref.rmsd_tolerance,
+                                       max_iterations=ref.full_matrix_max_iterations)
+        except ValueError as exc:  # a parameter without data: no full-matrix solution
+            self.log(f"Full-matrix round skipped: {exc}; keeping the L-BFGS parameters (no scale uncertainties)")
+            return False
         self.x = res.x
         self._log_steps("Full-matrix round", res)
         if np.any(self.final_free != self.free):
@@ -359,6 +434,7 @@ class _Scaler:
             self._log_steps("Full-matrix round (first scale parameter fixed)", res)
         self.covariance = parameter_covariance(res, damped=True)
         self.fm_result = res
+        return True
 
     def _log_steps(self, label: str, res) -> None:
         self.log(f"\n{label}: {res.n_reflections} reflections")
@@ -490,7 +566,7 @@ def run(params: Any, inputs: Sequence[str], progress: Any | None = None) -> Scal
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     log.phase("reading input", None)
-    experiments, tables = _read_datasets(params, inputs)
+    experiments, tables = _read_datasets(params, inputs, log)
     log.end()
     if not experiments:
         raise InputError(None, "no data sets to scale")
@@ -545,8 +621,7 @@ def run(params: Any, inputs: Sequence[str], progress: Any | None = None) -> Scal
     scaler.refine_error_model("after round 2")
     log.advance()
     if so.full_matrix:
-        scaler.full_matrix_round()
-        scaler.expand(with_covariance=True)
+        scaler.expand(with_covariance=scaler.full_matrix_round())
     else:
         scaler.lbfgs_round("Round 3")
         scaler.expand()
