@@ -101,10 +101,9 @@ def _truncated_normal_mean(mu: np.ndarray, sigma: np.ndarray, lo: float, hi: flo
     return mu + sigma * (pdf(al) - pdf(be)) / mass
 
 
-def _count_predictions(cell, space_group, d_min, wavelength, phi_range, detector, rng) -> int:
-    """How many observations a sweep with this cell yields (used to size the cell)."""
+def _count_predictions(cell, space_group, d_min, wavelength, phi_range, detector, U) -> int:
+    """How many observations a sweep with this cell and orientation yields (used to size the cell)."""
     hkl = C.lattice_points(cell, space_group, d_min)
-    U = C.random_rotations(1, rng)[0]
     A = np.linalg.inv(C.real_space_rows(cell, U))
     s0 = -np.array([0.0, 0.0, 1.0]) / wavelength
     pred = predict_rotation(hkl, A, s0, ROTATION_AXIS, *phi_range)
@@ -152,17 +151,17 @@ def simulate_rotation_sweep(
     phi_end = np.radians(osc_start + n_images * osc_width)
     detector = C.detector_for_resolution(wavelength, d_min)
 
-    if cell is None:
+    U = C.random_rotations(1, rng)[0]
+    if cell is None:  # the count scales with the cell volume: one small trial sizes the cell
         trial_a = 40.0
         trial = _count_predictions(shaped_cell(sg, trial_a), sg, d_min, wavelength, (phi_start, phi_end),
-                                   detector, np.random.default_rng(seed + 1))
-        a_len = trial_a * (1.06 * n_obs_target / max(trial, 1)) ** (1.0 / 3.0)
+                                   detector, U)
+        a_len = trial_a * (1.05 * n_obs_target / max(trial, 1)) ** (1.0 / 3.0)
         unit_cell = shaped_cell(sg, a_len)
     else:
         unit_cell = gemmi.UnitCell(*cell)
 
     # crystal, lattice, truth on the ASU
-    U = C.random_rotations(1, rng)[0]
     real_rows = C.real_space_rows(unit_cell, U)
     A = np.linalg.inv(real_rows)
     beam = C.beam_dict(wavelength)

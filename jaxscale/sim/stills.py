@@ -21,83 +21,111 @@ from jaxscale.sim import common as C
 from jaxscale.sim.rotation import shaped_cell
 
 
-def _first_occurrence(still: np.ndarray, key: np.ndarray) -> np.ndarray:
-    """Mask (n,) of the first row of every distinct (still, key) pair, in input order."""
-    order = np.lexsort((np.arange(len(key)), key, still))
-    s, k = still[order], key[order]
-    first_sorted = np.ones(len(order), dtype=bool)
-    first_sorted[1:] = (s[1:] != s[:-1]) | (k[1:] != k[:-1])
-    mask = np.zeros(len(order), dtype=bool)
-    mask[order[first_sorted]] = True
-    return mask
+_HKL_BITS = 11  # |h|, |k|, |l| < 1024 in the per-still key (checked)
 
 
-def _rank_within(still: np.ndarray) -> np.ndarray:
-    """0-based position of each row among the rows of its still, in input order: (n,)."""
-    order = np.argsort(still, kind="stable")
-    s = still[order]
-    start = np.searchsorted(s, s, side="left")
-    rank = np.empty(len(still), dtype=np.int64)
-    rank[order] = np.arange(len(still)) - start
-    return rank
+def _still_hkl_key(still: np.ndarray, hkl: np.ndarray) -> np.ndarray:
+    """One int64 per (still, h, k, l): still in the high bits, 11 bits per index."""
+    off = 1 << (_HKL_BITS - 1)
+    h = hkl.astype(np.int64) + off
+    packed = (h[:, 0] << (2 * _HKL_BITS)) | (h[:, 1] << _HKL_BITS) | h[:, 2]
+    return (still.astype(np.int64) << (3 * _HKL_BITS)) | packed
 
 
-def _find_reflections(
-    A: np.ndarray, need: np.ndarray, *, cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup, d_min: float,
-    s0: np.ndarray, detector: C.FlatDetector, sigma_excitation: float, mosaic_rad: float,
-    partiality_min: float, rng: np.random.Generator, max_rounds: int = 8,
+def _keep_first_n(rows: dict[str, np.ndarray], need: np.ndarray) -> dict[str, np.ndarray]:
+    """Drop repeated (still, hkl) rows, then keep at most need[still] rows per still; sorted by (still, hkl)."""
+    key = _still_hkl_key(rows["still"], rows["hkl"])
+    _, first = np.unique(key, return_index=True)  # sorted by key = by still, then hkl
+    rows = {k: v[first] for k, v in rows.items()}
+    s = rows["still"]
+    rank = np.arange(len(s)) - np.searchsorted(s, s, side="left")
+    keep = rank < need[s]
+    return {k: v[keep] for k, v in rows.items()}
+
+
+def _candidates(
+    A: np.ndarray, A_inv: np.ndarray, n_per_still: int, *, s0: np.ndarray, detector: C.FlatDetector, d_min: float,
+    sigma_excitation: float, mosaic_rad: float, partiality_min: float, space_group: gemmi.SpaceGroup,
+    rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
-    """Reflections of stills with crystal matrices A (m, 3, 3) until each has need[i] of them.
+    """Reflections found from n_per_still random detector points on each of m stills (A: (m, 3, 3)).
 
-    Returns per reflection: still (local index), hkl (true indexing), s1, partiality (true).
-    Rounds draw more candidates only for stills that are still short.
+    The nearest lattice point to the Ewald-sphere point behind each detector point is kept
+    when it is allowed, within d_min, on the panel, and its Gaussian-profile partiality
+    exp(-eps^2 / 2 sigma^2) (eps: excitation error) reaches partiality_min.
     """
-    A_inv = np.linalg.inv(A)
+    m = len(A)
     k0 = float(np.linalg.norm(s0))  # 1 / wavelength
     size_f = detector.image_size[0] * detector.pixel_size
     size_s = detector.image_size[1] * detector.pixel_size
-    absent_ops = space_group.operations()
-    have = np.zeros(len(A), dtype=np.int64)
-    parts: list[dict[str, np.ndarray]] = []
-    rate = 0.2  # acceptance guess, updated from each round
-    for _ in range(max_rounds):  # a few rounds; each is vectorised over all short stills
-        short = np.nonzero(have < need)[0]
-        if len(short) == 0:
-            break
-        n_draw = np.ceil((need[short] - have[short]) / rate * 1.3).astype(np.int64) + 4
-        still = np.repeat(short, n_draw)
-        x = rng.uniform(0.0, size_f, len(still))
-        y = rng.uniform(0.0, size_s, len(still))
-        r_target = detector.ray(x, y) * k0 - s0  # on the Ewald sphere
-        hkl = np.rint(np.einsum("nij,nj->ni", A_inv[still], r_target)).astype(np.int32)
-        r = np.einsum("nij,nj->ni", A[still], hkl.astype(float))
-        r_len = np.linalg.norm(r, axis=1)
-        excitation = np.linalg.norm(s0 + r, axis=1) - k0
-        sigma = sigma_excitation + mosaic_rad * r_len
-        partiality = np.exp(-0.5 * (excitation / sigma) ** 2)
-        ok = (r_len > 0) & (r_len <= 1.0 / d_min) & (partiality >= partiality_min)
-        ok[ok] &= ~np.asarray(absent_ops.systematic_absences(np.ascontiguousarray(hkl[ok])), dtype=bool)
-        s1 = s0 + r
-        s1 *= (k0 / np.linalg.norm(s1, axis=1))[:, None]
-        _, _, on = detector.project(s1)
-        ok &= on
-        if not ok.any() and not parts:
-            raise ValueError("no reflection of any still reaches the Ewald sphere on the detector; check d_min and the cell")
-        rate = max(0.5 * rate, float(ok.mean()), 0.01)
-        cand = {"still": still[ok], "hkl": hkl[ok], "s1": s1[ok], "partiality": partiality[ok]}
-        if parts:
-            prev = {k: np.concatenate([p[k] for p in parts] + [cand[k]]) for k in cand}
+    f32 = np.float32  # the search runs in float32 (excitation errors ~1e-4 of k0 ~ 1); kept rows are redone in float64
+    norm = lambda v: np.sqrt(np.einsum("...i,...i->...", v, v))  # noqa: E731
+    x = rng.uniform(0.0, size_f, (m, n_per_still)).astype(f32)
+    y = rng.uniform(0.0, size_s, (m, n_per_still)).astype(f32)
+    ray = detector.origin.astype(f32) + x[..., None] * detector.fast.astype(f32) + y[..., None] * detector.slow.astype(f32)
+    ray *= (f32(k0) / norm(ray))[..., None]
+    ray -= s0.astype(f32)  # reciprocal-space point on the Ewald sphere, (m, K, 3)
+    hkl = np.rint(np.einsum("mij,mkj->mki", A_inv.astype(f32), ray))
+    r = np.einsum("mij,mkj->mki", A.astype(f32), hkl)
+    r_len = norm(r)
+    r += s0.astype(f32)
+    excitation = norm(r) - f32(k0)
+    ok = (r_len > 0) & (r_len <= f32(1.0 / d_min))
+    ok &= np.abs(excitation) <= f32(np.sqrt(-2 * np.log(partiality_min)) * 1.01) * (sigma_excitation + mosaic_rad * r_len)
+    still, col = np.nonzero(ok)
+    hkl = hkl[still, col].astype(np.int32)
+    # float64 from here on, for the kept rows only
+    r = np.einsum("nij,nj->ni", A[still], hkl.astype(float))
+    r_len = norm(r)
+    s1 = r + s0
+    excitation = norm(s1) - k0
+    partiality = np.exp(-0.5 * (excitation / (sigma_excitation + mosaic_rad * r_len)) ** 2)
+    s1 *= (k0 / norm(s1))[:, None]
+    _, _, on = detector.project(s1)
+    on &= (partiality >= partiality_min) & (r_len <= 1.0 / d_min)
+    on &= ~np.asarray(space_group.operations().systematic_absences(np.ascontiguousarray(hkl)), dtype=bool)
+    return {"still": still[on], "hkl": hkl[on], "s1": s1[on], "partiality": partiality[on]}
+
+
+def _find_reflections(
+    A: np.ndarray, need: np.ndarray, *, max_rounds: int = 6, **kw,
+) -> dict[str, np.ndarray]:
+    """Reflections of stills with crystal matrices A (m, 3, 3) until each has need[i] of them.
+
+    A pilot on a few stills measures the acceptance rate; later rounds redraw only for the
+    stills still short. Returns per reflection: still (local index), hkl (true indexing),
+    s1, partiality (true), sorted by still then hkl.
+    """
+    A_inv = np.linalg.inv(A)
+    pilot = min(len(A), 64)
+    trial = _candidates(A[:pilot], A_inv[:pilot], 200, **kw)
+    if len(trial["still"]) == 0:
+        raise ValueError("no reflection of any still reaches the Ewald sphere on the detector; check d_min and the cell")
+    rate = len(trial["still"]) / (200.0 * pilot)
+    if np.abs(trial["hkl"]).max() >= 1 << (_HKL_BITS - 1):
+        raise ValueError("Miller indices beyond 1023: cell too large for this d_min")
+    rows: dict[str, np.ndarray] | None = None
+    todo = np.arange(len(A))
+    for _ in range(max_rounds):  # round 1 fills almost every still; the rest mop up
+        deficit = need[todo] - (0 if rows is None else np.bincount(rows["still"], minlength=len(A))[todo])
+        n_draw = int(np.ceil(deficit.max() * 1.4 / rate)) + 8
+        new = _candidates(A[todo], A_inv[todo], n_draw, **kw)
+        new["still"] = todo[new["still"]]
+        if rows is None:
+            rows = _keep_first_n(new, need)
         else:
-            prev = cand
-        first = _first_occurrence(prev["still"], C.pack_hkl(prev["hkl"]))
-        prev = {k: v[first] for k, v in prev.items()}
-        rank = _rank_within(prev["still"])
-        prev = {k: v[rank < need[prev["still"]]] for k, v in prev.items()}
-        parts = [prev]
-        have = np.bincount(prev["still"], minlength=len(A))
-    out = parts[0]
-    order = np.lexsort((out["hkl"][:, 2], out["hkl"][:, 1], out["hkl"][:, 0], out["still"]))
-    return {k: v[order] for k, v in out.items()}
+            redo = np.zeros(len(A), dtype=bool)
+            redo[todo] = True
+            again = redo[rows["still"]]
+            fixed = {k: v[~again] for k, v in rows.items()}
+            merged = _keep_first_n({k: np.concatenate([rows[k][again], new[k]]) for k in new}, need)
+            rows = {k: np.concatenate([fixed[k], merged[k]]) for k in new}
+        have = np.bincount(rows["still"], minlength=len(A))
+        todo = np.nonzero(have < need)[0]
+        if len(todo) == 0:
+            break
+    order = np.argsort(_still_hkl_key(rows["still"], rows["hkl"]), kind="stable")
+    return {k: v[order] for k, v in rows.items()}
 
 
 def twin_operator(cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup, op: str | None) -> np.ndarray:
@@ -133,7 +161,7 @@ def simulate_stills(
     background_per_pixel: float = 1.0,
     sigma_excitation: float = 3e-4,
     mosaicity_deg: float = 0.05,
-    chunk_stills: int = 20_000,
+    chunk_stills: int = 5_000,
 ) -> tuple[ReflectionTable, ExperimentList, dict]:
     """Simulate `n_stills` integrated stills with up to `obs_per_still` reflections each.
 
@@ -166,7 +194,7 @@ def simulate_stills(
     found = []
     for start in range(0, n_stills, chunk_stills):  # chunks bound memory; each is vectorised
         stop = min(start + chunk_stills, n_stills)
-        refl = _find_reflections(A[start:stop], need[start:stop], cell=unit_cell, space_group=sg, d_min=d_min,
+        refl = _find_reflections(A[start:stop], need[start:stop], space_group=sg, d_min=d_min,
                                  s0=s0, detector=detector, sigma_excitation=sigma_excitation,
                                  mosaic_rad=np.radians(mosaicity_deg), partiality_min=partiality_min, rng=rng)
         refl["still"] = refl["still"] + start
