@@ -648,16 +648,26 @@ def run(params: Any, inputs: Sequence[str], progress: Any | None = None) -> Scal
     except InputError as exc:
         log(f"No merging statistics: {exc}")
     timings["statistics"] = time.perf_counter() - t0
-    outputs = _write_outputs(params, out_table, out_experiments, log)
-    timings["total"] = time.perf_counter() - t_start
-    log(f"Total time taken: {timings['total']:.2f}s")
-    if params.output.log:
-        from jaxscale.io.atomic import atomic_write_text
 
-        atomic_write_text(params.output.log, "\n".join(log.lines) + "\n")
-        outputs["log"] = params.output.log
+    t0 = time.perf_counter()
+    params_tree = {k: np.asarray(v) for k, v in scaler.target.params_of(scaler.x).items()}
+    report = None
+    if stats is not None and (params.output.html or params.output.json):
+        from jaxscale.outputs import report_data
+
+        report = report_data(stats, out_table, out_experiments, scaler.model, params_tree,
+                             scaler.error_model_result, params)
+    timings["report"] = time.perf_counter() - t0
+    outputs = _write_outputs(params, out_table, out_experiments, stats, report, scaler, log, timings, t_start)
     return ScaleResult(out_table, out_experiments, model, scaler.x, scaler.error_model, scaler.error_model_result,
                        stats, log.lines, timings, scaler.imid, outputs)
+
+
+def _parameter_text(params: Any) -> str:
+    """Every parameter in effect (phil), for the top of the log."""
+    from jaxscale.params import format_phil
+
+    return format_phil(params, expert_level=10)
 
 
 def _output_tables(scaler: _Scaler, experiments: list, prepared: list, params: Any, log: _Log):
@@ -712,27 +722,26 @@ def _output_tables(scaler: _Scaler, experiments: list, prepared: list, params: A
     return table, out_experiments
 
 
-def _write_outputs(params: Any, table: ReflectionTable, experiments: list, log: _Log) -> dict[str, str]:
-    from jaxscale.io.expt import write_expt
-    from jaxscale.io.refl import write_refl
+def _write_outputs(params: Any, table: ReflectionTable, experiments: list, stats: Any, report: dict | None,
+                   scaler: "_Scaler", log: _Log, timings: dict[str, float], t_start: float) -> dict[str, str]:
+    """Write every output together (jaxscale.outputs.write_all): all or none."""
+    from jaxscale.io.atomic import atomic_write_text
+    from jaxscale.outputs import output_jobs, write_all
 
-    out = {}
-    if params.output.reflections:
-        write_refl(table, params.output.reflections)
-        out["reflections"] = params.output.reflections
-    if params.output.experiments:
-        write_expt(experiments, params.output.experiments)
-        out["experiments"] = params.output.experiments
-    if params.output.unmerged_mtz:
-        from jaxscale.io.mtz import write_unmerged_mtz
-
-        write_unmerged_mtz(params.output.unmerged_mtz, table, experiments,
-                           crystal_name=params.output.crystal_name, project_name=params.output.project_name,
-                           partiality_threshold=params.cut_data.partiality_cutoff)
-        out["unmerged_mtz"] = params.output.unmerged_mtz
-    for name, path in out.items():
+    run_info = {"imid": scaler.imid, "error_model": scaler.error_model,
+                "n_outliers": int(scaler.outlier.sum()), "n_datasets": len(experiments),
+                "models": [scaler.model.states[k].model_id for k in sorted(scaler.model.states)],
+                "timings": timings}
+    jobs = output_jobs(params, table, experiments, stats, report, run_info)
+    for name, path, _ in jobs:
         log(f"Saving {name} to {path}")
-    return out
+    timings["total"] = time.perf_counter() - t_start
+    log(f"Total time taken: {timings['total']:.2f}s")
+    if params.output.log:
+        text = ("Parameters in effect:\n" + _parameter_text(params).rstrip("\n") + "\n\n"
+                + "\n".join(log.lines) + "\n")
+        jobs.append(("log", params.output.log, lambda path: atomic_write_text(path, text)))
+    return write_all(jobs)
 
 
 __all__ = ["ScaleResult", "run"]
