@@ -4,8 +4,12 @@
 Usage: compare_dials.py [--keep DIR] FILE.refl FILE.expt [...] [key=value ...]
 
 Prints per data set: relative RMS difference of per-observation inverse scale factors
-(after removing one overall factor), CC and relative RMS difference of merged
-intensities, outlier-flag overlap, error-model a, b of both, CC1/2 / Rmerge / Rpim / I/sigma
+after removing one overall factor, and after removing an overall factor and an overall B
+(g -> g exp(c + B/(2 d^2)), fitted over all data sets together). Both are exactly degenerate
+with I_h (the residual I - g I_h does not change if g gains such a factor and I_h loses it),
+so only restraints determine them: differences along them rescale merged intensities by
+the same smooth factor and change no merging statistic. Then CC and relative RMS difference
+of merged intensities (after the same two corrections), outlier-flag overlap, error-model a, b of both, CC1/2 / Rmerge / Rpim / I/sigma
 of both (computed with the same jaxscale merging code on both outputs), wall time and
 peak memory of both and their ratios. Both programs run in temporary directories under
 /usr/bin/time -v.
@@ -89,15 +93,31 @@ def compare(dials_dir: Path, jax_dir: Path) -> dict:
     out = {"n_rows_dials": len(td), "n_rows_jax": len(tj), "n_matched": int(ia.size), "datasets": []}
     log_ratio_all = np.log(gj[both_scaled] / gd[both_scaled])
     overall = float(np.mean(log_ratio_all)) if log_ratio_all.size else 0.0
+    # overall scale + overall B: log(gj/gd) ~ c + B s, s = 1/(2 d^2)
+    d_obs = np.asarray(td["d"], dtype=np.float64)[ia]
+    s_obs = np.where(d_obs > 0, 0.5 / np.where(d_obs > 0, d_obs, 1.0) ** 2, 0.0)
+    if log_ratio_all.size > 2:
+        design = np.stack([np.ones(log_ratio_all.size), s_obs[both_scaled]], axis=1)
+        (c_fit, b_fit), *_ = np.linalg.lstsq(design, log_ratio_all, rcond=None)
+    else:
+        c_fit, b_fit = overall, 0.0
+    out["overall_scale_and_b"] = {"log_scale": float(c_fit), "B": float(b_fit)}
+
+    def rel(lr):
+        return (float(np.sqrt(np.mean((np.exp(lr) - 1) ** 2))) if lr.size else float("nan"),
+                float(np.max(np.abs(np.exp(lr) - 1))) if lr.size else float("nan"))
+
     for k in np.unique(ids):
         sel = both_scaled & (ids == k)
-        lr = np.log(gj[sel] / gd[sel]) - overall
+        lr = np.log(gj[sel] / gd[sel])
+        rms, mx = rel(lr - overall)
+        rms_b, mx_b = rel(lr - c_fit - b_fit * s_obs[sel])
         od = F.has_any(fd[ids == k], F.OUTLIER_IN_SCALING)
         oj = F.has_any(fj[ids == k], F.OUTLIER_IN_SCALING)
         out["datasets"].append({
             "id": int(k),
-            "g_rel_rms_diff": float(np.sqrt(np.mean((np.exp(lr) - 1) ** 2))) if lr.size else float("nan"),
-            "g_rel_max_diff": float(np.max(np.abs(np.exp(lr) - 1))) if lr.size else float("nan"),
+            "g_rel_rms_diff": rms, "g_rel_max_diff": mx,
+            "g_rel_rms_diff_scale_b": rms_b, "g_rel_max_diff_scale_b": mx_b,
             "n_compared": int(sel.sum()),
             "outliers_dials": int(od.sum()), "outliers_jax": int(oj.sum()), "outliers_both": int((od & oj).sum()),
         })
@@ -108,11 +128,17 @@ def compare(dials_dir: Path, jax_dir: Path) -> dict:
     kd = [tuple(r) for r in md.miller]
     pos = {h: i for i, h in enumerate(kd)}
     pairs = np.array([(pos[tuple(h)], j) for j, h in enumerate(mj.miller) if tuple(h) in pos])
-    i_d, i_j = md.intensity[pairs[:, 0]], mj.intensity[pairs[:, 1]] * np.exp(overall)
+    s_h = 0.5 * np.bincount(md.group_id, od_obs.d_star_sq) / np.maximum(np.bincount(md.group_id), 1)
+    i_d = md.intensity[pairs[:, 0]]
+    i_j = mj.intensity[pairs[:, 1]] * np.exp(overall)
+    i_jb = mj.intensity[pairs[:, 1]] * np.exp(c_fit + b_fit * s_h[pairs[:, 0]])
+    norm = np.sqrt(np.mean(i_d**2))
     out["merged"] = {
         "n_common": int(len(pairs)), "n_dials": len(md), "n_jax": len(mj),
         "cc": float(np.corrcoef(i_d, i_j)[0, 1]),
-        "rel_rms_diff": float(np.sqrt(np.mean((i_j - i_d) ** 2)) / np.sqrt(np.mean(i_d**2))),
+        "rel_rms_diff": float(np.sqrt(np.mean((i_j - i_d) ** 2)) / norm),
+        "cc_scale_b": float(np.corrcoef(i_d, i_jb)[0, 1]),
+        "rel_rms_diff_scale_b": float(np.sqrt(np.mean((i_jb - i_d) ** 2)) / norm),
         "overall_factor_jax_over_dials": float(np.exp(overall)),
     }
     out["error_model"] = {"dials": error_model(ed), "jax": error_model(ej)}
@@ -127,6 +153,7 @@ def main() -> int:
     ap.add_argument("--keep", help="directory to keep both runs in (default: a temporary directory)")
     ap.add_argument("--json", help="write the comparison as JSON here")
     ap.add_argument("--dials-dir", help="reuse an existing dials.scale run (scaled.refl/.expt) instead of running it")
+    ap.add_argument("--jax-dir", help="reuse an existing jaxscale run (scaled.refl/.expt) instead of running it")
     ns = ap.parse_args()
     files = [str(Path(a).resolve()) for a in ns.args if "=" not in a]
     opts = [a for a in ns.args if "=" in a]
@@ -143,7 +170,11 @@ def main() -> int:
         print(tail_d)
         print(f"dials.scale failed with status {rc_d}")
         return 1
-    t_j, m_j, rc_j, tail_j = timed([sys.executable, "-m", "jaxscale.cli.main", "scale", *files, *opts], jax_dir)
+    if ns.jax_dir:
+        jax_dir = Path(ns.jax_dir)
+        t_j, m_j, rc_j, tail_j = float("nan"), float("nan"), 0, ""
+    else:
+        t_j, m_j, rc_j, tail_j = timed([sys.executable, "-m", "jaxscale.cli.main", "scale", *files, *opts], jax_dir)
     if rc_j != 0:
         print(tail_j)
         print(f"jaxscale failed with status {rc_j}")
@@ -153,12 +184,18 @@ def main() -> int:
     result["peak_rss_mb"] = {"dials": m_d, "jax": m_j, "ratio_jax_over_dials": m_j / m_d if m_d else float("nan")}
     print(f"inputs: {' '.join(files)} {' '.join(opts)}  (runs in {base})")
     print(f"rows: DIALS {result['n_rows_dials']}, jaxscale {result['n_rows_jax']}, matched {result['n_matched']}")
+    sb = result["overall_scale_and_b"]
+    print("g = inverse scale factors; 'scale+B' removes an overall factor and an overall B as well "
+          f"(fitted: factor {np.exp(sb['log_scale']):.4f}, B {sb['B']:.4f} A^2). Both are exactly degenerate "
+          "with I_h: they change neither residuals nor merging statistics.")
     for d in result["datasets"]:
-        print(f"  data set {d['id']}: g rel. RMS diff {d['g_rel_rms_diff']:.4%} (max {d['g_rel_max_diff']:.4%}, "
-              f"n={d['n_compared']}); outliers DIALS {d['outliers_dials']}, jaxscale {d['outliers_jax']}, "
+        print(f"  data set {d['id']}: g rel. RMS diff {d['g_rel_rms_diff']:.4%} (max {d['g_rel_max_diff']:.4%}), "
+              f"scale+B removed {d['g_rel_rms_diff_scale_b']:.4%} (max {d['g_rel_max_diff_scale_b']:.4%}), "
+              f"n={d['n_compared']}; outliers DIALS {d['outliers_dials']}, jaxscale {d['outliers_jax']}, "
               f"both {d['outliers_both']}")
     m = result["merged"]
-    print(f"merged I: CC {m['cc']:.6f}, rel. RMS diff {m['rel_rms_diff']:.4%} over {m['n_common']} "
+    print(f"merged I: CC {m['cc']:.6f}, rel. RMS diff {m['rel_rms_diff']:.4%}; scale+B removed: CC "
+          f"{m['cc_scale_b']:.6f}, rel. RMS diff {m['rel_rms_diff_scale_b']:.4%} over {m['n_common']} "
           f"(DIALS {m['n_dials']}, jaxscale {m['n_jax']}), overall factor {m['overall_factor_jax_over_dials']:.4f}")
     print(f"error model a, b: DIALS {result['error_model']['dials']}, jaxscale {result['error_model']['jax']}")
     for who in ("dials", "jax"):
