@@ -395,45 +395,73 @@ class _Scaler:
         problem = make_problem(inten, w, gid_p, n_groups=g_size)
         return problem, self.model.select(idx_p)
 
+    def _cycles(self, free: np.ndarray) -> list[tuple[str, np.ndarray]]:
+        """(label suffix, free mask) of each minimisation of a round: one for concurrent
+        refinement, one per `consecutive_order` cycle (e.g. scale+decay, then absorption)."""
+        if self.p.scaling_refinery.refinement_order != "consecutive" or len(self.model.consecutive_order) < 2:
+            return [("", free)]
+        out = []
+        for keys in self.model.consecutive_order:  # a few component groups
+            mask = free & self.target.free_mask({k: k not in keys for k in self.model.params})
+            if mask.any():
+                out.append((f" [{', '.join(keys)}]", mask))
+        return out
+
     def lbfgs_round(self, label: str) -> None:
+        if not np.any(self.free):
+            self.log(f"\n{label}: no free parameters")
+            return
         rows = self.subset() & ~self.outlier
         problem, bases = self._problem(rows)
-        data = self.target.data(problem, bases, anchor=self.x, free=self.free)
         ref = self.p.scaling_refinery
-        engine = ref.engine
-        if engine == "SimpleLBFGS":
-            res = minimise_lbfgs(self.target, data, x0=self.x, rmsd_tolerance=ref.rmsd_tolerance,
-                                 max_iterations=ref.max_iterations)
-        else:
-            res = minimise_full_matrix(self.target, data, x0=self.x, engine=engine,
-                                       rmsd_tolerance=ref.rmsd_tolerance, max_iterations=ref.max_iterations)
-        self.x = res.x
-        self._log_steps(label, res)
+        for suffix, free in self._cycles(self.free):
+            data = self.target.data(problem, bases, anchor=self.x, free=free)
+            if ref.engine == "SimpleLBFGS":
+                res = minimise_lbfgs(self.target, data, x0=self.x, rmsd_tolerance=ref.rmsd_tolerance,
+                                     max_iterations=ref.max_iterations)
+            else:
+                res = minimise_full_matrix(self.target, data, x0=self.x, engine=ref.engine,
+                                           rmsd_tolerance=ref.rmsd_tolerance, max_iterations=ref.max_iterations)
+            self.x = res.x
+            self._log_steps(label + suffix, res)
+
+    def _full_matrix_pass(self, problem, bases, free: np.ndarray, label: str, tolerance: float,
+                          max_iterations: int | None) -> np.ndarray:
+        """LM over each cycle; the covariance (block diagonal over cycles, as DIALS)."""
+        engine = self.p.scaling_refinery.full_matrix_engine
+        covariance = np.zeros((self.x.size, self.x.size))
+        for suffix, cycle_free in self._cycles(free):
+            data = self.target.data(problem, bases, anchor=self.x, free=cycle_free)
+            res = minimise_full_matrix(self.target, data, x0=self.x, engine=engine, rmsd_tolerance=tolerance,
+                                       max_iterations=max_iterations)
+            self.x = res.x
+            self._log_steps(label + suffix, res)
+            covariance += parameter_covariance(res, damped=True)
+        return covariance
 
     def full_matrix_round(self) -> bool:
         """LM round (+ one with the first scale fixed) and the covariance; False (parameters
-        unchanged, no covariance) when the normal equations are singular."""
+        unchanged, no covariance) when there is nothing to refine or the normal equations
+        are singular."""
         ref = self.p.scaling_refinery
+        if not np.any(self.free):
+            self.log("\nFull-matrix round: no free parameters")
+            return False
         rows = self.subset() & ~self.outlier
         problem, bases = self._problem(rows)
-        data = self.target.data(problem, bases, anchor=self.x, free=self.free)
+        x_before = self.x.copy()
         try:
-            res = minimise_full_matrix(self.target, data, x0=self.x, engine=ref.full_matrix_engine,
-                                       rmsd_tolerance=ref.rmsd_tolerance,
-                                       max_iterations=ref.full_matrix_max_iterations)
+            covariance = self._full_matrix_pass(problem, bases, self.free, "Full-matrix round",
+                                                ref.rmsd_tolerance, ref.full_matrix_max_iterations)
+            if np.any(self.final_free != self.free):
+                covariance = self._full_matrix_pass(problem, bases, self.final_free,
+                                                    "Full-matrix round (first scale parameter fixed)",
+                                                    ref.rmsd_tolerance / 4.0, 1)
         except ValueError as exc:  # a parameter without data: no full-matrix solution
+            self.x = x_before
             self.log(f"Full-matrix round skipped: {exc}; keeping the L-BFGS parameters (no scale uncertainties)")
             return False
-        self.x = res.x
-        self._log_steps("Full-matrix round", res)
-        if np.any(self.final_free != self.free):
-            data = self.target.data(problem, bases, anchor=self.x, free=self.final_free)
-            res = minimise_full_matrix(self.target, data, x0=self.x, engine=ref.full_matrix_engine,
-                                       rmsd_tolerance=ref.rmsd_tolerance / 4.0, max_iterations=1)
-            self.x = res.x
-            self._log_steps("Full-matrix round (first scale parameter fixed)", res)
-        self.covariance = parameter_covariance(res, damped=True)
-        self.fm_result = res
+        self.covariance = covariance
         return True
 
     def _log_steps(self, label: str, res) -> None:
@@ -543,6 +571,35 @@ def _suitable(table: ReflectionTable) -> np.ndarray:
     return ~F.has_any(table["flags"], F.USER_EXCLUDED_IN_SCALING | F.EXCLUDED_FOR_SCALING)
 
 
+def anchor_degenerate_scale(model: ScalingModel, log: _Log) -> list[str]:
+    """Fix the overall scale (and B) of the first data set when nothing else anchors them.
+
+    When every data set has a KB model, g -> c g (and a B shared by all) is absorbed by I_h:
+    the objective is flat along it, L-BFGS has a zero gradient, and the full-matrix round
+    diverges or gives sigma(g)/g ~ 1e7 (DIALS 3.12 on one sweep; reference_numbers.md §1.2,
+    §2.2). Fixing data set 0's scale and B removes exactly that direction. Returns the
+    fixed component keys.
+    """
+    states = model.states
+    if not states or any(s.model_id != "KB" for s in states.values()):
+        return []
+    first = model.dataset_indices[0] if model.dataset_indices else min(states)
+    fixed = []
+    for key in ("KB.scale", "KB.decay"):
+        if key in model.param_slices and first in model.param_slices[key]:
+            i = model.param_slices[key][first].start
+            model.fixed_mask[key][i] = True
+            model.final_fixed_mask[key][i] = True
+            fixed.append(key)
+    if fixed:
+        what = " and ".join("scale" if k.endswith("scale") else "B" for k in fixed)
+        verb = "is" if len(fixed) == 1 else "are"
+        log(f"All data sets have a KB model: the overall {what} {verb} not determined by the data "
+            f"(absorbed by the merged intensities), so the {what} of data set {first} {verb} fixed "
+            "at the starting value.")
+    return fixed
+
+
 def _dataset_inputs(experiments: list, prepared: list) -> list[DatasetInput]:
     out = []
     for k, (expt, prep) in enumerate(zip(experiments, prepared)):
@@ -592,6 +649,7 @@ def run(params: Any, inputs: Sequence[str], progress: Any | None = None) -> Scal
 
     t0 = time.perf_counter()
     model = build_model(_dataset_inputs(experiments, prepared), params)
+    anchor_degenerate_scale(model, log)
     scaler = _Scaler(params, experiments, prepared, model, log)
     log(f"Model: {', '.join(f'{k} {np.size(v)}' for k, v in model.params.items())} parameters")
     timings["model"] = time.perf_counter() - t0
