@@ -116,3 +116,50 @@ def write_merged_mtz_from_scaled(path: str | os.PathLike, table: ReflectionTable
     write_merged_mtz(path, cell=obs.unit_cell, space_group=obs.space_group,
                      wavelength=float(experiments[0].wavelength), miller=miller, columns=cols,
                      crystal_name=crystal_name, project_name=project_name, dataset_name=dataset_name)
+
+
+def run(params, tables, experiments) -> dict[str, str]:
+    """`jaxscale export`: the MTZ files named in params.output from scaled .refl/.expt pairs.
+
+    tables[i] goes with experiments[i] (an experiment list); the pairs are joined into one
+    table with dataset ids renumbered by position. Both files are written or neither.
+    Returns {"unmerged_mtz"|"merged_mtz": path}.
+    """
+    from jaxscale.exceptions import InputError
+    from jaxscale.outputs import write_all
+
+    all_experiments: list = []
+    parts = []
+    for table, expts in zip(tables, experiments):  # loop over input pairs
+        offset = len(all_experiments)
+        ids = np.asarray(table["id"]) if "id" in table else np.zeros(len(table), dtype=np.int32)
+        new_ids = np.full(ids.shape, -1, dtype=np.int32)
+        if table.identifiers:
+            position = {e.identifier: i for i, e in enumerate(expts)}
+            for k, ident in table.identifiers.items():  # loop over experiments
+                if ident not in position:
+                    raise InputError(None, f"reflection identifier {ident!r} has no experiment", field="identifiers")
+                new_ids[ids == k] = offset + position[ident]
+        else:
+            new_ids = np.where(ids >= 0, ids + offset, -1).astype(np.int32)
+        t = table.copy()
+        t["id"] = new_ids
+        t.identifiers = {offset + i: e.identifier for i, e in enumerate(expts)}
+        parts.append(t)
+        all_experiments.extend(expts)
+    if not parts:
+        raise InputError(None, "nothing to export")
+    table = parts[0] if len(parts) == 1 else ReflectionTable.concatenate(parts)
+    out = params.output
+    jobs = []
+    if out.unmerged_mtz:
+        from jaxscale.io.mtz import write_unmerged_mtz
+
+        jobs.append(("unmerged_mtz", out.unmerged_mtz, lambda p: write_unmerged_mtz(
+            p, table, all_experiments, crystal_name=out.crystal_name, project_name=out.project_name,
+            partiality_threshold=params.cut_data.partiality_cutoff)))
+    if out.merged_mtz:
+        jobs.append(("merged_mtz", out.merged_mtz, lambda p: write_merged_mtz_from_scaled(
+            p, table, all_experiments, anomalous=True, crystal_name=out.crystal_name or "XTAL",
+            project_name=out.project_name or "AUTOMATIC", use_internal_variance=out.use_internal_variance)))
+    return write_all(jobs)
