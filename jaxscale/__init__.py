@@ -2,6 +2,12 @@
 
 float64 is the default so that results match DIALS; set JAXSCALE_X64=0 before import
 for float32 throughput runs.
+
+Compiled XLA programs are kept in a persistent cache so that a second run on data of the
+same shapes skips compilation (on a small CPU most of a first run is compilation):
+`$JAXSCALE_CACHE_DIR`, else `$XDG_CACHE_HOME/jaxscale`, else `~/.cache/jaxscale`;
+`JAXSCALE_CACHE_DIR=` (empty) turns it off. Entries are small (a few MB per data-set
+shape); delete the folder to reclaim space.
 """
 import os as _os
 
@@ -11,3 +17,29 @@ if _os.environ.get("JAXSCALE_X64", "1") != "0":
     _jax.config.update("jax_enable_x64", True)
 
 __version__ = "0.1.0"
+
+def compilation_cache_dir() -> str | None:
+    """The persistent compilation cache folder from the environment (None: off)."""
+    env = _os.environ.get("JAXSCALE_CACHE_DIR")
+    if env is not None:
+        return env or None
+    base = _os.environ.get("XDG_CACHE_HOME") or _os.path.join(_os.path.expanduser("~"), ".cache")
+    return _os.path.join(base, "jaxscale")
+
+
+def _enable_compilation_cache() -> None:
+    """Point JAX's persistent cache at `compilation_cache_dir()`, caching every program
+    (also the tiny ones: each costs a compile per process otherwise)."""
+    path = compilation_cache_dir()
+    if path is None or _jax.config.jax_compilation_cache_dir:  # off, or chosen by the caller
+        return
+    try:
+        _os.makedirs(path, exist_ok=True)
+    except OSError:  # read-only home etc.: run without the cache
+        return
+    _jax.config.update("jax_compilation_cache_dir", path)
+    _jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    _jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+_enable_compilation_cache()

@@ -55,11 +55,11 @@ class NormalEquations:
         init = (jnp.zeros((n, n)), jnp.zeros(n), jnp.zeros(()))
         (nm, grad, s), _ = jax.lax.scan(body, init, chunks.target)
         # restraint rows sqrt(w_p) p_eff with derivative sqrt(w_p) on free parameters
-        wp = jnp.asarray(t.restraint_weights) * free
+        wp = t.restraint_weights * free
         x_eff = jnp.where(free, x, chunks.target.anchor[0])
         nm = nm + jnp.diag(wp)
         grad = grad + wp * x_eff
-        s = s + jnp.sum(jnp.asarray(t.restraint_weights) * x_eff**2)
+        s = s + jnp.sum(t.restraint_weights * x_eff**2)
         return nm, grad, s
 
 
@@ -97,7 +97,7 @@ def minimise_full_matrix(
     x = np.where(free, np.asarray(anchor if x0 is None else x0, dtype=np.float64), anchor)
     chunks = chunk_by_groups(data.problem, data.bases, anchor, free, chunk_size=chunk_size)
     ne = _normal_equations(target)
-    free_j = jnp.asarray(free)
+    free_j = jax.device_put(free)
     idx = np.flatnonzero(free)
     n_free = idx.size
     n_refl = int(n_reflections(data.problem))
@@ -107,12 +107,9 @@ def minimise_full_matrix(
         max_iterations = 100 if engine == "LevMar" else 20
 
     def build(xv):
-        nm, grad, s = ne.build(jnp.asarray(xv), chunks, free_j)
+        nm, grad, s = ne.build(jax.device_put(np.asarray(xv, dtype=np.float64)), chunks, free_j)
         nm = np.asarray(nm)[np.ix_(idx, idx)]
         return nm, np.asarray(grad)[idx], float(s)
-
-    def objective_sum(xv) -> float:  # sum w r^2 + restraints (least-squares loss assumed)
-        return float(target.value(jnp.asarray(xv), data))
 
     nm, grad, s = build(x)
     if np.any(grad == 0.0):
@@ -143,12 +140,13 @@ def minimise_full_matrix(
         x_try = x.copy()
         x_try[idx] += h
         it += 1
-        s_new = objective_sum(x_try)
+        # one pass gives the trial objective and, if the step is accepted, the normal
+        # equations there (the objective is sum w r^2 + restraints: least squares)
+        nm_try, grad_try, s_new = build(x_try)
         f_new = 0.5 * s_new
         if engine == "LevMar":
             rho = (f - f_new) / expected
             if rho > 0:
-                x = x_try
                 mu *= max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
                 nu = 2.0
             else:
@@ -158,12 +156,10 @@ def minimise_full_matrix(
                 mu *= nu
                 nu *= 2.0
                 continue  # same point: N and gradient unchanged
-        else:
-            if not f_new <= f:
-                reason = OBJECTIVE_INCREASE
-                break
-            x = x_try
-        nm, grad, s = build(x)
+        elif not f_new <= f:
+            reason = OBJECTIVE_INCREASE
+            break
+        x, nm, grad, s = x_try, nm_try, grad_try, s_new
         history.append(rmsd(s))
     dof = n_eq - n_free
     chi2 = s / dof if dof > 0 else float("nan")
@@ -226,8 +222,9 @@ def inverse_scale_variance(
     n_chunks = max(1, -(-n_obs // chunk_size))
     size = min(chunk_size, max(n_obs, 1))
     rows = np.minimum(np.arange(n_chunks * size).reshape(n_chunks, size), max(n_obs - 1, 0))
-    chunk_bases = jax.tree.map(lambda a: jnp.asarray(np.asarray(a)[rows]), bases)
-    var = _variance_chunks(target, jnp.asarray(x), jnp.asarray(covariance), chunk_bases)
+    chunk_bases = jax.tree.map(lambda a: jax.device_put(np.asarray(a)[rows]), bases)
+    var = _variance_chunks(target, jax.device_put(np.asarray(x, dtype=np.float64)),
+                           jax.device_put(np.asarray(covariance, dtype=np.float64)), chunk_bases)
     return np.asarray(var).reshape(-1)[:n_obs]
 
 

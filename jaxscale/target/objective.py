@@ -19,7 +19,6 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from jaxscale.models.component import Component, inverse_scale
 from jaxscale.target.losses import Loss, least_squares
@@ -45,17 +44,31 @@ def make_problem(
     n_groups: int | None = None,
     ih_reference: np.ndarray | None = None,
 ) -> ScalingProblem:
-    """ScalingProblem from numpy arrays (n_groups defaults to max(group_id) + 1)."""
+    """ScalingProblem from numpy arrays (n_groups defaults to max(group_id) + 1).
+
+    Arrays are converted on the host and moved with `jax.device_put` (an eager
+    `jnp.asarray` of a numpy array compiles a program per shape)."""
     group_id = np.asarray(group_id, dtype=np.int32)
     if n_groups is None:
         n_groups = int(group_id.max()) + 1 if group_id.size else 0
     return ScalingProblem(
-        intensity=jnp.asarray(intensity, dtype=jnp.float64),
-        weight=jnp.asarray(weight, dtype=jnp.float64),
-        group_id=jnp.asarray(group_id),
+        intensity=_to_device(intensity, np.float64),
+        weight=_to_device(weight, np.float64),
+        group_id=jax.device_put(group_id),
         n_groups=int(n_groups),
-        ih_reference=None if ih_reference is None else jnp.asarray(ih_reference, dtype=jnp.float64),
+        ih_reference=None if ih_reference is None else _to_device(ih_reference, np.float64),
     )
+
+
+def _to_device(a: Any, dtype: Any = None) -> jax.Array:
+    """Host array -> device array without compiling (jax arrays pass through)."""
+    if isinstance(a, jax.Array) and (dtype is None or a.dtype == dtype):
+        return a
+    return jax.device_put(np.asarray(a, dtype=dtype))
+
+
+def _is_traced(*arrays: Any) -> bool:
+    return any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
 def _safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
@@ -80,9 +93,12 @@ def residuals(problem: ScalingProblem, g: jax.Array) -> jax.Array:
     return problem.intensity - g * ih[problem.group_id]
 
 
-def n_reflections(problem: ScalingProblem) -> jax.Array:
-    """Number of real (weight > 0) reflection rows: the RMSD denominator."""
-    return jnp.sum(problem.weight > 0)
+def n_reflections(problem: ScalingProblem) -> jax.Array | int:
+    """Number of real (weight > 0) reflection rows: the RMSD denominator (computed on the
+    host when called outside a trace)."""
+    if _is_traced(problem.weight):
+        return jnp.sum(problem.weight > 0)
+    return int(np.count_nonzero(np.asarray(problem.weight) > 0))
 
 
 @jax.tree_util.register_dataclass
@@ -110,59 +126,68 @@ class ScalingTarget:
         loss: Loss = least_squares,
     ):
         self.components = dict(components)
-        flat, self.unravel = ravel_pytree({k: jnp.asarray(v) for k, v in params.items()})
-        self.x0 = np.asarray(flat)
-        self.n_params = int(flat.size)
+        # flat layout as ravel_pytree: dict keys sorted, each block raveled in C order
+        self.keys = sorted(params)
+        self.shapes = {k: np.shape(params[k]) for k in self.keys}
+        sizes = [int(np.prod(self.shapes[k], dtype=np.int64)) for k in self.keys]
+        bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+        self.slices = {k: slice(int(bounds[i]), int(bounds[i + 1])) for i, k in enumerate(self.keys)}
+        self.x0 = self._flat({k: np.asarray(params[k], dtype=np.float64) for k in self.keys})
+        self.n_params = int(self.x0.size)
         self.loss = loss
-        weights = {
-            k: (
-                jnp.zeros_like(jnp.asarray(params[k]))
-                if comp.restraint_weights is None
-                else jnp.broadcast_to(jnp.asarray(comp.restraint_weights, dtype=flat.dtype), jnp.shape(params[k]))
-            )
-            for k, comp in self.components.items()
-        }
         # f[n_params] restraint weights w_p (restraint term w_p p^2), 0 for unrestrained
-        self.restraint_weights = np.asarray(ravel_pytree({k: weights[k] for k in params})[0])
+        self.restraint_weights = self._flat({
+            k: np.zeros(self.shapes[k]) if comp.restraint_weights is None
+            else np.broadcast_to(np.asarray(comp.restraint_weights, dtype=np.float64), self.shapes[k])
+            for k, comp in self.components.items()
+        })
         self.value = jax.jit(self._value)
         self.value_and_grad = jax.jit(jax.value_and_grad(self._value))
         self.rmsd = jax.jit(self._rmsd)
         self.inverse_scale = jax.jit(self._inverse_scale)
 
     # ------------------------------------------------------------------ helpers
-    def params_of(self, x: np.ndarray | jax.Array) -> dict[str, jax.Array]:
-        """Parameter pytree of a flat vector."""
-        return self.unravel(jnp.asarray(x))
+    def _flat(self, tree: Mapping[str, Any]) -> np.ndarray:
+        return np.concatenate([np.ravel(np.asarray(tree[k], dtype=np.float64)) for k in self.keys] or [np.zeros(0)])
 
-    def flatten(self, params: Mapping[str, jax.Array]) -> np.ndarray:
+    def unravel(self, x: Any) -> dict[str, Any]:
+        """Parameter pytree of a flat vector (numpy in, numpy out; traced in, traced out)."""
+        return {k: x[self.slices[k]].reshape(self.shapes[k]) for k in self.keys}
+
+    def params_of(self, x: np.ndarray | jax.Array) -> dict[str, Any]:
+        """Parameter pytree of a flat vector (numpy arrays for host input)."""
+        return self.unravel(x if _is_traced(x) else np.asarray(x))
+
+    def flatten(self, params: Mapping[str, Any]) -> np.ndarray:
         """Flat vector of a parameter pytree (same layout as x0)."""
-        return np.asarray(ravel_pytree({k: jnp.asarray(params[k]) for k in self.unravel(self.x0)})[0])
+        return self._flat(params)
 
     def free_mask(self, fixed: Mapping[str, Any] | None = None) -> np.ndarray:
         """bool[n_params] free mask from a pytree of per-parameter 'fixed' booleans (or None)."""
         if fixed is None:
             return np.ones(self.n_params, dtype=bool)
-        template = self.unravel(self.x0)
-        fixed_full = {
-            k: jnp.broadcast_to(jnp.asarray(fixed.get(k, False), dtype=jnp.float64), template[k].shape) for k in template
-        }
-        return ~(np.asarray(ravel_pytree(fixed_full)[0]) > 0.5)
+        fixed_full = {k: np.broadcast_to(np.asarray(fixed.get(k, False), dtype=np.float64), self.shapes[k])
+                      for k in self.keys}
+        return ~(self._flat(fixed_full) > 0.5)
 
     def data(self, problem: ScalingProblem, bases: Any, anchor: np.ndarray | None = None, free: np.ndarray | None = None) -> TargetData:
         """TargetData with defaults: anchor = x0, all parameters free."""
         anchor = self.x0 if anchor is None else anchor
         free = np.ones(self.n_params, dtype=bool) if free is None else free
-        return TargetData(problem=problem, bases=bases, anchor=jnp.asarray(anchor), free=jnp.asarray(free))
+        return TargetData(problem=problem, bases=bases, anchor=_to_device(anchor, np.float64),
+                          free=_to_device(free, bool))
 
     def effective(self, x: jax.Array, data: TargetData) -> jax.Array:
-        """x with fixed parameters replaced by their anchor values."""
-        return jnp.where(data.free, x, data.anchor)
+        """x with fixed parameters replaced by their anchor values (numpy outside a trace)."""
+        if _is_traced(x, data.free, data.anchor):
+            return jnp.where(data.free, x, data.anchor)
+        return np.where(np.asarray(data.free), np.asarray(x), np.asarray(data.anchor))
 
     def _inverse_scale(self, x: jax.Array, bases: Any) -> jax.Array:
         return inverse_scale(self.components, self.unravel(x), bases)
 
     def _restraint(self, x_eff: jax.Array) -> jax.Array:
-        return jnp.sum(jnp.asarray(self.restraint_weights) * x_eff**2)
+        return jnp.sum(self.restraint_weights * x_eff**2)
 
     # ---------------------------------------------------------------- objective
     def _value(self, x: jax.Array, data: TargetData) -> jax.Array:
@@ -239,25 +264,25 @@ def chunk_by_groups(
         valid[c, :m] = True
         g_sorted = gs[bounds[c] : bounds[c + 1]]
         local[c, :m] = np.cumsum(np.r_[0, (g_sorted[1:] != g_sorted[:-1]).astype(np.int32)])
-    take = lambda a: jnp.asarray(np.asarray(a)[rows])  # noqa: E731
+    take = lambda a: jax.device_put(np.asarray(a)[rows])  # noqa: E731
     weight = np.where(valid, np.asarray(problem.weight)[rows], 0.0)
     ih_ref = None
     if problem.ih_reference is not None:
         ih_ref = np.where(valid, np.asarray(problem.ih_reference)[gid[rows]], 0.0)
         local = np.broadcast_to(np.arange(size, dtype=np.int32), (n_chunks, size)).copy()
     chunk_problem = ScalingProblem(
-        intensity=jnp.asarray(np.where(valid, np.asarray(problem.intensity)[rows], 0.0)),
-        weight=jnp.asarray(weight),
-        group_id=jnp.asarray(local),
+        intensity=jax.device_put(np.where(valid, np.asarray(problem.intensity)[rows], 0.0)),
+        weight=jax.device_put(weight),
+        group_id=jax.device_put(local),
         n_groups=size + 1,
-        ih_reference=None if ih_ref is None else jnp.asarray(ih_ref),
+        ih_reference=None if ih_ref is None else jax.device_put(ih_ref),
     )
     chunk_bases = jax.tree.map(take, bases)
     target = TargetData(
         problem=chunk_problem,
         bases=chunk_bases,
-        anchor=jnp.broadcast_to(jnp.asarray(anchor), (n_chunks, anchor.size)),
-        free=jnp.broadcast_to(jnp.asarray(free), (n_chunks, free.size)),
+        anchor=jax.device_put(np.broadcast_to(np.asarray(anchor, dtype=np.float64), (n_chunks, anchor.size)).copy()),
+        free=jax.device_put(np.broadcast_to(np.asarray(free, dtype=bool), (n_chunks, free.size)).copy()),
     )
     return ChunkData(target=target)
 
