@@ -154,26 +154,64 @@ def read_refl(path: str | os.PathLike, keep_shoeboxes: bool = False) -> Reflecti
     return decode_refl(raw, path, keep_shoeboxes=keep_shoeboxes)
 
 
-def encode_refl(table: ReflectionTable) -> bytes:
-    """The msgpack bytes of a .refl file for `table` (identifiers and column types kept)."""
+def _bin_header(nbytes: int) -> bytes:
+    """msgpack bin header for a payload of `nbytes` (bin8/16/32 as msgpack chooses)."""
+    if nbytes < 1 << 8:
+        return b"\xc4" + struct.pack(">B", nbytes)
+    if nbytes < 1 << 16:
+        return b"\xc5" + struct.pack(">H", nbytes)
+    return b"\xc6" + struct.pack(">I", nbytes)
+
+
+def _write_refl_stream(table: ReflectionTable, fh) -> None:
+    """Stream the msgpack encoding of `table` to `fh`, column by column.
+
+    Column payloads go out as raw memory views, so writing 10^7 rows costs no extra
+    copy of the table (msgpack.packb would hold the whole file in memory, twice).
+    """
+    packer = msgpack.Packer(use_bin_type=True)
     nrows = len(table)
-    data = {}
+    fh.write(packer.pack_array_header(3))
+    fh.write(packer.pack(MAGIC))
+    fh.write(packer.pack(1))
+    fh.write(packer.pack_map_header(3))
+    fh.write(packer.pack("identifiers"))
+    fh.write(packer.pack({int(k): v for k, v in table.identifiers.items()}))
+    fh.write(packer.pack("nrows"))
+    fh.write(packer.pack(nrows))
+    fh.write(packer.pack("data"))
+    fh.write(packer.pack_map_header(len(table.columns)))
     for name, values in table.columns.items():
         type_name = table.dials_types.get(name) or _infer_dials_type(name, values)
+        fh.write(packer.pack(name))
+        fh.write(packer.pack_array_header(2))
+        fh.write(packer.pack(type_name))
+        if type_name == STRING_TYPE:
+            fh.write(packer.pack([str(v) for v in values]))
+            continue
         if type_name == SHOEBOX_TYPE:
-            data[name] = [type_name, [nrows, _encode_shoeboxes(values)]]
-        elif type_name == STRING_TYPE:
-            data[name] = [type_name, [str(v) for v in values]]
+            blob = memoryview(_encode_shoeboxes(values))
         else:
             dtype, shape = COLUMN_TYPES[type_name]
             arr = np.ascontiguousarray(np.asarray(values).astype(dtype, copy=False).reshape((nrows, *shape)))
-            data[name] = [type_name, [nrows, arr.tobytes()]]
-    body = {"identifiers": {int(k): v for k, v in table.identifiers.items()}, "nrows": nrows, "data": data}
-    return msgpack.packb([MAGIC, 1, body], use_bin_type=True)
+            blob = memoryview(arr).cast("B")
+        fh.write(packer.pack_array_header(2))
+        fh.write(packer.pack(nrows))
+        fh.write(_bin_header(blob.nbytes))
+        fh.write(blob)
+
+
+def encode_refl(table: ReflectionTable) -> bytes:
+    """The msgpack bytes of a .refl file for `table` (identifiers and column types kept)."""
+    import io
+
+    buffer = io.BytesIO()
+    _write_refl_stream(table, buffer)
+    return buffer.getvalue()
 
 
 def write_refl(table: ReflectionTable, path: str | os.PathLike) -> None:
-    """Write `table` as a DIALS .refl file, atomically."""
-    blob = encode_refl(table)
+    """Write `table` as a DIALS .refl file, atomically, streaming the columns."""
     with atomic_path(path) as tmp:
-        tmp.write_bytes(blob)
+        with open(tmp, "wb") as fh:
+            _write_refl_stream(table, fh)
