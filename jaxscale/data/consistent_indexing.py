@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import scipy.sparse as sp
-from scipy.sparse.linalg import eigsh
+from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
 from jaxscale.data.symmetry import d_star_sq, pack_hkl, rotation_matrices
 
@@ -156,12 +156,24 @@ def _merged_rows(
 
 
 # --- pairwise correlations ----------------------------------------------------------------------
-def _pair_correlations(rows: _Rows, subset: np.ndarray, min_common: int) -> tuple[np.ndarray, np.ndarray]:
-    """CC r (N, N) and common-reflection count (N, N) of points p = i * m + b, i over `subset`.
+@dataclass(frozen=True)
+class _Pairs:
+    """Pairs p < q of points p = i * m + b (data set i of the subset in setting b): all (k,)."""
+
+    p: np.ndarray  # int64
+    q: np.ndarray  # int64
+    cc: np.ndarray  # float64 Pearson CC on common reflections
+    n_common: np.ndarray  # float64 number of common reflections
+    n_points: int
+
+
+def _pair_correlations(rows: _Rows, subset: np.ndarray, min_common: int) -> _Pairs:
+    """Pearson CC of every pair of (data set, setting) points sharing >= `min_common` reflections.
 
     With X the sparse (N, n_unique) matrix of merged values and B its 0/1 mask, every sum a
-    Pearson CC needs is a sparse product: n = B B^T, sx = X B^T, sxx = X^2 B^T, sxy = X X^T.
-    Pairs with fewer than `min_common` common reflections get r = 0 and weight 0.
+    Pearson CC needs is a sparse product: n = B B^T, sx = X B^T, sxx = X^2 B^T, sxy = X X^T,
+    all with the sparsity pattern of B B^T (values are shifted positive), so the CCs are
+    element-wise on the products' data arrays (no loop over pairs).
     """
     m = len(rows.value)
     local = np.full(rows.n_datasets, -1, dtype=np.int64)
@@ -174,39 +186,52 @@ def _pair_correlations(rows: _Rows, subset: np.ndarray, min_common: int) -> tupl
         c_idx.append(rows.column[b][keep])
         vals.append(rows.value[b][keep])
     r_idx, c_idx, vals = np.concatenate(r_idx), np.concatenate(c_idx), np.concatenate(vals)
-    shape = (len(subset) * m, rows.n_unique)
+    n_points = len(subset) * m
+    shape = (n_points, rows.n_unique)
+    vals = vals - vals.min(initial=0.0) + 1.0  # > 0, so every product has the pattern of B B^T (CC is shift-free)
     X = sp.csr_matrix((vals, (r_idx, c_idx)), shape=shape)
     B = sp.csr_matrix((np.ones_like(vals), (r_idx, c_idx)), shape=shape)
     X2 = sp.csr_matrix((vals * vals, (r_idx, c_idx)), shape=shape)
-    n = (B @ B.T).toarray()
-    sx = (X @ B.T).toarray()
-    sxx = (X2 @ B.T).toarray()
-    sxy = (X @ X.T).toarray()
-    sy, syy = sx.T, sxx.T
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cov = n * sxy - sx * sy
-        var = (n * sxx - sx * sx) * (n * syy - sy * sy)
-        r = np.where((n >= min_common) & (var > 0), cov / np.sqrt(np.where(var > 0, var, 1.0)), 0.0)
-    count = np.where((n >= min_common) & (var > 0), n, 0.0)
-    np.fill_diagonal(r, 0.0)
-    np.fill_diagonal(count, 0.0)
-    return r, count
+    products = [B @ B.T, X @ B.T, X2 @ B.T, X @ X.T]
+    products += [products[1].T, products[2].T]  # sy = (X B^T)^T, syy = (X^2 B^T)^T
+    products = [sp.csr_matrix(M) for M in products]
+    for M in products:
+        M.sum_duplicates()  # canonical: sorted column indices per row
+    first = products[0]
+    if not all(np.array_equal(M.indptr, first.indptr) and np.array_equal(M.indices, first.indices) for M in products):
+        raise AssertionError("pairwise sums lost the common sparsity pattern")
+    row = np.repeat(np.arange(n_points), np.diff(first.indptr))
+    upper = (first.indices > row) & (first.data >= min_common)
+    n, sx, sxx, sxy, sy, syy = (M.data[upper] for M in products)
+    p, q = row[upper].astype(np.int64), first.indices[upper].astype(np.int64)
+    var = (n * sxx - sx * sx) * (n * syy - sy * sy)
+    ok = var > 0
+    cc = (n * sxy - sx * sy)[ok] / np.sqrt(var[ok])
+    return _Pairs(p[ok], q[ok], cc, n[ok].astype(np.float64), n_points)
+
+
+def _bucket(size: int) -> int:
+    """Size rounded up to 16384 * 2^(k/2) steps, so array shapes (and jit compilations) repeat."""
+    b = 16384.0
+    while b < size:
+        b *= np.sqrt(2.0)
+    return int(np.ceil(b))
 
 
 # --- embedding ----------------------------------------------------------------------------------
 _LBFGS = optax.lbfgs()
 
 
-def _functional(x: jax.Array, r: jax.Array, w: jax.Array) -> jax.Array:
-    """sum_pq w_pq (r_pq - x_p . x_q)^2 for coordinates x (N, dim), r and w (N, N)."""
-    resid = r - x @ x.T
+def _functional(x: jax.Array, p: jax.Array, q: jax.Array, r: jax.Array, w: jax.Array) -> jax.Array:
+    """sum_k w_k (r_k - x_p . x_q)^2 over pairs k = (p, q); x (N, dim), the rest (k,)."""
+    resid = r - jnp.sum(x[p] * x[q], axis=1)
     return jnp.sum(w * resid * resid)
 
 
 @jax.jit
-def _run_lbfgs(x0: jax.Array, r: jax.Array, w: jax.Array, max_iter: jax.Array, rtol: jax.Array):
+def _run_lbfgs(x0: jax.Array, p, q, r, w, max_iter: jax.Array, rtol: jax.Array):
     """L-BFGS (optax, zoom line search) on `_functional` until the relative change is below rtol."""
-    fun = lambda x: _functional(x, r, w)  # noqa: E731
+    fun = lambda x: _functional(x, p, q, r, w)  # noqa: E731
     value_and_grad = optax.value_and_grad_from_state(fun)
 
     def body(carry):
@@ -225,34 +250,36 @@ def _run_lbfgs(x0: jax.Array, r: jax.Array, w: jax.Array, max_iter: jax.Array, r
     return x, fun(x0), fun(x), it
 
 
-def _embed(
-    r: np.ndarray, weight: np.ndarray, dim: int, seed: int, max_iter: int = 200, bucket: int = 256
-) -> tuple[np.ndarray, float, float, int]:
+def _embed(pairs: _Pairs, dim: int, seed: int, max_iter: int = 200) -> tuple[np.ndarray, float, float, int]:
     """Coordinates x (N, dim) minimising sum_pq w_pq (r_pq - x_p . x_q)^2 (cosym's functional).
 
-    Start: the leading `dim` eigenvectors of the masked correlation matrix, scaled by the root
-    of their eigenvalues (Lanczos with a seeded start vector), then optax L-BFGS. Matrices are
-    zero-padded to a multiple of `bucket` so repeated calls reuse one compilation.
-    Returns (x, functional at start, functional at end, iterations).
+    w is the number of common reflections. Start: the leading `dim` eigenvectors of the
+    sparse correlation matrix, scaled by the root of their eigenvalues (Lanczos with a seeded
+    start vector), then optax L-BFGS. Arrays are zero-padded to size classes so repeated calls
+    reuse one compilation. Returns (x, functional at start, functional at end, iterations).
     """
-    n = r.shape[0]
-    masked = np.where(weight > 0, r, 0.0)
+    n = pairs.n_points
     rng = np.random.default_rng(seed)
+    sym = sp.coo_matrix((np.r_[pairs.cc, pairs.cc], (np.r_[pairs.p, pairs.q], np.r_[pairs.q, pairs.p])), (n, n))
     if n > 4 * dim + 8:
-        eigval, eigvec = eigsh(masked, k=dim, which="LA", v0=rng.standard_normal(n))
+        try:
+            eigval, eigvec = eigsh(sym.tocsr(), k=dim, which="LA", v0=rng.standard_normal(n))
+        except ArpackNoConvergence:  # start from random coordinates instead
+            eigval, eigvec = np.full(dim, 0.01), rng.standard_normal((n, dim)) / np.sqrt(n)
     else:
-        eigval, eigvec = np.linalg.eigh(masked)
+        eigval, eigvec = np.linalg.eigh(sym.toarray())
     top = np.argsort(eigval)[::-1][:dim]
     x0 = eigvec[:, top] * np.sqrt(np.maximum(eigval[top], 1e-6))
     x0 += 1e-3 * rng.standard_normal(x0.shape)
-    n_pad = -(-n // bucket) * bucket
-    w = np.zeros((n_pad, n_pad), np.float32)
-    w[:n, :n] = weight / max(float(weight.max(initial=0.0)), 1.0)
-    r_pad = np.zeros((n_pad, n_pad), np.float32)
-    r_pad[:n, :n] = r
+    k_pad, n_pad = _bucket(len(pairs.cc)), _bucket(n)
+    pad = lambda v, size, dtype: np.concatenate([v, np.zeros(size - len(v), dtype)]).astype(dtype)  # noqa: E731
+    w = pairs.n_common / max(float(pairs.n_common.max(initial=0.0)), 1.0)
     x0_pad = np.zeros((n_pad, dim), np.float32)
     x0_pad[:n] = x0
-    x, f0, f1, it = _run_lbfgs(jnp.asarray(x0_pad), jnp.asarray(r_pad), jnp.asarray(w), max_iter, 1e-6)
+    x, f0, f1, it = _run_lbfgs(
+        jnp.asarray(x0_pad), jnp.asarray(pad(pairs.p, k_pad, np.int32)), jnp.asarray(pad(pairs.q, k_pad, np.int32)),
+        jnp.asarray(pad(pairs.cc, k_pad, np.float32)), jnp.asarray(pad(w, k_pad, np.float32)), max_iter, 1e-6,
+    )
     return np.asarray(x, dtype=np.float64)[:n], float(f0), float(f1), int(it)
 
 
@@ -287,67 +314,86 @@ def _pearson_by_segment(x: jax.Array, y: jax.Array, use: jax.Array, segment: jax
     return cc, n
 
 
-def _cc_to_reference(rows: _Rows, assign: np.ndarray, include: np.ndarray, min_common: int) -> np.ndarray:
-    """CC (n_sets, m) of every data set in every setting with the merged reference of the others.
+def _cc_to_reference(
+    rows: _Rows, assign: np.ndarray, include: np.ndarray, evaluate: np.ndarray, min_common: int
+) -> np.ndarray:
+    """CC (n_sets, m) of the `evaluate`d data sets in every setting with the reference of the others.
 
-    The reference is the mean over included data sets (each in its assigned setting) per ASU
-    reflection; a data set's own current rows are taken out of it (leave-one-out).
+    The reference is the mean over `include`d data sets (each in its assigned setting) per ASU
+    reflection; a data set's own current rows are taken out of it (leave-one-out). Rows of
+    data sets not evaluated are nan.
     """
     m, U, n_sets = len(rows.value), rows.n_unique, rows.n_datasets
-    own = [assign[rows.dataset[b]] == b for b in range(m)]  # rows in the current setting
     ref_sum = np.zeros(U)
     ref_n = np.zeros(U)
     for b in range(m):
-        sel = own[b] & include[rows.dataset[b]]
+        sel = (assign[rows.dataset[b]] == b) & include[rows.dataset[b]]
         ref_sum += np.bincount(rows.column[b][sel], rows.value[b][sel], U)
         ref_n += np.bincount(rows.column[b][sel], minlength=U)
     xs, ys, uses, segs = [], [], [], []
     for b in range(m):
-        current = assign[rows.dataset[b]]
-        mine = np.zeros(len(current), dtype=bool)  # this reflection is in the set's own reference rows
-        mine_val = np.zeros(len(current))
+        rows_b = np.nonzero(evaluate[rows.dataset[b]])[0]
+        ds_b, col_b = rows.dataset[b][rows_b], rows.column[b][rows_b]
+        current = assign[ds_b]
+        mine = np.zeros(len(rows_b), dtype=bool)  # reflection is in the set's own reference rows
+        mine_val = np.zeros(len(rows_b))
         for c in range(m):  # small loop over settings
-            hit = (current == c) & (rows.match[b][c] >= 0)
+            match = rows.match[b][c][rows_b]
+            hit = (current == c) & (match >= 0)
             mine |= hit
-            mine_val[hit] = rows.value[c][rows.match[b][c][hit]]
-        mine &= include[rows.dataset[b]]
-        s = ref_sum[rows.column[b]] - np.where(mine, mine_val, 0.0)
-        c = ref_n[rows.column[b]] - mine
-        xs.append(rows.value[b])
-        ys.append(np.where(c > 0, s / np.maximum(c, 1), 0.0))
-        uses.append(c > 0)
-        segs.append(rows.dataset[b] * m + b)
+            mine_val[hit] = rows.value[c][match[hit]]
+        mine &= include[ds_b]
+        s = ref_sum[col_b] - np.where(mine, mine_val, 0.0)
+        n_ref = ref_n[col_b] - mine
+        xs.append(rows.value[b][rows_b])
+        ys.append(np.where(n_ref > 0, s / np.maximum(n_ref, 1), 0.0))
+        uses.append(n_ref > 0)
+        segs.append(ds_b * m + b)
+    k, n_seg = sum(len(v) for v in xs), n_sets * m
+    k_pad, seg_pad = _bucket(k), _bucket(n_seg)  # padded rows are unused: one compile per size class
     cc, n = _pearson_by_segment(
-        jnp.asarray(np.concatenate(xs)), jnp.asarray(np.concatenate(ys)), jnp.asarray(np.concatenate(uses)),
-        jnp.asarray(np.concatenate(segs)), jnp.zeros(n_sets * m),
+        jnp.asarray(np.concatenate(xs + [np.zeros(k_pad - k)])),
+        jnp.asarray(np.concatenate(ys + [np.zeros(k_pad - k)])),
+        jnp.asarray(np.concatenate(uses + [np.zeros(k_pad - k, dtype=bool)])),
+        jnp.asarray(np.concatenate(segs + [np.zeros(k_pad - k, dtype=np.int64)])),
+        jnp.zeros(seg_pad),
     )
-    cc = np.asarray(cc).reshape(n_sets, m)
-    n = np.asarray(n).reshape(n_sets, m)
-    return np.where(n >= min_common, cc, np.nan)
+    cc = np.asarray(cc)[:n_seg].reshape(n_sets, m)
+    n = np.asarray(n)[:n_seg].reshape(n_sets, m)
+    return np.where((n >= min_common) & evaluate[:, None], cc, np.nan)
 
 
 def _greedy_refine(
-    rows: _Rows, assign: np.ndarray, include: np.ndarray, min_common: int, max_sweeps: int
+    rows: _Rows, assign: np.ndarray, include: np.ndarray, min_common: int, max_sweeps: int,
+    n_blocks: int, seed: int,
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Re-pick every data set's setting by CC with the leave-one-out reference until stable.
 
-    The first sweep uses the reference of the `include`d data sets only (those resolved by the
-    embedding) and places the others; later sweeps use all. Changes count re-decided data sets. Returns (assign (n,), cc (n, m) of the last sweep, changes per sweep).
+    Each sweep visits the data sets in `n_blocks` seeded random blocks, rebuilding the
+    reference after each block (updating all at once can oscillate when the start is poor).
+    Data sets outside `include` (not resolved by the embedding) join the reference once placed.
+    Returns (assign (n,), cc (n, m) as last evaluated, re-decided data sets per sweep).
     """
+    n_sets, m = rows.n_datasets, len(rows.value)
     assign = assign.copy()
+    include = include.copy()
     changes = []
-    cc = np.full((rows.n_datasets, len(rows.value)), np.nan)
-    for sweep in range(max_sweeps):  # sweeps over all data sets at once (synchronous update)
-        cc = _cc_to_reference(rows, assign, include, min_common)
-        filled = np.where(np.isnan(cc), -np.inf, cc)
-        best = np.where(np.isfinite(filled).any(axis=1), np.argmax(filled, axis=1), assign)
-        n_changed = int(((best != assign) & include).sum())  # first sweep: places the others too
+    cc = np.full((n_sets, m), np.nan)
+    blocks = np.array_split(np.random.default_rng(seed).permutation(n_sets), max(1, min(n_blocks, n_sets)))
+    for _ in range(max_sweeps):  # sweeps until no data set changes its setting
+        n_changed = 0
+        for block in blocks:  # blocks in turn, each against the reference of all others
+            evaluate = np.zeros(n_sets, dtype=bool)
+            evaluate[block] = True
+            cc_block = _cc_to_reference(rows, assign, include, evaluate, min_common)[block]
+            cc[block] = cc_block
+            filled = np.where(np.isnan(cc_block), -np.inf, cc_block)
+            best = np.where(np.isfinite(filled).any(axis=1), np.argmax(filled, axis=1), assign[block])
+            n_changed += int(((best != assign[block]) & include[block]).sum())
+            assign[block] = best
+            include[block] = True
         changes.append(n_changed)
-        assign = best
-        include = np.ones(rows.n_datasets, dtype=bool)
-        if n_changed == 0 and sweep > 0:
-            break
-        if sweep > 2 and n_changed >= changes[-2]:  # oscillating: stop
+        if n_changed == 0:
             break
     return assign, cc, changes
 
@@ -384,6 +430,7 @@ def resolve_indexing_ambiguity(
     min_common: int = 3,
     max_embed_points: int = 2000,
     max_sweeps: int = 20,
+    n_blocks: int = 8,
 ) -> AmbiguityResult:
     """Find per data set the reindexing op that makes all data sets consistently indexed.
 
@@ -391,7 +438,8 @@ def resolve_indexing_ambiguity(
     Observations with variance <= 0, non-finite values or d < d_min are not used for the
     decision (all are reindexed). Without an ambiguity, every op is the identity.
     `max_embed_points` bounds the (data set, setting) points of the dense pairwise stage;
-    the remaining data sets are placed by the greedy reference pass.
+    the remaining data sets are placed by the greedy reference pass, which visits the data
+    sets in `n_blocks` blocks per sweep for at most `max_sweeps` sweeps.
     """
     miller = np.asarray(miller).reshape(-1, 3)
     intensity = np.asarray(intensity, dtype=np.float64)
@@ -432,20 +480,23 @@ def resolve_indexing_ambiguity(
     n_refl = np.bincount(rows.dataset[0], minlength=n_datasets)
     n_embed = int(min(n_datasets, max(2, max_embed_points // m)))
     subset = np.sort(np.argsort(-n_refl, kind="stable")[:n_embed])
-    r, count = _pair_correlations(rows, subset, min_common)
-    n_pairs = int((count > 0).sum() // 2)
+    pairs = _pair_correlations(rows, subset, min_common)
+    n_pairs = len(pairs.cc)
     log.append(
-        f"Pairwise CC matrix: {len(subset)} data sets x {m} settings ({r.shape[0]} points), "
+        f"Pairwise CC matrix: {len(subset)} data sets x {m} settings ({pairs.n_points} points), "
         f"{n_pairs} pairs with >= {min_common} common reflections"
     )
-    coords, f0, f1, iters = _embed(r, count, dim=m, seed=seed)
     assign = np.zeros(n_datasets, dtype=np.int64)
-    assign[subset] = _assign_from_embedding(coords, m)
-    log.append(f"Embedding in {m} dimensions: functional {f0:.4g} -> {f1:.4g} in {iters} L-BFGS iterations")
+    if n_pairs:
+        coords, f0, f1, iters = _embed(pairs, dim=m, seed=seed)
+        assign[subset] = _assign_from_embedding(coords, m)
+        log.append(f"Embedding in {m} dimensions: functional {f0:.4g} -> {f1:.4g} in {iters} L-BFGS iterations")
+    else:
+        log.append("No pairs of data sets share enough reflections: starting the greedy pass from h,k,l.")
 
     include = np.zeros(n_datasets, dtype=bool)
     include[subset] = True
-    assign, cc, changes = _greedy_refine(rows, assign, include, min_common, max_sweeps)
+    assign, cc, changes = _greedy_refine(rows, assign, include, min_common, max_sweeps, n_blocks, seed)
     log.append(f"Greedy refinement vs leave-one-out reference: changes per sweep {changes}")
 
     # fix the global choice: the most common setting becomes the identity
@@ -468,7 +519,7 @@ def resolve_indexing_ambiguity(
     confidence = np.full(n_datasets, np.nan)
     confidence[two] = ranked[two, -1] - ranked[two, -2]
     op_strings = [candidates[a] for a in assign]
-    summary = _summarise_pairs(r, count, assign[subset], m)
+    summary = _summarise_pairs(pairs, assign[subset], m)
     summary["n_datasets_in_matrix"] = int(len(subset))
     log.append(
         f"Pairs consistent: mean CC {summary['mean_cc_consistent']:.3f} over {summary['n_pairs_consistent']}; "
@@ -490,27 +541,23 @@ def resolve_indexing_ambiguity(
     )
 
 
-def _summarise_pairs(r: np.ndarray, count: np.ndarray, assign: np.ndarray, m: int) -> dict:
-    """Weighted mean CC of pairs in consistent settings and of pairs in other settings."""
-    n_sets = len(assign)
-    chosen = np.arange(n_sets) * m + assign  # (n_sets,) point of each data set's chosen setting
-    rc = r[chosen]  # (n_sets, N)
-    wc = count[chosen]
-    consistent = np.zeros_like(wc, dtype=bool)
-    consistent[:, chosen] = True
-    owner = np.arange(r.shape[0]) // m
-    other_set = owner[None, :] != np.arange(n_sets)[:, None]
-    cons = consistent & other_set & (wc > 0)
-    inc = ~consistent & other_set & (wc > 0)
+def _summarise_pairs(pairs: _Pairs, assign: np.ndarray, m: int) -> dict:
+    """Weighted mean CC of pairs in the chosen settings and of chosen-vs-other-setting pairs."""
+    chosen = np.zeros(pairs.n_points, dtype=bool)
+    chosen[np.arange(len(assign)) * m + assign] = True
+    other_set = pairs.p // m != pairs.q // m
+    n_chosen = chosen[pairs.p].astype(int) + chosen[pairs.q]
+    cons = other_set & (n_chosen == 2)
+    inc = other_set & (n_chosen == 1)
 
     def wmean(sel: np.ndarray) -> float:
-        w = wc[sel]
-        return float((rc[sel] * w).sum() / w.sum()) if w.sum() > 0 else float("nan")
+        w = pairs.n_common[sel]
+        return float((pairs.cc[sel] * w).sum() / w.sum()) if w.sum() > 0 else float("nan")
 
     return {
         "mean_cc_consistent": wmean(cons),
-        "n_pairs_consistent": int(cons.sum() // 2),
+        "n_pairs_consistent": int(cons.sum()),
         "mean_cc_inconsistent": wmean(inc),
-        "n_pairs_inconsistent": int(inc.sum() // 2),
-        "median_common_reflections": float(np.median(count[count > 0])) if (count > 0).any() else 0.0,
+        "n_pairs_inconsistent": int(inc.sum()),
+        "median_common_reflections": float(np.median(pairs.n_common)) if len(pairs.cc) else 0.0,
     }

@@ -139,7 +139,7 @@ def test_two_thousand_small_datasets():
     labels = combined_cosets(planted, res.op_index, mats, sg)
     assert len(np.unique(labels)) == 1  # every one of the 2000 data sets consistent
     assert res.cc_matrix_summary["n_datasets_in_matrix"] == 1000  # the rest placed by the greedy pass
-    assert elapsed < 30.0
+    assert elapsed < 60.0  # ~5 s on an idle 2-core machine; loose for loaded CI
 
 
 def test_no_ambiguity_returns_identity():
