@@ -119,13 +119,30 @@ def _asu_keys(hkl: np.ndarray, space_group: gemmi.SpaceGroup) -> np.ndarray:
 def _normalised_intensity(
     intensity: np.ndarray, dss: np.ndarray, dataset_index: np.ndarray, n_datasets: int, n_bins: int
 ) -> np.ndarray:
-    """I / <I>_shell (equal-count d*^2 shells), then scaled to mean 1 per data set: (n,)."""
+    """I / <I>_shell (equal-count d*^2 shells), then divided by each data set's own trend: (n,).
+
+    The per-data-set trend is a straight line in d*^2 fitted to its shell-normalised values
+    (a relative scale and B factor to first order), so that a data set's resolution fall-off
+    does not correlate with the reference in every setting alike.
+    """
     edges = np.quantile(dss, np.linspace(0.0, 1.0, n_bins + 1)[1:-1])
     shell = np.searchsorted(edges, dss, side="right")
     shell_mean = np.bincount(shell, intensity, n_bins) / np.maximum(np.bincount(shell, minlength=n_bins), 1)
     e2 = intensity / np.where(shell_mean[shell] > 0, shell_mean[shell], np.inf)
-    set_mean = np.bincount(dataset_index, e2, n_datasets) / np.maximum(np.bincount(dataset_index, minlength=n_datasets), 1)
-    return e2 / np.where(set_mean[dataset_index] > 0, set_mean[dataset_index], np.inf)
+
+    def set_sum(v: np.ndarray) -> np.ndarray:
+        return np.bincount(dataset_index, v, n_datasets)
+
+    n = np.maximum(set_sum(np.ones_like(e2)), 1.0)
+    s_mean = set_sum(dss) / n
+    y_mean = set_sum(e2) / n
+    ds = dss - s_mean[dataset_index]
+    sxx = set_sum(ds * ds)
+    slope = np.where(sxx > 0, set_sum(ds * e2) / np.where(sxx > 0, sxx, 1.0), 0.0)
+    trend = y_mean[dataset_index] + slope[dataset_index] * ds
+    floor = 0.2 * np.abs(y_mean[dataset_index])
+    trend = np.where(y_mean[dataset_index] > 0, np.maximum(trend, floor), np.inf)
+    return e2 / trend
 
 
 def _merged_rows(

@@ -170,3 +170,30 @@ def test_datasets_without_data_keep_identity():
     assert np.isfinite(res.confidence[:10]).all()
     bad = resolve_indexing_ambiguity(h, i, np.zeros_like(v), ds, 10, sg, uc)  # nothing usable
     assert bad.n_flipped == 0 and "usable" in bad.log_lines[-1]
+
+
+def test_simulated_stills_with_partiality():
+    """Serial stills from jaxscale.sim: raw partial intensities, 40 reflections per still.
+
+    So few reflections leave some stills truly undecidable; those must be the ones with
+    low confidence.
+    """
+    from jaxscale.sim.stills import simulate_stills
+
+    n = 800
+    table, experiments, truth = simulate_stills(n, 40, space_group="P 4", ambiguity_fraction=0.5, d_min=2.5, seed=3)
+    res = resolve_indexing_ambiguity(
+        table["miller_index"], table["intensity.sum.value"], table["intensity.sum.variance"], table["id"], n,
+        experiments[0].space_group, experiments[0].unit_cell,
+    )
+    planted = np.asarray(truth["reindexed"], dtype=bool)
+    flipped = res.op_index != 0
+    if (flipped != planted).sum() > n // 2:  # the global choice
+        flipped = ~flipped
+    wrong = flipped != planted
+    confident = res.confidence > 0.25
+    assert wrong.mean() < 0.015
+    assert (wrong & confident).sum() <= 0.002 * confident.sum()
+    assert confident.mean() > 0.9
+    # the planted matrix is gemmi's twin law, the one candidate besides the identity
+    np.testing.assert_array_equal(op_hkl_matrix(res.candidate_ops[1]), truth["ambiguity_matrix"])
