@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
 from jaxscale.data import flags as F
@@ -36,7 +36,7 @@ from jaxscale.optimize.levmar import (
     propagate_variance,
 )
 from jaxscale.target.losses import get_loss
-from jaxscale.target.objective import ScalingTarget, make_problem
+from jaxscale.target.objective import ScalingTarget, make_problem, select_rows
 
 TEMPORARY_COLUMNS = ("intensity", "variance", "prescaling_correction", "s0c", "s1c", "Esq", "batch", "shoebox")
 
@@ -263,7 +263,7 @@ class _Scaler:
         self.imid: float | None = None
         self.imids: dict[int, float] = {}  # data-set position -> chosen Imid
         self._subset: np.ndarray | None = None
-        self.g = np.asarray(self.target.inverse_scale(jnp.asarray(self.x), model.bases))
+        self.g = np.asarray(self.target.inverse_scale(jax.device_put(self.x), model.bases))
 
     # -------------------------------------------------------------- setup helpers
     def _loss(self):
@@ -393,7 +393,7 @@ class _Scaler:
         inten = np.r_[o.intensity[idx], np.zeros(pad)]
         gid_p = np.r_[gid, np.full(pad, n_groups)]
         problem = make_problem(inten, w, gid_p, n_groups=g_size)
-        return problem, self.model.select(idx_p)
+        return problem, select_rows(self.model.bases, idx_p)
 
     def _cycles(self, free: np.ndarray) -> list[tuple[str, np.ndarray]]:
         """(label suffix, free mask) of each minimisation of a round: one for concurrent
@@ -473,7 +473,7 @@ class _Scaler:
 
     # -------------------------------------------------------------- expansion, outliers
     def expand(self, with_covariance: bool = False) -> None:
-        self.g = np.asarray(self.target.inverse_scale(jnp.asarray(self.x), self.model.bases))
+        self.g = np.asarray(self.target.inverse_scale(jax.device_put(self.x), self.model.bases))
         if with_covariance and getattr(self, "covariance", None) is not None:
             self.var_g = inverse_scale_variance(self.target, self.x, self.covariance, self.model.bases, self.obs.n)
 
