@@ -10,6 +10,7 @@ from jaxscale.target.objective import (
     make_problem,
     n_reflections,
     residuals,
+    select_rows,
 )
 
 __all__ = [
@@ -25,5 +26,6 @@ __all__ = [
     "make_problem",
     "n_reflections",
     "residuals",
+    "select_rows",
     "student_t",
 ]

@@ -67,6 +67,12 @@ def _to_device(a: Any, dtype: Any = None) -> jax.Array:
     return jax.device_put(np.asarray(a, dtype=dtype))
 
 
+def select_rows(bases: Any, rows: np.ndarray) -> Any:
+    """Bases (pytree of per-observation arrays, leading axis n_obs) at `rows` (int or bool),
+    gathered on the host: an eager device gather would compile a program per shape."""
+    return jax.tree.map(lambda a: jax.device_put(np.asarray(a)[rows]), bases)
+
+
 def _is_traced(*arrays: Any) -> bool:
     return any(isinstance(a, jax.core.Tracer) for a in arrays)
 
