@@ -33,6 +33,7 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
 from jaxscale.data.symmetry import d_star_sq, pack_hkl, rotation_matrices
+from jaxscale.exceptions import InputError
 
 IDENTITY = "h,k,l"
 
@@ -454,7 +455,7 @@ def resolve_indexing_ambiguity(
     miller (n, 3), intensity (n,), variance (n,), dataset_index (n,) in [0, n_datasets).
     Observations with variance <= 0, non-finite values or d < d_min are not used for the
     decision (all are reindexed). Without an ambiguity, every op is the identity.
-    `max_embed_points` bounds the (data set, setting) points of the dense pairwise stage;
+    `max_embed_points` bounds the (data set, setting) points of the pairwise/embedding stage;
     the remaining data sets are placed by the greedy reference pass, which visits the data
     sets in `n_blocks` blocks per sweep for at most `max_sweeps` sweeps.
     """
@@ -462,6 +463,15 @@ def resolve_indexing_ambiguity(
     intensity = np.asarray(intensity, dtype=np.float64)
     variance = np.asarray(variance, dtype=np.float64)
     dataset_index = np.asarray(dataset_index, dtype=np.int64)
+    n_obs = len(miller)
+    for name, arr in (("intensity", intensity), ("variance", variance), ("dataset_index", dataset_index)):
+        if arr.shape != (n_obs,):
+            raise InputError(None, f"{name} has shape {arr.shape}, expected ({n_obs},) like miller_index", field=name)
+    if n_obs and (dataset_index.min() < 0 or dataset_index.max() >= n_datasets):
+        raise InputError(
+            None, f"data set indices must lie in [0, {n_datasets}), found {dataset_index.min()}..{dataset_index.max()}",
+            field="dataset_index",
+        )
     ops = ambiguity_operators(space_group, cell, max_delta)
     candidates = [op_as_hkl(o) for o in ops]
     m = len(ops)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import gemmi
 import numpy as np
+import pytest
 
 from jaxscale.data.consistent_indexing import (
     ambiguity_operators,
@@ -219,3 +220,13 @@ def test_agrees_with_dials_cosym():
     flipped = res.op_index != 0
     planted = ref["planted_reindexed"]
     assert np.array_equal(flipped, planted) or np.array_equal(flipped, ~planted)
+
+
+def test_bad_dataset_index_is_an_input_error():
+    from jaxscale.exceptions import InputError
+
+    h, i, v, ds, sg, uc, planted, mats = simulate(3, 50, *P4)
+    with pytest.raises(InputError, match="dataset_index"):
+        resolve_indexing_ambiguity(h, i, v, ds, 2, sg, uc)
+    with pytest.raises(InputError, match="variance"):
+        resolve_indexing_ambiguity(h, i, v[:-1], ds, 3, sg, uc)
