@@ -41,7 +41,7 @@ header h1{margin:0;font-size:22px}
 section{background:#fff;margin:16px 24px;padding:12px 18px;border-radius:6px;box-shadow:0 1px 3px #0002}
 h2{font-size:18px;margin:6px 0 10px}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(480px,1fr));gap:10px}
-.plot{min-height:360px}
+.plot{min-height:360px;min-width:0;overflow:hidden}
 table{border-collapse:collapse;font-size:13px}
 td,th{padding:2px 8px;text-align:right;border-bottom:1px solid #eee}
 th{background:#eef1f5}
@@ -283,7 +283,10 @@ def build_html(data: dict) -> str:
             f"<title>{title}</title><style>{_CSS}</style>"
             f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head>"
             f"<body><header><h1>{title}</h1></header>{''.join(parts)}"
-            f"<script>window.JAXSCALE_N_PLOTS={json.dumps(n)};</script></body></html>")
+            f"<script>window.JAXSCALE_N_PLOTS={json.dumps(n)};"
+            # plots drawn before the grid settled keep a stale width; refit them once laid out
+            "window.addEventListener('load',()=>document.querySelectorAll('.js-plotly-plot')"
+            ".forEach(p=>Plotly.Plots.resize(p)));</script></body></html>")
 
 
 def write_report(path: str | os.PathLike, data: dict) -> None:
