@@ -1,24 +1,28 @@
-"""Robust likelihood vs scale-then-reject on simulated low-multiplicity data with gross outliers.
+"""Robust likelihood vs scale-then-reject on simulated low-multiplicity data with outliers.
 
 Simulates KB-scaled data sets (one k and one B per data set, g = k exp(B / (2 d^2))) over
 Wilson-distributed true intensities, each unique reflection measured `multiplicity` times in
-distinct data sets, Gaussian noise from a known (a, b) error model, and a fraction of gross
-outliers (half multiplicative I x U(3, 10), half additive positive spikes of U(3, 10) x the
-shell's mean intensity, like zingers and ice). Then compares, per seed:
+distinct data sets, Gaussian noise from a known (a, b) error model, and a fraction of
+outliers placed at random rows: `gross` (half multiplicative I x U(3, 10), half additive
+positive spikes of U(3, 10) x the shell's mean intensity, like zingers and ice) or
+`moderate` (+U(3, 10) true sigma). Then compares, per seed:
 
-  (a) least squares + DIALS-style standard outlier rejection (zmax 6) + error model +
-      weighted-mean merge (the dials.scale flow: L-BFGS rounds, then a Levenberg-Marquardt full-matrix round)
-  (b) weighted mean with the TRUE scales and TRUE error model, no rejection
+  (a)  least squares + DIALS-style standard outlier rejection (zmax 6) + error model +
+       weighted-mean merge (the dials.scale flow: initial rejection at g = 1, two L-BFGS
+       rounds, error model, a Levenberg-Marquardt full-matrix round, final rejection and
+       error model)
+  (b)  weighted mean with the TRUE scales and TRUE sigma, no rejection
+  (b2) the same with DIALS' V' = a^2 (V + (b I_obs)^2) (true a, b), no rejection
   (b') Student-t merge with the TRUE scales (isolates merging from scaling)
-  (c) Student-t likelihood, (d) Huber likelihood: robust scaling (IRLS I_h; L-BFGS round,
-      error model on the robust inliers, full-matrix round, error model), robust merge; no
-      rejection
+  (c)  Student-t, (d) Huber likelihood: robust scaling (IRLS I_h; L-BFGS round, error
+       model on the robust inliers, full-matrix round, error model), robust merge; no
+       rejection
 
 and prints a markdown table of CC(I_merged, I_true), normalised RMS error
 ||I_merged - I_true|| / ||I_true|| and the RMS relative inverse-scale error over
 observations (data set 0 is fixed at its true k = 1, B = 0 so the gauge is the truth's).
 
-    .venv/bin/python scripts/robust_study.py --seeds 5
+    .venv/bin/python scripts/robust_study.py --seeds 5 --multiplicities 3
 """
 from __future__ import annotations
 
@@ -66,6 +70,7 @@ def simulate(
     background: float = 20.0,
     d_min: float = 1.8,
     wilson_b: float = 20.0,
+    outlier_kind: str = "gross",
 ) -> Simulated:
     rng = np.random.default_rng(seed)
     # d uniform in reciprocal volume (d*^3) between 20 A and d_min
@@ -85,11 +90,16 @@ def simulate(
     sd = np.sqrt(apply_error_model(variance, expected, a, b))  # true scatter
     intensity = expected + sd * rng.standard_normal(expected.size)
     n_out = int(round(outlier_fraction * expected.size))
-    rows = rng.choice(expected.size, n_out, replace=False)
-    half = n_out // 2
-    intensity[rows[:half]] *= rng.uniform(3.0, 10.0, half)
-    spike = rng.uniform(3.0, 10.0, n_out - half) * g_true[rows[half:]] * mean_i[group_id[rows[half:]]]
-    intensity[rows[half:]] += spike
+    rows = rng.choice(expected.size, n_out, replace=False)  # anywhere: some groups get two
+    if outlier_kind == "gross":
+        half = n_out // 2
+        intensity[rows[:half]] *= rng.uniform(3.0, 10.0, half)
+        spike = rng.uniform(3.0, 10.0, n_out - half) * g_true[rows[half:]] * mean_i[group_id[rows[half:]]]
+        intensity[rows[half:]] += spike
+    elif outlier_kind == "moderate":  # positive deviations of 3-10 true sigma: many pass zmax 6
+        intensity[rows] += rng.uniform(3.0, 10.0, n_out) * sd[rows]
+    else:
+        raise ValueError(f"unknown outlier kind {outlier_kind!r}")
     is_outlier = np.zeros(expected.size, dtype=bool)
     is_outlier[rows] = True
     return Simulated(intensity, variance, group_id, dataset, inv_two_d_sq, g_true, is_outlier,
@@ -195,8 +205,9 @@ def metrics(sim: Simulated, merged: np.ndarray, g: np.ndarray) -> dict[str, floa
 
 METHODS = {
     "a": "least squares + standard rejection (zmax 6) + weighted mean",
-    "b": "weighted mean, TRUE scales and error model, no rejection",
-    "b'": "Student-t merge, TRUE scales and error model",
+    "b": "weighted mean, TRUE scales, TRUE sigma (of the expected I), no rejection",
+    "b2": "weighted mean, TRUE scales, TRUE (a, b) on the observed I (DIALS' V'), no rejection",
+    "b'": "Student-t merge, TRUE scales, TRUE sigma",
     "c": "Student-t likelihood (dof {dof:g}), robust merge",
     "d": "Huber likelihood (delta {delta:g}), robust merge",
 }
@@ -214,11 +225,15 @@ def run(args) -> list[dict]:
         }
         t_loss = loss_for("student_t", student_t_dof=args.dof)
         for seed in range(args.seeds):
-            sim = simulate(1000 + seed, m, args.n_unique, args.n_datasets, args.outlier_fraction)
+            sim = simulate(1000 + seed, m, args.n_unique, args.n_datasets, args.outlier_fraction,
+                           outlier_kind=args.outlier_kind)
             _, _, bases, _ = kb_model(sim)
             v_true = apply_error_model(sim.variance, sim.g_true * sim.i_true[sim.group_id], *sim.error_model)
+            v_dials = apply_error_model(sim.variance, sim.intensity, *sim.error_model)
+            everything = np.ones(sim.g_true.size, bool)
             results = {
-                "b": (weighted_mean(sim, sim.g_true, v_true, np.ones(sim.g_true.size, bool)), sim.g_true),
+                "b": (weighted_mean(sim, sim.g_true, v_true, everything), sim.g_true),
+                "b2": (weighted_mean(sim, sim.g_true, v_dials, everything), sim.g_true),
                 "b'": (robust_merge(sim.intensity, v_true, sim.g_true, sim.group_id, t_loss, sim.i_true.size)[0], sim.g_true),
             }
             for key, target in targets.items():
@@ -249,7 +264,7 @@ def table(rows: list[dict], args) -> str:
                 v = np.array([r[name] for r in sel])
                 return f"{fmt.format(v.mean())} ± {fmt.format(v.std())}"
 
-            g = "—" if key in ("b", "b'") else stat("g_err", "{:.4f}")
+            g = "—" if key.startswith("b") else stat("g_err", "{:.4f}")
             lines.append(
                 f"| {m} | ({key}) {desc.format(dof=args.dof, delta=args.delta)} | {stat('cc', '{:.4f}')} | "
                 f"{stat('cc_hit', '{:.3f}')} | {stat('nrmse', '{:.4f}')} | {g} |"
@@ -264,6 +279,7 @@ def main() -> None:
     ap.add_argument("--n-unique", type=int, default=2000)
     ap.add_argument("--n-datasets", type=int, default=20)
     ap.add_argument("--outlier-fraction", type=float, default=0.01)
+    ap.add_argument("--outlier-kind", choices=["gross", "moderate"], default="gross")
     ap.add_argument("--dof", type=float, default=4.0)
     ap.add_argument("--delta", type=float, default=1.345)
     ap.add_argument("--irls", type=int, default=10, help="IRLS steps unrolled in the robust target")
@@ -273,7 +289,7 @@ def main() -> None:
     rows = run(args)
     print(table(rows, args))
     print(f"\n{args.seeds} seeds x multiplicities {args.multiplicities}, {args.n_unique} unique reflections, "
-          f"{args.n_datasets} data sets, {args.outlier_fraction:.0%} outliers; mean ± sd over seeds "
+          f"{args.n_datasets} data sets, {args.outlier_fraction:.0%} {args.outlier_kind} outliers; mean ± sd over seeds "
           f"({time.perf_counter() - t0:.0f} s)")
 
 
