@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """Profile one `jaxscale scale` run: import time, time per phase, XLA compilations.
 
-Usage: profile_scale.py [--where] [--json OUT] FILE.refl FILE.expt [...] [key=value ...]
+Usage: profile_scale.py [--where] [--json OUT] [--keep DIR] FILE.refl FILE.expt [...] [key=value ...]
 
 Runs the same code path as the CLI (`jaxscale.scale.run` with the CLI's parameters) in this
 process, with `jax.monitoring` listeners on tracing, lowering and XLA compilation. Prints
 the import time of jaxscale, the run's own phase timings, the number of compilations and
 their time per jitted function (`--where`: also the jaxscale source line that triggered
 each compilation), persistent-cache hits, CPU time and peak RSS. Outputs go to a
-temporary directory. The machine may be shared: compare CPU seconds and repeated runs.
+temporary directory (`--keep DIR`: to DIR). The machine may be shared: compare CPU seconds and repeated runs.
 """
 from __future__ import annotations
 
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--where", action="store_true", help="source line of each compilation")
     ap.add_argument("--json", help="write the numbers as JSON here")
+    ap.add_argument("--keep", help="write the run's outputs into this folder")
     ap.add_argument("args", nargs="+", help="inputs and key=value parameters, as for `jaxscale scale`")
     ns = ap.parse_args(argv)
 
@@ -93,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cwd = os.getcwd()
         files = [str(Path(f).resolve()) for f in files]
-        os.chdir(tmp)
+        if ns.keep:
+            Path(ns.keep).mkdir(parents=True, exist_ok=True)
+        os.chdir(ns.keep or tmp)
         try:
             params, inputs = cli._parameters(pns, overrides, files, [])
             params, inputs = cli._with_inputs(params, inputs)

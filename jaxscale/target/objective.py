@@ -237,12 +237,15 @@ def chunk_by_groups(
 
     Each chunk holds complete symmetry groups so that I_h and its derivative are local to
     the chunk; groups are renumbered 0..chunk_size-1 inside each chunk and padding rows
-    (weight 0) go to the extra group `chunk_size`. If targeted, ih_reference becomes per
-    observation (group index = row). Used to accumulate J^T W J without holding J.
+    (weight 0) go to the extra group `chunk_size`; zero-weight rows of `problem` are left
+    out. If targeted, ih_reference becomes per observation (group index = row). Used to
+    accumulate J^T W J without holding J.
     """
     gid = np.asarray(problem.group_id)
-    n = gid.size
-    order = np.argsort(gid, kind="stable")
+    # zero-weight rows (padding) add nothing to I_h, r or J: leave them out
+    live = np.flatnonzero(np.asarray(problem.weight) > 0)
+    order = live[np.argsort(gid[live], kind="stable")]
+    n = order.size
     gs = gid[order]
     # group start offsets within the sorted order
     starts = np.flatnonzero(np.r_[True, gs[1:] != gs[:-1]]) if n else np.zeros(0, dtype=np.int64)
