@@ -456,7 +456,7 @@ class _Scaler:
             if np.any(self.final_free != self.free):
                 covariance = self._full_matrix_pass(problem, bases, self.final_free,
                                                     "Full-matrix round (first scale parameter fixed)",
-                                                    ref.rmsd_tolerance / 4.0, 1)
+                                                    ref.rmsd_tolerance / 4.0, self.model.final_iterations)
         except ValueError as exc:  # a parameter without data: no full-matrix solution
             self.x = x_before
             self.log(f"Full-matrix round skipped: {exc}; keeping the L-BFGS parameters (no scale uncertainties)")
@@ -579,6 +579,11 @@ def anchor_degenerate_scale(model: ScalingModel, log: _Log) -> list[str]:
     diverges or gives sigma(g)/g ~ 1e7 (DIALS 3.12 on one sweep; reference_numbers.md §1.2,
     §2.2). Fixing data set 0's scale and B removes exactly that direction. Returns the
     fixed component keys.
+
+    With several data sets the relative scales are determined and DIALS converges; there the
+    parameters follow DIALS (nothing fixed while refining) and only the covariance is taken
+    with data set 0's scale and B fixed (no extra iteration): DIALS' covariance carries the
+    undetermined overall B (sigma ~ 400 A^2 on the CuNiR stills), which inflates every sigma(I).
     """
     states = model.states
     if not states or any(s.model_id != "KB" for s in states.values()):
@@ -588,10 +593,15 @@ def anchor_degenerate_scale(model: ScalingModel, log: _Log) -> list[str]:
     for key in ("KB.scale", "KB.decay"):
         if key in model.param_slices and first in model.param_slices[key]:
             i = model.param_slices[key][first].start
-            model.fixed_mask[key][i] = True
+            if len(states) == 1:
+                model.fixed_mask[key][i] = True
             model.final_fixed_mask[key][i] = True
             fixed.append(key)
-    if fixed:
+    if fixed and len(states) > 1:
+        model.final_iterations = 0
+        log("All data sets have a KB model: the overall scale and B are not determined by the data; "
+            f"scale uncertainties are given relative to data set {first}.")
+    elif fixed:
         what = " and ".join("scale" if k.endswith("scale") else "B" for k in fixed)
         verb = "is" if len(fixed) == 1 else "are"
         log(f"All data sets have a KB model: the overall {what} {verb} not determined by the data "

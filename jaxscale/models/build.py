@@ -41,6 +41,9 @@ class ScalingModel:
     states: dict[int, DatasetModelState]  # dataset_index -> DIALS model id/config/component names
     dataset_indices: list[int] = field(default_factory=list)  # in observation order
     consecutive_order: list[list[str]] = field(default_factory=list)  # keys per consecutive cycle
+    # LM iterations of the final full-matrix pass with final_fixed_mask (0: that pass only
+    # gives the covariance, conditional on the extra fixed parameters)
+    final_iterations: int = 1
 
     @property
     def n_obs(self) -> int:
