@@ -79,21 +79,22 @@ def absorption_surface(coefficients: np.ndarray, lmax: int, n_theta: int = 37, n
 
 
 def model_curves(model: ScalingModel, params: Mapping[str, Any], experiments: Sequence[Any],
-                 options: Any) -> dict:
+                 options: Any, datasets: Sequence[int] | None = None) -> dict:
     """Per data set: scale and relative B vs rotation evaluated from the fitted parameters
-    on a grid through the models API, and the absorption surface (physical model)."""
+    on a grid through the models API, and the absorption surface (physical model).
+    datasets: the model's data-set index of each experiment (default: all, in order)."""
     states = model.updated_states(params)
-    indices = list(model.dataset_indices) or sorted(states)
-    grids = [_grid_input(experiments[k], k) for k in indices]
+    indices = list(datasets) if datasets else (list(model.dataset_indices) or sorted(states))
+    grids = [_grid_input(experiments[pos], k) for pos, k in enumerate(indices)]
     grid_model = build_model([g for g, _ in grids], options, states=[states[k] for k in indices],
                              exact_harmonics=True)
     factors = {key: np.asarray(comp.apply(grid_model.params[key], grid_model.bases[key]))
                for key, comp in grid_model.components.items()}
     out = []
-    for k, (_, rotation) in zip(indices, grids):  # loop over data sets
+    for pos, (k, (_, rotation)) in enumerate(zip(indices, grids)):  # loop over data sets
         state = states[k]
         rows = grid_model.obs_slices[k]
-        entry: dict[str, Any] = {"name": f"{k}: {experiments[k].identifier[:8]} ({state.model_id})"}
+        entry: dict[str, Any] = {"name": f"{pos}: {experiments[pos].identifier[:8]} ({state.model_id})"}
         for key, f in factors.items():
             model_id, name = key.split(".", 1)
             if model_id != state.model_id:
@@ -155,8 +156,9 @@ def merged_intensities(obs: ScaledObservations, use_internal_variance: bool = Fa
 
 def report_data(stats: Any, table: ReflectionTable, experiments: Sequence[Any], model: ScalingModel,
                 params_tree: Mapping[str, Any], error_model: ErrorModelResult | None, options: Any,
-                title: str = "jaxscale scaling report") -> dict:
-    """The HTML report's data dict (jaxscale.report.html) from a finished run."""
+                title: str = "jaxscale scaling report", datasets: Sequence[int] | None = None) -> dict:
+    """The HTML report's data dict (jaxscale.report.html) from a finished run; datasets: the
+    model's data-set index of each experiment (when only some were written)."""
     from jaxscale.merge.merging import scaled_observations
     from jaxscale.merge.statistics import batch_statistics
 
@@ -167,7 +169,7 @@ def report_data(stats: Any, table: ReflectionTable, experiments: Sequence[Any], 
         "title": title,
         "statistics": stats,
         "batches": batch_statistics(obs, batch_numbers(table, experiments, obs), g),
-        "model": model_curves(model, params_tree, experiments, options),
+        "model": model_curves(model, params_tree, experiments, options, datasets),
         "outliers": outlier_positions(table),
         "merged": merged,
     }

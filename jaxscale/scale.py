@@ -35,8 +35,8 @@ from jaxscale.optimize.levmar import (
     parameter_covariance,
     propagate_variance,
 )
-from jaxscale.target.losses import get_loss
-from jaxscale.target.objective import ScalingTarget, make_problem, select_rows
+from jaxscale.target.robust import make_target
+from jaxscale.target.objective import make_problem, select_rows
 
 TEMPORARY_COLUMNS = ("intensity", "variance", "prescaling_correction", "s0c", "s1c", "Esq", "batch", "shoebox")
 
@@ -82,6 +82,9 @@ class ScaleResult:
     timings: dict[str, float]
     imid: float | None = None
     outputs: dict[str, str] = dataclasses.field(default_factory=dict)
+    filtering: dict | None = None  # scale_and_filter_results document (filtering.method=deltacchalf)
+    cross_validation: Any = None  # jaxscale.cross_validation.CrossValidationResult
+    work_free: dict | None = None  # work/free Rmeas and CC1/2 (use_free_set)
 
 
 # ------------------------------------------------------------------------- inputs
@@ -127,8 +130,9 @@ def _read_sources(params: Any, inputs: Sequence[str], log: "_Log") -> list[tuple
     sources = []
 
     def check(table, path):
-        if validate is not None:
-            for warning in validate.validate_reflections(table, path, intensity_choice=choice):
+        if validate is not None:  # s1 is needed only by absorption models (checked with the model)
+            required = tuple(c for c in validate.REQUIRED_COLUMNS if c != "s1")
+            for warning in validate.validate_reflections(table, path, intensity_choice=choice, required=required):
                 log(f"Warning: {warning}")
 
     for refl_path, expt_path in pairs:
@@ -145,9 +149,6 @@ def _read_sources(params: Any, inputs: Sequence[str], log: "_Log") -> list[tuple
 
         for path in mtzs:
             table, expts = read_unmerged_mtz(path)
-            if "partiality" in table and not np.any(np.asarray(table["partiality"]) > 0):
-                del table["partiality"]  # FRACTIONCALC = 0 throughout (AIMLESS output): no partialities
-                log(f"{path}: FRACTIONCALC is 0 throughout; treating the reflections as full")
             check(table, path)
             assign_identifiers(table, expts, path)
             sources.append((path, expts, table))
@@ -162,8 +163,9 @@ def _read_sources(params: Any, inputs: Sequence[str], log: "_Log") -> list[tuple
     return sources
 
 
-def _read_datasets(params: Any, inputs: Sequence[str], log: "_Log | None" = None) -> tuple[list, list[ReflectionTable]]:
-    """One (experiment, table) per experiment over all inputs, tables split by `id`."""
+def _read_datasets(params: Any, inputs: Sequence[str], log: "_Log | None" = None
+                   ) -> tuple[list, list[ReflectionTable], list[str]]:
+    """One (experiment, table, source path) per experiment over all inputs, tables split by `id`."""
     log = log if log is not None else _Log(None)
     experiments, tables, origin = [], [], []
     for path, expts, table in _read_sources(params, inputs, log):
@@ -195,7 +197,7 @@ def _read_datasets(params: Any, inputs: Sequence[str], log: "_Log | None" = None
         sgs = {e.space_group.number for e in experiments}
         if len(sgs) > 1:
             raise InputError(None, f"experiments have different space groups {sorted(sgs)}")
-    return experiments, tables
+    return experiments, tables, origin
 
 
 # ------------------------------------------------------------------------- observations
@@ -213,6 +215,7 @@ class _Obs:
     d_star_sq: np.ndarray  # f[n] with the first experiment's cell (E^2 test)
     epsilon: np.ndarray  # f[n]
     miller: np.ndarray  # i[n, 3] original indices
+    group_asu: np.ndarray | None = None  # i[n_groups, 3] ASU index of each group
 
     @property
     def n(self) -> int:
@@ -248,7 +251,8 @@ class _Scaler:
             rows = np.flatnonzero(_suitable(t))
             parts.append((k, rows, t))
         self.obs = self._observations(parts, sg)
-        self.target = ScalingTarget(model.components, model.params, loss=self._loss())
+        w = params.weighting  # least squares (DIALS) or a robust loss with its IRLS I_h
+        self.target = make_target(model.components, model.params, w.likelihood, w.student_t_dof, w.huber_delta)
         self.x = self.target.x0.copy()
         self.free = self.target.free_mask(model.fixed_mask)
         self.final_free = self.target.free_mask(model.final_fixed_mask)
@@ -263,17 +267,11 @@ class _Scaler:
         self.imid: float | None = None
         self.imids: dict[int, float] = {}  # data-set position -> chosen Imid
         self._subset: np.ndarray | None = None
+        self.free_set = np.zeros(self.obs.n, dtype=bool)  # rows of free-set groups (use_free_set)
+        self.free_set_asu = np.zeros((0, 3), dtype=np.int32)
         self.g = np.asarray(self.target.inverse_scale(jax.device_put(self.x), model.bases))
 
     # -------------------------------------------------------------- setup helpers
-    def _loss(self):
-        name = self.p.weighting.likelihood
-        if name == "student_t":
-            return get_loss(name, dof=self.p.weighting.student_t_dof)
-        if name == "huber":
-            return get_loss(name, k=self.p.weighting.huber_delta)
-        return get_loss(name)
-
     def _initial_error_model(self) -> tuple[float, float]:
         em = self.p.weighting.error_model
         a, b = 1.0, 0.02
@@ -302,7 +300,7 @@ class _Scaler:
                 part.append(np.asarray(t["partiality"])[rows])
         miller = np.concatenate(miller)
         asu, _ = map_to_asu(miller, sg, anomalous=bool(self.p.anomalous))
-        group, _ = group_ids(asu)
+        group, group_asu = group_ids(asu)
         asu_anom, _ = map_to_asu(miller, sg, anomalous=True)
         group_anom, _ = group_ids(asu_anom)
         return _Obs(
@@ -316,6 +314,7 @@ class _Scaler:
             d_star_sq=d_star_sq(miller, cell),
             epsilon=epsilon(miller, sg).astype(np.float64),
             miller=miller,
+            group_asu=group_asu,
         )
 
     # -------------------------------------------------------------- weights, subsets
@@ -325,6 +324,20 @@ class _Scaler:
             a, b = error_model
             v = a * a * (v + (b * self.obs.intensity) ** 2)
         return 1.0 / v
+
+    def choose_free_set(self, percentage: float, offset: int) -> None:
+        """Leave every int(100/percentage)-th group (sorted ASU order, from `offset`) out of
+        minimisation (target.md §6); they still count for outliers, error model, output."""
+        n_groups = int(self.obs.group.max()) + 1 if self.obs.n else 0
+        free_groups = np.arange(int(offset), n_groups, max(int(100.0 / percentage), 1))
+        self.free_set = np.isin(self.obs.group, free_groups)
+        self.free_set_asu = self.obs.group_asu[free_groups]
+        self.log(f"Free set: {free_groups.size} of {n_groups} groups ({int(self.free_set.sum())} reflections) "
+                 "left out of minimisation")
+
+    def minimisation_rows(self) -> np.ndarray:
+        """Rows the minimiser sees: the scaling subset less outliers and the free set."""
+        return self.subset() & ~self.outlier & ~self.free_set
 
     def subset(self) -> np.ndarray:
         """Rows chosen for minimisation (chosen once, on the first call: DIALS' scaling subset)."""
@@ -378,9 +391,14 @@ class _Scaler:
         return res.selected
 
     # -------------------------------------------------------------- minimisation
-    def _problem(self, rows: np.ndarray):
-        """Padded ScalingProblem + bases over `rows` (weights with the current error model)."""
+    def _problem(self, rows: np.ndarray, ih_of_group: np.ndarray | None = None):
+        """Padded ScalingProblem + bases over `rows` (weights with the current error model).
+
+        ih_of_group (f[n_groups of obs], NaN = none): a fixed reference I_h (targeted
+        scaling); rows of groups without one are left out."""
         o = self.obs
+        if ih_of_group is not None:
+            rows = rows & np.isfinite(ih_of_group)[o.group]
         idx = np.flatnonzero(rows)
         n = idx.size
         size = _bucket(n)
@@ -392,7 +410,11 @@ class _Scaler:
         w = np.r_[self.weights(self.error_model)[idx], np.zeros(pad)]
         inten = np.r_[o.intensity[idx], np.zeros(pad)]
         gid_p = np.r_[gid, np.full(pad, n_groups)]
-        problem = make_problem(inten, w, gid_p, n_groups=g_size)
+        ih_ref = None
+        if ih_of_group is not None:
+            ih_ref = np.zeros(g_size)
+            ih_ref[gid] = ih_of_group[o.group[idx]]
+        problem = make_problem(inten, w, gid_p, n_groups=g_size, ih_reference=ih_ref)
         return problem, select_rows(self.model.bases, idx_p)
 
     def _cycles(self, free: np.ndarray) -> list[tuple[str, np.ndarray]]:
@@ -407,14 +429,18 @@ class _Scaler:
                 out.append((f" [{', '.join(keys)}]", mask))
         return out
 
-    def lbfgs_round(self, label: str) -> None:
-        if not np.any(self.free):
+    def lbfgs_round(self, label: str, rows: np.ndarray | None = None, free: np.ndarray | None = None,
+                    ih_of_group: np.ndarray | None = None) -> None:
+        """One minimisation round (the engine's L-BFGS or LM); rows/free default to the
+        minimisation rows and all free parameters; ih_of_group: fixed I_h (targeted)."""
+        free = self.free if free is None else free
+        if not np.any(free):
             self.log(f"\n{label}: no free parameters")
             return
-        rows = self.subset() & ~self.outlier
-        problem, bases = self._problem(rows)
+        rows = self.minimisation_rows() if rows is None else rows
+        problem, bases = self._problem(rows, ih_of_group)
         ref = self.p.scaling_refinery
-        for suffix, free in self._cycles(self.free):
+        for suffix, free in self._cycles(free):
             data = self.target.data(problem, bases, anchor=self.x, free=free)
             if ref.engine == "SimpleLBFGS":
                 res = minimise_lbfgs(self.target, data, x0=self.x, rmsd_tolerance=ref.rmsd_tolerance,
@@ -439,22 +465,25 @@ class _Scaler:
             covariance += parameter_covariance(res, damped=True)
         return covariance
 
-    def full_matrix_round(self) -> bool:
+    def full_matrix_round(self, rows: np.ndarray | None = None, free: np.ndarray | None = None,
+                          ih_of_group: np.ndarray | None = None) -> bool:
         """LM round (+ one with the first scale fixed) and the covariance; False (parameters
         unchanged, no covariance) when there is nothing to refine or the normal equations
-        are singular."""
+        are singular. rows/free/ih_of_group as `lbfgs_round`."""
         ref = self.p.scaling_refinery
-        if not np.any(self.free):
+        free = self.free if free is None else free
+        final_free = self.final_free & free
+        if not np.any(free):
             self.log("\nFull-matrix round: no free parameters")
             return False
-        rows = self.subset() & ~self.outlier
-        problem, bases = self._problem(rows)
+        rows = self.minimisation_rows() if rows is None else rows
+        problem, bases = self._problem(rows, ih_of_group)
         x_before = self.x.copy()
         try:
-            covariance = self._full_matrix_pass(problem, bases, self.free, "Full-matrix round",
+            covariance = self._full_matrix_pass(problem, bases, free, "Full-matrix round",
                                                 ref.rmsd_tolerance, ref.full_matrix_max_iterations)
-            if np.any(self.final_free != self.free):
-                covariance = self._full_matrix_pass(problem, bases, self.final_free,
+            if np.any(final_free != free):
+                covariance = self._full_matrix_pass(problem, bases, final_free,
                                                     "Full-matrix round (first scale parameter fixed)",
                                                     ref.rmsd_tolerance / 4.0, self.model.final_iterations)
         except ValueError as exc:  # a parameter without data: no full-matrix solution
@@ -611,68 +640,121 @@ def anchor_degenerate_scale(model: ScalingModel, log: _Log) -> list[str]:
 
 
 def _dataset_inputs(experiments: list, prepared: list) -> list[DatasetInput]:
+    """Model inputs of each data set's suitable rows; s1 zero where the table has none
+    (only the absorption components need it, see `_model_states`)."""
     out = []
-    for k, (expt, prep) in enumerate(zip(experiments, prepared)):
+    for k, (expt, prep) in enumerate(zip(experiments, prepared)):  # loop over data sets
         t = prep.table
         rows = _suitable(t)
         d_all = np.asarray(t["d"])
         xyz = np.asarray(t["xyzobs.px.value"])
         config = d_all > 0
+        s1 = np.asarray(t["s1"])[rows] if "s1" in t else np.zeros((int(rows.sum()), 3))
         out.append(DatasetInput(
-            experiment=expt, z_px=xyz[rows, 2], d=d_all[rows], s1=np.asarray(t["s1"])[rows],
+            experiment=expt, z_px=xyz[rows, 2], d=d_all[rows], s1=s1,
             xyz_px=xyz[rows], dataset_index=k, config_xyz_px=xyz[config], config_d=d_all[config]))
     return out
 
 
-# ------------------------------------------------------------------------- public entry
-def run(params: Any, inputs: Sequence[str], progress: Any | None = None) -> ScaleResult:
-    """Scale the inputs with dials.scale's algorithm; write outputs named in params.output."""
-    from jaxscale.data.exclude import apply_exclude_images
+def _model_states(inputs: list[DatasetInput], prepared: list, origins: list[str], params: Any, log: _Log) -> list:
+    """Each data set's model state (new, or loaded from a scaled .expt), limited to its valid
+    image range as DIALS' set_image_ranges_in_scaling_models does; a model with an
+    absorption surface needs s1 (orientation), which unmerged MTZ files may lack."""
+    from jaxscale.data.exclude import initial_valid_ranges
+    from jaxscale.models.build import _dataset_state
+    from jaxscale.models.registry import MODEL_TYPES
 
-    log = _Log(progress)
-    timings: dict[str, float] = {}
-    t_start = time.perf_counter()
-    log.phase("reading input", None)
-    experiments, tables = _read_datasets(params, inputs, log)
-    log.end()
-    if not experiments:
-        raise InputError(None, "no data sets to scale")
+    states = []
+    for data, prep, path in zip(inputs, prepared, origins):  # loop over data sets
+        expt = data.experiment
+        state = _dataset_state(data, params)
+        ranges = initial_valid_ranges(expt)
+        if ranges and not expt.is_still:
+            state.config.setdefault("valid_image_range", list(expt.image_range))
+            new = [int(ranges[0][0]), int(ranges[-1][1])]
+            if [int(v) for v in state.config["valid_image_range"]] != new:
+                MODEL_TYPES[state.model_id].limit_image_range(state, (new[0], new[1]))
+                log(f"Data set {data.dataset_index}: model limited to images {new[0]}-{new[1]}")
+        if "absorption" in state.params and "s1" not in prep.table:
+            raise InputError(path, f"the {state.model_id} model's absorption correction needs s1 (crystal "
+                             "orientation), which this file does not give; use model=KB or model=array, or "
+                             "physical.absorption_correction=False", field="s1")
+        states.append(state)
+    return states
+
+
+def _prepare(params: Any, experiments: list, tables: list[ReflectionTable], origins: list[str], log: _Log):
+    """Exclude images (one call over all data sets; the valid ranges are recorded in each
+    scan), then cuts and intensity choice per data set. A data set DIALS cannot use is
+    dropped with a log line in multi-data-set runs (InputError naming the file otherwise).
+    Returns (experiments, tables, origins, prepared) of the data sets kept."""
+    from jaxscale.data.exclude import apply_exclude_images
+    from jaxscale.data.prepare import UnusableDatasetError
+
     cell = best_unit_cell(experiments) if params.reflection_selection.best_unit_cell is None else None
     if cell is None:
         import gemmi
 
         cell = gemmi.UnitCell(*params.reflection_selection.best_unit_cell)
-    prepared = []
-    for k, (expt, table) in enumerate(zip(experiments, tables)):
-        excluded = None
-        if params.exclude_images:
-            z = np.asarray(table["xyzobs.px.value"])[:, 2]
-            excluded, _ = apply_exclude_images(np.full(len(table), k), z, [expt], [k], params.exclude_images)
-        prep = prepare_dataset(
-            table, intensity_choice=params.reflection_selection.intensity_choice,
-            partiality_cutoff=params.cut_data.partiality_cutoff, min_isigi=params.cut_data.min_isigi,
-            best_cell=cell, d_min=params.cut_data.d_min, d_max=params.cut_data.d_max, image_excluded=excluded)
-        log(f"Data set {k}: {prep.counts.n_input} rows, {prep.counts.n_partials_combined} partials combined, "
-            f"{prep.counts.n_user_excluded_or_excluded} excluded, {prep.counts.n_suitable} suitable")
-        prepared.append(prep)
-    timings["prepare"] = time.perf_counter() - t_start
+    sizes = [len(t) for t in tables]
+    dataset = np.repeat(np.arange(len(tables)), sizes)
+    z = np.concatenate([np.asarray(t["xyzobs.px.value"], dtype=np.float64).reshape(-1, 3)[:, 2] for t in tables])
+    excluded, ranges = apply_exclude_images(dataset, z, experiments, list(range(len(experiments))),
+                                            params.exclude_images)
+    bounds = np.r_[0, np.cumsum(sizes)]
+    kept: list[tuple[Any, ReflectionTable, str, Any]] = []
+    for k, (expt, table, path) in enumerate(zip(experiments, tables, origins)):  # loop over data sets
+        if ranges[k] is not None:
+            scan = dict(expt.scan)
+            scan["valid_image_ranges"] = {**(scan.get("valid_image_ranges") or {}),
+                                          expt.identifier: [[int(a), int(b)] for a, b in ranges[k]]}
+            expt = dataclasses.replace(expt, scan=scan)
+        try:
+            if ranges[k] == []:
+                raise UnusableDatasetError("every image is excluded")
+            prep = prepare_dataset(
+                table, intensity_choice=params.reflection_selection.intensity_choice,
+                partiality_cutoff=params.cut_data.partiality_cutoff, min_isigi=params.cut_data.min_isigi,
+                best_cell=cell, d_min=params.cut_data.d_min, d_max=params.cut_data.d_max,
+                image_excluded=excluded[bounds[k]:bounds[k + 1]])
+        except UnusableDatasetError as exc:
+            if len(experiments) == 1:
+                raise InputError(path, str(exc)) from None
+            log(f"Data set {k} ({path}, {expt.identifier}) removed: {exc}")
+            continue
+        log(f"Data set {len(kept)}: {prep.counts.n_input} rows, {prep.counts.n_partials_combined} partials "
+            f"combined, {prep.counts.n_user_excluded_or_excluded} excluded, {prep.counts.n_suitable} suitable")
+        kept.append((expt, table, path, prep))
+    if not kept:
+        raise InputError(origins[0] if len(set(origins)) == 1 else None,
+                         "no data set is usable for scaling (see the log for each data set's reason)")
+    return [e for e, *_ in kept], [t for _, t, *_ in kept], [o for _, _, o, _ in kept], [p for *_, p in kept]
 
-    t0 = time.perf_counter()
-    model = build_model(_dataset_inputs(experiments, prepared), params)
-    anchor_degenerate_scale(model, log)
-    scaler = _Scaler(params, experiments, prepared, model, log)
-    log(f"Model: {', '.join(f'{k} {np.size(v)}' for k, v in model.params.items())} parameters")
-    timings["model"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    so = params.scaling_options
-    already_scaled = all(s.is_scaled for s in model.states.values())
+@dataclasses.dataclass
+class ScalePass:
+    """One scaling run in memory: scaled table and experiments, the engine, statistics."""
+
+    table: ReflectionTable  # all data sets, id = data-set position
+    experiments: list
+    origins: list[str]
+    scaler: "_Scaler"
+    stats: Any
+    datasets: list[int] = dataclasses.field(default_factory=list)  # model data-set index of each output one
+    work_free: dict | None = None  # free-set statistics (use_free_set)
+
+
+def _scaling_algorithm(scaler: "_Scaler", params: Any, tables: list[ReflectionTable], full_matrix: bool,
+                       log: _Log, initial_outliers: bool = True) -> None:
+    """dials.scale's default algorithm (overview.md §5) on a prepared engine."""
+    prepared = scaler.prepared
+    already_scaled = all(s.is_scaled for s in scaler.model.states.values())
     if already_scaled:
-        for k, prep in enumerate(prepared):
+        for k, prep in enumerate(prepared):  # loop over data sets
             sel = scaler.obs.dataset == k
             scaler.outlier[sel] = F.has_any(np.asarray(tables[k]["flags"])[prep.kept_rows][scaler.obs.row[sel]],
                                             F.OUTLIER_IN_SCALING)
-    else:
+    elif initial_outliers:
         scaler.reject_outliers("initial", per_dataset=True)
     log.phase("scaling", 6)
     scaler.lbfgs_round("Round 1")
@@ -688,7 +770,7 @@ def run(params: Any, inputs: Sequence[str], progress: Any | None = None) -> Scal
     scaler.reject_outliers("after round 2")
     scaler.refine_error_model("after round 2")
     log.advance()
-    if so.full_matrix:
+    if full_matrix:
         scaler.expand(with_covariance=scaler.full_matrix_round())
     else:
         scaler.lbfgs_round("Round 3")
@@ -697,25 +779,151 @@ def run(params: Any, inputs: Sequence[str], progress: Any | None = None) -> Scal
     scaler.reject_outliers("final")
     scaler.refine_error_model("final")
     log.end()
-    timings["scaling"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    out_table, out_experiments = _output_tables(scaler, experiments, prepared, params, log)
+
+def _merging_stats(params: Any, table: ReflectionTable, experiments: list, log: _Log, *, anomalous: bool = True,
+                   quiet: bool = False):
+    """Merging statistics of the scaled rows (None, with a log line, when there are none)."""
     from jaxscale.merge.merging import scaled_observations
     from jaxscale.merge.statistics import merging_statistics
 
-    stats = None
     try:
-        obs = scaled_observations(out_table, out_experiments, anomalous=False)
+        obs = scaled_observations(table, experiments, anomalous=False)
         stats = merging_statistics(obs, n_bins=params.output.merging.nbins or 20,
                                    use_internal_variance=params.output.use_internal_variance,
-                                   anomalous=True, d_min=params.cut_data.d_min)
+                                   anomalous=anomalous, d_min=params.cut_data.d_min)
+    except InputError as exc:
+        log(f"No merging statistics: {exc}")
+        return None
+    if not quiet:
         from jaxscale.report.text import merging_report
 
         log(merging_report(stats))
-    except InputError as exc:
-        log(f"No merging statistics: {exc}")
-    timings["statistics"] = time.perf_counter() - t0
+    return stats
+
+
+def scale_datasets(params: Any, experiments: list, tables: list[ReflectionTable], origins: list[str], log: _Log,
+                   *, full_matrix: bool | None = None, timings: dict[str, float] | None = None,
+                   statistics: bool = True) -> ScalePass:
+    """Prepare, model and scale the given data sets (one dials.scale run, no files written).
+
+    Targeted scaling runs first when a reference is given or when scaled and unscaled data
+    sets are mixed (`target_cycle`); full_matrix overrides scaling_options.full_matrix
+    (ΔCC½ cycles scale without it).
+    """
+    timings = {} if timings is None else timings
+    t0 = time.perf_counter()
+    experiments, tables, origins, prepared = _prepare(params, experiments, tables, origins, log)
+    timings["prepare"] = timings.get("prepare", 0.0) + time.perf_counter() - t0
+    t0 = time.perf_counter()
+    inputs = _dataset_inputs(experiments, prepared)
+    model = build_model(inputs, params, states=_model_states(inputs, prepared, origins, params, log))
+    from jaxscale import targeted
+
+    plan = targeted.plan(params, model)
+    if plan.reference_path is None:
+        anchor_degenerate_scale(model, log)
+    scaler = _Scaler(params, experiments, prepared, model, log)
+    if params.scaling_options.use_free_set:
+        scaler.choose_free_set(params.scaling_options.free_set_percentage or 10.0,
+                               params.scaling_options.free_set_offset or 0)
+    log(f"Model: {', '.join(f'{k} {np.size(v)}' for k, v in model.params.items())} parameters")
+    timings["model"] = timings.get("model", 0.0) + time.perf_counter() - t0
+    t0 = time.perf_counter()
+    full = params.scaling_options.full_matrix if full_matrix is None else full_matrix
+    out_datasets = list(range(len(experiments)))
+    if plan.active:
+        go_on, out_datasets = targeted.targeted_scaling(scaler, params, plan, tables, full, log)
+        if go_on:
+            _scaling_algorithm(scaler, params, tables, full, log, initial_outliers=False)
+    else:
+        _scaling_algorithm(scaler, params, tables, full, log)
+    timings["scaling"] = timings.get("scaling", 0.0) + time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out_table, out_experiments = _output_tables(scaler, experiments, prepared, params, log, datasets=out_datasets)
+    stats = _merging_stats(params, out_table, out_experiments, log) if statistics else None
+    work_free = free_set_statistics(scaler, params, out_table, out_experiments, log) \
+        if params.scaling_options.use_free_set else None
+    timings["statistics"] = timings.get("statistics", 0.0) + time.perf_counter() - t0
+    return ScalePass(out_table, out_experiments, [origins[k] for k in out_datasets], scaler, stats,
+                     out_datasets, work_free)
+
+
+def free_set_statistics(scaler: "_Scaler", params: Any, table: ReflectionTable, experiments: list,
+                        log: _Log) -> dict | None:
+    """Work/free Rmeas and CC½ (DIALS' work_free_stats) of the scaled table: the free set is
+    the groups left out of minimisation (target.md §6)."""
+    from jaxscale.data.symmetry import pack_hkl
+
+    free_keys = np.unique(pack_hkl(scaler.free_set_asu))
+    asu, _ = map_to_asu(np.asarray(table["miller_index"]), experiments[0].space_group,
+                        anomalous=bool(params.anomalous))
+    in_free = np.isin(pack_hkl(asu), free_keys)
+    out = {}
+    for name, rows in (("work", ~in_free), ("free", in_free)):
+        stats = _merging_stats(params, table.select(np.flatnonzero(rows)), experiments, log, anomalous=False,
+                               quiet=True)
+        if stats is None:
+            return None
+        out[name] = stats
+    w, f = out["work"].overall, out["free"].overall
+    result = {"work_rmeas": float(w.r_meas[0]), "free_rmeas": float(f.r_meas[0]),
+              "rmeas_gap": float(f.r_meas[0] - w.r_meas[0]), "work_cc_half": float(w.cc_half[0]),
+              "free_cc_half": float(f.cc_half[0]), "cc_half_gap": float(w.cc_half[0] - f.cc_half[0])}
+    log(f"Free set ({int(in_free.sum())} reflections): Rmeas work {result['work_rmeas']:.5f} free "
+        f"{result['free_rmeas']:.5f}; CC1/2 work {result['work_cc_half']:.5f} free {result['free_cc_half']:.5f}")
+    return result
+
+
+def split_by_dataset(table: ReflectionTable, experiments: list) -> list[ReflectionTable]:
+    """A scaled table (id = data-set position) as one table per experiment (id 0), the form
+    `scale_datasets` takes (so a later pass continues from the scaled models)."""
+    ids = np.asarray(table["id"])
+    out = []
+    for k, expt in enumerate(experiments):  # loop over data sets
+        sub = table.select(np.flatnonzero(ids == k))
+        sub["id"] = np.zeros(len(sub), dtype=np.int32)
+        sub.identifiers = {0: expt.identifier}
+        out.append(sub)
+    return out
+
+
+# ------------------------------------------------------------------------- public entry
+def run(params: Any, inputs: Sequence[str], progress: Any | None = None) -> ScaleResult:
+    """Scale the inputs with dials.scale's algorithm; write outputs named in params.output."""
+    log = _Log(progress)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    log.phase("reading input", None)
+    experiments, tables, origins = _read_datasets(params, inputs, log)
+    log.end()
+    if not experiments:
+        raise InputError(None, "no data sets to scale")
+    if params.scaling_options.check_consistent_indexing:
+        tables = _reindex_consistently(params, experiments, tables, log)
+    extra_jobs: list = []
+    filtering = cross_validation = None
+    if params.cross_validation.cross_validation_mode:
+        from jaxscale.cross_validation import cross_validate
+
+        cross_validation, last = cross_validate(params, experiments, tables, origins, log)
+        log("Cross validation analysis does not produce scaling output files, rather it gives insight into "
+            "the dataset. Choose an appropriate parameterisation and rerun scaling without cross_validation_mode.")
+        timings["total"] = time.perf_counter() - t_start
+        outputs = _write_log_only(params, log)
+        return ScaleResult(last.table, last.experiments, last.scaler.model, last.scaler.x, last.scaler.error_model,
+                           last.scaler.error_model_result, last.stats, log.lines, timings, last.scaler.imid, outputs,
+                           cross_validation=cross_validation)
+    if params.filtering.method == "deltacchalf":
+        from jaxscale.filtering import scale_and_filter, results_job
+
+        result, filtering = scale_and_filter(params, experiments, tables, origins, log, timings)
+        job = results_job(params, filtering)
+        if job is not None:
+            extra_jobs.append(job)
+    else:
+        result = scale_datasets(params, experiments, tables, origins, log, timings=timings)
+    scaler, out_table, out_experiments, stats = result.scaler, result.table, result.experiments, result.stats
 
     t0 = time.perf_counter()
     params_tree = {k: np.asarray(v) for k, v in scaler.target.params_of(scaler.x).items()}
@@ -724,11 +932,48 @@ def run(params: Any, inputs: Sequence[str], progress: Any | None = None) -> Scal
         from jaxscale.outputs import report_data
 
         report = report_data(stats, out_table, out_experiments, scaler.model, params_tree,
-                             scaler.error_model_result, params)
+                             scaler.error_model_result, params, datasets=result.datasets)
     timings["report"] = time.perf_counter() - t0
-    outputs = _write_outputs(params, out_table, out_experiments, stats, report, scaler, log, timings, t_start)
-    return ScaleResult(out_table, out_experiments, model, scaler.x, scaler.error_model, scaler.error_model_result,
-                       stats, log.lines, timings, scaler.imid, outputs)
+    outputs = _write_outputs(params, out_table, out_experiments, stats, report, scaler, log, timings, t_start,
+                             extra_jobs)
+    return ScaleResult(out_table, out_experiments, scaler.model, scaler.x, scaler.error_model,
+                       scaler.error_model_result, stats, log.lines, timings, scaler.imid, outputs,
+                       filtering=filtering, work_free=result.work_free)
+
+
+def _reindex_consistently(params: Any, experiments: list, tables: list[ReflectionTable], log: _Log
+                          ) -> list[ReflectionTable]:
+    """check_consistent_indexing: resolve the indexing ambiguity between data sets (as
+    dials.cosym before scaling) and reindex each table's miller indices."""
+    from jaxscale.data.consistent_indexing import apply_reindexing, resolve_indexing_ambiguity
+
+    if len(tables) < 2:
+        log("check_consistent_indexing: one data set, nothing to reindex")
+        return tables
+    cols = ("intensity.prf.value", "intensity.prf.variance") if all(
+        "intensity.prf.value" in t for t in tables) else ("intensity.sum.value", "intensity.sum.variance")
+    sizes = [len(t) for t in tables]
+    dataset = np.repeat(np.arange(len(tables)), sizes)
+    miller = np.concatenate([np.asarray(t["miller_index"]) for t in tables])
+    intensity = np.concatenate([np.asarray(t[cols[0]], dtype=np.float64) for t in tables])
+    variance = np.concatenate([np.asarray(t[cols[1]], dtype=np.float64) for t in tables])
+    indexed = np.concatenate([np.asarray(t["id"]) >= 0 for t in tables])
+    variance = np.where(indexed, variance, -1.0)  # unindexed rows take no part in the decision
+    res = resolve_indexing_ambiguity(miller, intensity, variance, dataset, len(tables),
+                                     experiments[0].space_group, best_unit_cell(experiments),
+                                     d_min=params.cut_data.d_min)
+    for line in res.log_lines:
+        log(line)
+    log(f"Consistent indexing: candidate operations {', '.join(res.candidate_ops)}; "
+        f"{res.n_flipped} data set(s) reindexed")
+    bounds = np.r_[0, np.cumsum(sizes)]
+    out = []
+    for k, (t, op) in enumerate(zip(tables, res.ops)):  # loop over data sets
+        log(f"  data set {k}: {op} (confidence {res.confidence[k]:.3f})")
+        t = t.copy()
+        t["miller_index"] = res.reindexed_miller[bounds[k]:bounds[k + 1]].astype(np.int32)
+        out.append(t)
+    return out
 
 
 def _parameter_text(params: Any) -> str:
@@ -738,8 +983,10 @@ def _parameter_text(params: Any) -> str:
     return format_phil(params, expert_level=10)
 
 
-def _output_tables(scaler: _Scaler, experiments: list, prepared: list, params: Any, log: _Log):
-    """Per data set: scales, variances (§5.5), flags; concatenated with id = data-set index."""
+def _output_tables(scaler: _Scaler, experiments: list, prepared: list, params: Any, log: _Log,
+                   datasets: Sequence[int] | None = None):
+    """Per data set (those in `datasets`, default all): scales, variances (§5.5), flags;
+    concatenated with id = position in the output."""
     o = scaler.obs
     out_tables = []
     cutoff = params.cut_data.small_scale_cutoff or 0.0
@@ -747,7 +994,8 @@ def _output_tables(scaler: _Scaler, experiments: list, prepared: list, params: A
     params_tree = scaler.target.params_of(scaler.x)
     esd_tree = None if esd_flat is None else {k: np.asarray(v) for k, v in scaler.target.params_of(esd_flat).items()}
     out_experiments = []
-    for k, (expt, prep) in enumerate(zip(experiments, prepared)):
+    for pos, k in enumerate(range(len(experiments)) if datasets is None else datasets):  # loop over data sets
+        expt, prep = experiments[k], prepared[k]
         t = prep.table.copy()
         n = len(t)
         sel = o.dataset == k
@@ -773,8 +1021,8 @@ def _output_tables(scaler: _Scaler, experiments: list, prepared: list, params: A
         t["inverse_scale_factor_variance"] = var_g
         t["intensity.scale.value"] = intensity
         t["intensity.scale.variance"] = variance
-        t["id"] = np.full(n, k, dtype=np.int32)
-        t.identifiers = {k: expt.identifier}
+        t["id"] = np.full(n, pos, dtype=np.int32)
+        t.identifiers = {pos: expt.identifier}
         for col in TEMPORARY_COLUMNS:
             if col in t:
                 del t[col]
@@ -790,8 +1038,20 @@ def _output_tables(scaler: _Scaler, experiments: list, prepared: list, params: A
     return table, out_experiments
 
 
+def _write_log_only(params: Any, log: _Log) -> dict[str, str]:
+    """Write just the log (cross-validation writes no scaled data)."""
+    from jaxscale.io.atomic import atomic_write_text
+    from jaxscale.outputs import write_all
+
+    if not params.output.log:
+        return {}
+    text = "Parameters in effect:\n" + _parameter_text(params).rstrip("\n") + "\n\n" + "\n".join(log.lines) + "\n"
+    return write_all([("log", params.output.log, lambda path: atomic_write_text(path, text))])
+
+
 def _write_outputs(params: Any, table: ReflectionTable, experiments: list, stats: Any, report: dict | None,
-                   scaler: "_Scaler", log: _Log, timings: dict[str, float], t_start: float) -> dict[str, str]:
+                   scaler: "_Scaler", log: _Log, timings: dict[str, float], t_start: float,
+                   extra_jobs: Sequence = ()) -> dict[str, str]:
     """Write every output together (jaxscale.outputs.write_all): all or none."""
     from jaxscale.io.atomic import atomic_write_text
     from jaxscale.outputs import output_jobs, write_all
@@ -800,7 +1060,7 @@ def _write_outputs(params: Any, table: ReflectionTable, experiments: list, stats
                 "n_outliers": int(scaler.outlier.sum()), "n_datasets": len(experiments),
                 "models": [scaler.model.states[k].model_id for k in sorted(scaler.model.states)],
                 "timings": timings}
-    jobs = output_jobs(params, table, experiments, stats, report, run_info)
+    jobs = output_jobs(params, table, experiments, stats, report, run_info) + list(extra_jobs)
     for name, path, _ in jobs:
         log(f"Saving {name} to {path}")
     timings["total"] = time.perf_counter() - t_start

@@ -650,8 +650,8 @@ def read_unmerged_mtz(path: str | os.PathLike) -> tuple[ReflectionTable, Experim
     A sweep is a run of consecutive batch numbers of one dataset (all batches of a dataset
     when the file has no batch headers). Columns (DIALS names): miller_index (original,
     from M/ISYM), id, flags, batch, intensity.sum.* (I, SIGI²), intensity.prf.* (IPR),
-    xyzobs.px.value (XDET, YDET, z = batch − first batch + 0.5), partiality (FRACTIONCALC
-    or 1), lp, qe, background.sum.*, inverse_scale_factor(+variance) from SCALEUSED, rot
+    xyzobs.px.value (XDET, YDET, z = batch − first batch + 0.5), partiality (FRACTIONCALC;
+    1 where absent or zero throughout), lp, qe, background.sum.*, inverse_scale_factor(+variance) from SCALEUSED, rot
     (ROT, degrees), d (MTZ cell), and s1 where the batch headers give an orientation that
     reproduces |s1| = 1/λ (checked, since old exports use other frames).
     """
@@ -755,7 +755,9 @@ def read_unmerged_mtz(path: str | os.PathLike) -> tuple[ReflectionTable, Experim
     xdet = col.get("XDET", col.get("X", np.zeros(n)))
     ydet = col.get("YDET", col.get("Y", np.zeros(n)))
     cols["xyzobs.px.value"] = np.stack([xdet, ydet, batch - first_of_row + 0.5], 1)
-    cols["partiality"] = col["FRACTIONCALC"].copy() if "FRACTIONCALC" in col else np.ones(n)
+    # FRACTIONCALC all zero (AIMLESS/careless outputs) or absent: the reflections are full
+    fraction = col.get("FRACTIONCALC")
+    cols["partiality"] = fraction.copy() if fraction is not None and np.any(fraction > 0) else np.ones(n)
     for src, dst in (("LP", "lp"), ("QE", "qe"), ("ROT", "rot")):
         if src in col:
             cols[dst] = col[src]
