@@ -9,14 +9,21 @@ by `lax.scan`, so the n_obs x n_params Jacobian is never held. Restraints add ro
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxscale.optimize.lbfgs import MAX_ITERATIONS, RMSD_CONVERGED, OptimisationResult
-from jaxscale.target.objective import ChunkData, ScalingTarget, TargetData, chunk_by_groups, n_reflections
+from jaxscale.target.objective import (
+    ChunkData,
+    ScalingTarget,
+    TargetData,
+    chunk_by_groups,
+    n_reflections,
+    safe_divide,
+)
 
 MAX_TRIAL_ITERATIONS = "Reached maximum number of consecutive unsuccessful trial steps"
 OBJECTIVE_FLAT = "objective flat"
@@ -34,22 +41,103 @@ class FullMatrixResult(OptimisationResult):
     n_equations: int = 0
 
 
+def _has_slot_bases(target: ScalingTarget, bases: Any) -> bool:
+    """True when every component reads its parameters through a 2-D `idx` basis (the
+    linear-form contract of models/linear.py), so that dg/dp can be taken per row slot."""
+    return all(isinstance(bases.get(k), Mapping) and "idx" in bases[k] and np.ndim(bases[k]["idx"]) == 2
+               for k in target.components)
+
+
+def slot_derivatives(target: ScalingTarget, x_eff: jax.Array, bases: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """g and the non-zero entries of D = dg/dp, row by row (traced).
+
+    Row i of component c reads `params_c[idx_c[i, k]]` for its K_c slots k and nothing else,
+    so dg_i/dp is the per-row gradient with respect to these K_c values, scattered to their
+    flat columns. Taking it with a vmapped per-row `jax.grad` costs O(n sum_c K_c) instead of
+    the O(n n_params sum_c K_c) of `jacfwd` over all parameters.
+    Returns g: f[C], d: f[C, S], cols: i[C, S] (S = sum_c K_c; repeated columns add up).
+    """
+    params = target.unravel(x_eff)
+    factors = {k: comp.apply(params[k], bases[k]) for k, comp in target.components.items()}
+    g = target._inverse_scale(x_eff, bases)
+    d_parts, col_parts = [], []
+    for k, comp in target.components.items():  # loop over model components (few)
+        basis = bases[k]
+        n_slots = basis["idx"].shape[1]
+        others = jnp.ones_like(g)
+        for other, f in factors.items():
+            if other != k:
+                others = others * f
+
+        def row_factor(p_row, b_row, comp=comp, n_slots=n_slots):
+            b1 = {name: v[None] for name, v in b_row.items()}
+            b1["idx"] = jnp.arange(n_slots)[None]
+            return comp.apply(p_row, b1)[0]
+
+        df = jax.vmap(jax.grad(row_factor))(params[k][basis["idx"]], basis)  # f[C, K_c]
+        d_parts.append(others[:, None] * df)
+        col_parts.append(basis["idx"].astype(jnp.int32) + target.slices[k].start)
+    return g, jnp.concatenate(d_parts, axis=1), jnp.concatenate(col_parts, axis=1)
+
+
+def _dense_rows(d: jax.Array, cols: jax.Array, n: int) -> jax.Array:
+    """f[C, n] with row i holding d[i] at cols[i] (repeated columns summed)."""
+    rows = jnp.broadcast_to(jnp.arange(d.shape[0])[:, None], cols.shape)
+    return jnp.zeros((d.shape[0], n), d.dtype).at[rows, cols].add(d)
+
+
 class NormalEquations:
-    """Jitted builder of (N = J^T J, grad = J^T r, sum r^2) over chunks, for one target."""
+    """Jitted builder of (N = J^T J, grad = J^T r, sum r^2) over chunks, for one target.
+
+    For the profiled least-squares residual r_i = sqrt(w_i) (I_i - g_i I_h) the Jacobian is
+    assembled from the sparse dg/dp (`slot_derivatives`):
+    J_i = -sqrt(w_i) (I_h G_i + g_i S_h), S_h = dI_h/dp = sum_{j in h} w_j (I_j - 2 I_h g_j) G_j
+    / sum_{j in h} w_j g_j^2 (exact, as `jacfwd` of the residuals, which is the fallback for
+    other residual definitions or bases).
+    """
 
     def __init__(self, target: ScalingTarget):
         self.target = target
         self.build = jax.jit(self._build)
 
+    def _chunk_jacobian(self, x: jax.Array, chunk: ChunkData) -> tuple[jax.Array, jax.Array]:
+        t = self.target
+        data = chunk.target
+        p = data.problem
+        free = data.free
+        x_eff = jnp.where(free, x, data.anchor)
+        g, d, cols = slot_derivatives(t, x_eff, data.bases)
+        d = d * free[cols]  # no derivative for fixed parameters
+        big_g = _dense_rows(d, cols, x.size)  # f[C, n]
+        sw = jnp.sqrt(p.weight)
+        if p.ih_reference is not None:
+            ih_obs = p.ih_reference[p.group_id]
+            return sw * (p.intensity - g * ih_obs), -(sw * ih_obs)[:, None] * big_g
+        wg = p.weight * g
+        num = jax.ops.segment_sum(wg * p.intensity, p.group_id, num_segments=p.n_groups)
+        den = jax.ops.segment_sum(wg * g, p.group_id, num_segments=p.n_groups)
+        ih = safe_divide(num, den)
+        ih_obs = ih[p.group_id]
+        c = p.weight * (p.intensity - 2.0 * ih_obs * g)
+        ok = den > 0
+        dih = jnp.where(ok[:, None], jax.ops.segment_sum(c[:, None] * big_g, p.group_id, num_segments=p.n_groups)
+                        / jnp.where(ok, den, 1.0)[:, None], 0.0)  # f[n_groups, n]
+        jac = -sw[:, None] * (ih_obs[:, None] * big_g + g[:, None] * dih[p.group_id])
+        return sw * (p.intensity - g * ih_obs), jac
+
     def _build(self, x: jax.Array, chunks: ChunkData, free: jax.Array):
         t = self.target
         n = x.size
+        profiled_ls = type(t).chunk_residuals is ScalingTarget.chunk_residuals
 
         def body(carry, chunk_target):
             nm, grad, s = carry
             chunk = ChunkData(target=chunk_target)
-            r = t.chunk_residuals(x, chunk)  # f[C]
-            jac = jax.jacfwd(t.chunk_residuals)(x, chunk)  # f[C, n]
+            if profiled_ls and _has_slot_bases(t, chunk_target.bases):
+                r, jac = self._chunk_jacobian(x, chunk)  # f[C], f[C, n]
+            else:
+                r = t.chunk_residuals(x, chunk)  # f[C]
+                jac = jax.jacfwd(t.chunk_residuals)(x, chunk)  # f[C, n]
             return (nm + jac.T @ jac, grad + jac.T @ r, s + r @ r), None
 
         init = (jnp.zeros((n, n)), jnp.zeros(n), jnp.zeros(()))
@@ -231,31 +319,40 @@ def inverse_scale_variance(
     chunk_size: int = 8192,
 ) -> np.ndarray:
     """var(g_i) = D_i Sigma D_i^T with D_i = dg_i/dp, for every observation of `bases`
-    (f[n_obs]); computed in chunks of rows so D is never held whole."""
-    n_chunks = max(1, -(-n_obs // chunk_size))
-    size = min(chunk_size, max(n_obs, 1))
-    rows = np.minimum(np.arange(n_chunks * size).reshape(n_chunks, size), max(n_obs - 1, 0))
-    chunk_bases = jax.tree.map(lambda a: jax.device_put(np.asarray(a)[rows]), bases)
-    var = _variance_chunks(target, jax.device_put(np.asarray(x, dtype=np.float64)),
-                           jax.device_put(np.asarray(covariance, dtype=np.float64)), chunk_bases)
-    return np.asarray(var).reshape(-1)[:n_obs]
+    (f[n_obs]); computed in chunks of rows (one compiled program for all chunks, the last
+    padded) so neither D nor a copy of the bases is held whole."""
+    size = int(min(chunk_size, max(n_obs, 1)))
+    fn = _variance_function(target, bases)
+    x_d = jax.device_put(np.asarray(x, dtype=np.float64))
+    cov_d = jax.device_put(np.asarray(covariance, dtype=np.float64))
+    host = jax.tree.map(np.asarray, bases)
+    out = np.empty(n_obs)
+    for start in range(0, n_obs, size):  # loop over chunks of rows
+        rows = np.minimum(np.arange(start, start + size), n_obs - 1)
+        chunk = jax.tree.map(lambda a: jax.device_put(a[rows]), host)
+        stop = min(start + size, n_obs)
+        out[start:stop] = np.asarray(fn(x_d, cov_d, chunk))[: stop - start]
+    return out
 
 
-def _variance_chunks(target, x, cov, chunk_bases):
-    fn = _VAR_CACHE.get(id(target))
-    if fn is None or fn[0] is not target:
+def _variance_function(target: ScalingTarget, bases: Any):
+    """Jitted (x, Sigma, chunk bases) -> var(g) f[C], cached per target."""
+    hit = _VAR_CACHE.get(id(target))
+    if hit is not None and hit[0] is target:
+        return hit[1]
+    slots = _has_slot_bases(target, bases)
 
-        @jax.jit
-        def run(x, cov, chunk_bases):
-            def one(b):
-                d = jax.jacfwd(target._inverse_scale)(x, b)  # f[C, n]
-                return jnp.einsum("ip,pq,iq->i", d, cov, d)
+    @jax.jit
+    def run(x, cov, chunk_bases):
+        if slots:  # sum over the (slot, slot) pairs of each row: O(C S^2), no dense D
+            _, d, cols = slot_derivatives(target, x, chunk_bases)  # f[C, S], i[C, S]
+            sigma = cov[cols[:, :, None], cols[:, None, :]]  # f[C, S, S]
+            return jnp.einsum("ia,iab,ib->i", d, sigma, d)
+        d = jax.jacfwd(target._inverse_scale)(x, chunk_bases)  # f[C, n]
+        return jnp.einsum("ip,pq,iq->i", d, cov, d)
 
-            return jax.lax.map(one, chunk_bases)
-
-        _VAR_CACHE[id(target)] = (target, run)
-        fn = _VAR_CACHE[id(target)]
-    return fn[1](x, cov, chunk_bases)
+    _VAR_CACHE[id(target)] = (target, run)
+    return run
 
 
 _VAR_CACHE: dict[int, tuple] = {}

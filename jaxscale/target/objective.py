@@ -77,7 +77,7 @@ def _is_traced(*arrays: Any) -> bool:
     return any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
-def _safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
+def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
     """num/den with 0 where den == 0 (empty or zero-weight groups), NaN-free gradients."""
     ok = den > 0
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
@@ -90,7 +90,7 @@ def group_mean(problem: ScalingProblem, g: jax.Array) -> jax.Array:
     wg = problem.weight * g
     num = jax.ops.segment_sum(wg * problem.intensity, problem.group_id, num_segments=problem.n_groups)
     den = jax.ops.segment_sum(wg * g, problem.group_id, num_segments=problem.n_groups)
-    return _safe_divide(num, den)
+    return safe_divide(num, den)
 
 
 def residuals(problem: ScalingProblem, g: jax.Array) -> jax.Array:

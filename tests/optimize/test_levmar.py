@@ -1,0 +1,108 @@
+"""The sparse (per-row slot) normal-equation builder and inverse-scale variances against
+dense `jax.jacfwd` Jacobians, on linear-form components like the real models' (padding
+slots, fixed parameters, zero-weight rows, targeted reference)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxscale.models.component import Component
+from jaxscale.models.linear import apply_b_factor, apply_grid, apply_one_plus
+from jaxscale.optimize.levmar import NormalEquations, inverse_scale_variance, slot_derivatives
+from jaxscale.target import ScalingTarget, chunk_by_groups, make_problem
+
+
+class _DenseTarget(ScalingTarget):
+    """Same residuals, but an overridden chunk_residuals: the builder falls back to jacfwd."""
+
+    def chunk_residuals(self, x, chunk):
+        return super().chunk_residuals(x, chunk)
+
+
+def _model(rng, n: int):
+    """Three linear-form components (grid, B factor, 1 + harmonics) with padded slots."""
+    n_scale, n_decay, n_abs = 6, 4, 8
+    idx_s = np.sort(rng.integers(0, n_scale, (n, 3)), axis=1).astype(np.int32)
+    w_s = rng.uniform(0.1, 1.0, (n, 3))
+    w_s /= w_s.sum(1, keepdims=True)
+    idx_d = rng.integers(0, n_decay, (n, 3)).astype(np.int32)
+    w_d = rng.uniform(0.0, 1.0, (n, 3))
+    idx_d[:, 2], w_d[:, 2] = 0, 0.0  # a padding slot (index 0, weight 0)
+    idx_a = np.broadcast_to(np.arange(n_abs, dtype=np.int32), (n, n_abs)).copy()
+    w_a = rng.normal(0, 0.3, (n, n_abs))
+    bases = {
+        "scale": {"idx": idx_s, "w": w_s, "absent": np.zeros(n)},
+        "decay": {"idx": idx_d, "w": w_d, "absent": np.zeros(n), "inv_two_d_sq": 1.0 / (2 * rng.uniform(1, 3, n) ** 2)},
+        "absorption": {"idx": idx_a, "w": w_a, "absent": np.zeros(n)},
+    }
+    bases = jax.tree.map(jnp.asarray, bases)
+    comps = {
+        "scale": Component("scale", apply_grid),
+        "decay": Component("decay", apply_b_factor, jnp.full(n_decay, 0.1)),
+        "absorption": Component("absorption", apply_one_plus, jnp.full(n_abs, 0.5)),
+    }
+    params = {"scale": 1.0 + rng.normal(0, 0.1, n_scale), "decay": rng.normal(0, 0.3, n_decay),
+              "absorption": rng.normal(0, 0.05, n_abs)}
+    return comps, params, bases
+
+
+@pytest.fixture(scope="module")
+def case():
+    rng = np.random.default_rng(11)
+    n_groups = 150
+    gid = np.repeat(np.arange(n_groups), rng.integers(1, 6, n_groups))
+    n = gid.size
+    comps, params, bases = _model(rng, n)
+    target = ScalingTarget(comps, params)
+    g = np.asarray(target.inverse_scale(jnp.asarray(target.x0), bases))
+    ih = rng.lognormal(4, 1, n_groups)
+    var = g * ih[gid] + 5.0
+    intensity = g * ih[gid] + rng.normal(size=n) * np.sqrt(var)
+    weight = 1.0 / var
+    weight[rng.random(n) < 0.05] = 0.0  # zero-weight (padding-like) rows
+    return rng, comps, params, bases, target, gid, intensity, weight, ih
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_sparse_normal_equations_equal_jacfwd(case, targeted):
+    rng, comps, params, bases, target, gid, intensity, weight, ih = case
+    problem = make_problem(intensity, weight, gid, ih_reference=ih if targeted else None)
+    x = target.x0 * (1 + 0.01 * rng.normal(size=target.n_params))
+    free = np.ones(target.n_params, bool)
+    free[[0, 7]] = False  # a fixed scale and a fixed decay parameter
+    chunks = chunk_by_groups(problem, bases, x, free, chunk_size=97)
+    dense = _DenseTarget(comps, params)
+    xj, fj = jnp.asarray(x), jnp.asarray(free)
+    nm, grad, s = NormalEquations(target).build(xj, chunks, fj)
+    nm_ref, grad_ref, s_ref = NormalEquations(dense).build(xj, chunks, fj)
+    scale = np.abs(np.asarray(nm_ref)).max()
+    np.testing.assert_allclose(np.asarray(nm), np.asarray(nm_ref), rtol=1e-10, atol=1e-12 * scale)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(grad_ref), rtol=1e-10,
+                               atol=1e-12 * np.abs(np.asarray(grad_ref)).max())
+    assert np.isclose(float(s), float(s_ref), rtol=1e-13)
+    assert np.all(np.asarray(nm)[~free][:, free] == 0.0)
+
+
+def test_slot_derivatives_scatter_to_jacobian(case):
+    rng, comps, params, bases, target, *_ = case
+    x = jnp.asarray(target.x0 * (1 + 0.02 * rng.normal(size=target.n_params)))
+    g, d, cols = slot_derivatives(target, x, bases)
+    n = d.shape[0]
+    dense = np.zeros((n, target.n_params))
+    np.add.at(dense, (np.repeat(np.arange(n), d.shape[1]), np.asarray(cols).ravel()), np.asarray(d).ravel())
+    np.testing.assert_allclose(dense, np.asarray(jax.jacfwd(target.inverse_scale)(x, bases)), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(g), np.asarray(target.inverse_scale(x, bases)), rtol=1e-15)
+
+
+def test_inverse_scale_variance_equals_dense(case):
+    rng, comps, params, bases, target, *_ = case
+    x = target.x0 * (1 + 0.02 * rng.normal(size=target.n_params))
+    a = rng.normal(size=(target.n_params, target.n_params))
+    cov = a @ a.T * 1e-4
+    cov[0], cov[:, 0] = 0.0, 0.0  # a fixed parameter
+    n = int(np.asarray(bases["scale"]["idx"]).shape[0])
+    var = inverse_scale_variance(target, x, cov, bases, n, chunk_size=128)  # last chunk padded
+    d = np.asarray(jax.jacfwd(target.inverse_scale)(jnp.asarray(x), bases))
+    np.testing.assert_allclose(var, np.einsum("ip,pq,iq->i", d, cov, d), rtol=1e-11, atol=1e-18)
