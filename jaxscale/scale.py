@@ -391,6 +391,14 @@ class _Scaler:
         return res.selected
 
     # -------------------------------------------------------------- minimisation
+    def _subset_shape(self) -> tuple[int, int]:
+        """(rows, groups) of the minimisation subset: rounds pad to at least its buckets so
+        that all rounds share one compiled objective and L-BFGS step."""
+        if getattr(self, "_sub_shape", None) is None:
+            sub = self.subset()
+            self._sub_shape = (int(sub.sum()), int(np.unique(self.obs.group[sub]).size))
+        return self._sub_shape
+
     def _problem(self, rows: np.ndarray, ih_of_group: np.ndarray | None = None):
         """Padded ScalingProblem + bases over `rows` (weights with the current error model).
 
@@ -401,10 +409,11 @@ class _Scaler:
             rows = rows & np.isfinite(ih_of_group)[o.group]
         idx = np.flatnonzero(rows)
         n = idx.size
-        size = _bucket(n)
+        n_sub, g_sub = self._subset_shape()
+        size = _bucket(max(n, n_sub))
         _, gid = np.unique(o.group[idx], return_inverse=True)
         n_groups = int(gid.max()) + 1 if n else 0
-        g_size = _bucket(n_groups + 1)
+        g_size = _bucket(max(n_groups, g_sub) + 1)
         pad = size - n
         idx_p = np.r_[idx, np.full(pad, idx[0] if n else 0)]
         w = np.r_[self.weights(self.error_model)[idx], np.zeros(pad)]
