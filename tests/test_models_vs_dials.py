@@ -43,8 +43,9 @@ def scale_case(shared_data, tmp_path_factory):
     return go
 
 
-def g_rel_rms(result, case: dict) -> float:
-    """Relative RMS difference of g on the stored rows after one overall factor (degenerate with I_h)."""
+def g_rel_rms(result, case: dict, min_scaled: float = 1.0) -> float:
+    """Relative RMS difference of g on the stored rows after one overall factor (degenerate with I_h),
+    over those we scaled too (at least the fraction min_scaled of them)."""
     t = result.table
     hkl = np.asarray(t["miller_index"], dtype=np.int64)
     xyz = np.round(np.asarray(t["xyzobs.px.value"]) * 100).astype(np.int64)
@@ -54,8 +55,9 @@ def g_rel_rms(result, case: dict) -> float:
     missing = [k for k in ref_keys if k not in row_of]
     assert not missing, f"{len(missing)} reference rows absent from our table"
     rows = np.array([row_of[k] for k in ref_keys])
-    assert np.all(F.has_any(np.asarray(t["flags"])[rows], F.SCALED))
-    log_ratio = np.log(np.asarray(t["inverse_scale_factor"])[rows] / np.asarray(case["g"]))
+    scaled = F.has_any(np.asarray(t["flags"])[rows], F.SCALED)
+    assert scaled.mean() >= min_scaled
+    log_ratio = np.log(np.asarray(t["inverse_scale_factor"])[rows[scaled]] / np.asarray(case["g"])[scaled])
     return float(np.sqrt(np.mean(np.expm1(log_ratio - log_ratio.mean()) ** 2)))
 
 
@@ -106,3 +108,37 @@ def test_kb_stills_reproduce_dials_with_relative_uncertainties(scale_case):
     ours = overall(res)
     assert_printed_equal(ours, case["summary"], skip=("i_over_sigma_mean",))
     assert case["summary"]["i_over_sigma"] <= 0.1 and ours["i_over_sigma_mean"] > 1.0
+
+
+def test_gauss_newton_main_rounds_refine_where_dials_fails(scale_case):
+    """engine=GaussNewton on quartz: with nothing fixed the overall scale is free and the normal
+    matrix is singular (smallest eigenvalue ~1e-17 of the largest). DIALS' Cholesky jumps the
+    overall scale by rounding in round 1 and fails in round 2 ("SCITBX_ASSERT(!cholesky.failure)"),
+    so its round 2 keeps the round-1 parameters; our min-norm steps refine round 2. Measured
+    (docs/dials_comparison.md): g differs by 2.2 % RMS, and ours with round 2 skipped equals
+    DIALS to 0.003 %; ours has the lower Rmerge / Rpim."""
+    case = REFERENCE["gaussnewton_quartz"]
+    res = scale_case("gaussnewton_quartz")
+    text = "\n".join(res.log)
+    round2 = text[text.index("Round 2"):text.index("Full-matrix round")]
+    steps = [float(w[1]) for w in (line.split() for line in round2.splitlines())
+             if len(w) == 2 and w[0].isdigit()]  # the step table: step, RMSD
+    assert len(steps) >= 2 and steps[-1] < steps[0] * 0.995  # round 2 refines
+    assert g_rel_rms(res, case, min_scaled=0.95) < 0.04
+    ours = overall(res)
+    assert ours["r_merge"] < case["summary"]["r_merge"] and ours["r_pim"] < case["summary"]["r_pim"]
+    assert abs(ours["cc_half"] - case["summary"]["cc_half"]) < 0.002
+
+
+def test_min_norm_step_has_no_component_along_the_null_direction():
+    from jaxscale.optimize.levmar import _solve_min_norm
+
+    rng = np.random.default_rng(3)
+    jac = rng.normal(size=(50, 6))
+    jac[:, 5] = jac[:, 0]  # two parameters with the same effect: null vector e0 - e5
+    normal = jac.T @ jac
+    b = jac.T @ rng.normal(size=50)
+    h = _solve_min_norm(normal, b)
+    null = np.eye(6)[0] - np.eye(6)[5]
+    assert abs(h @ null) < 1e-10
+    np.testing.assert_allclose(normal @ h, b, atol=1e-9)

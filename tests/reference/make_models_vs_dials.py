@@ -40,7 +40,7 @@ CASES = {
     "kb_cunir": (CUNIR, ["model=KB"]),
     "consecutive_quartz": (QUARTZ, ["refinement_order=consecutive"]),
     "levmar_quartz": (QUARTZ, ["scaling_refinery.engine=LevMar"]),
-    "physical_quartz": (QUARTZ, []),
+    "gaussnewton_quartz": (QUARTZ, ["scaling_refinery.engine=GaussNewton"]),
     "no_full_matrix_lcys20": (LCYS20, ["full_matrix=False"]),
     "array_lcys20": (LCYS20, ["model=array"]),
 }
