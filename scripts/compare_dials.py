@@ -147,14 +147,56 @@ def compare(dials_dir: Path, jax_dir: Path) -> dict:
     return out
 
 
+def markdown(result: dict) -> str:
+    """The comparison as a markdown table (DIALS | jaxscale | agreement), for docs/dials_comparison.md."""
+    pct = lambda v: f"{100 * v:.4f} %"  # noqa: E731
+    rows = [("quantity", "DIALS 3.12", "jaxscale", "agreement")]
+    for d in result["datasets"]:
+        rows.append((f"g, data set {d['id']} (n={d['n_compared']})", "", "",
+                     f"rel. RMS {pct(d['g_rel_rms_diff'])} (max {pct(d['g_rel_max_diff'])}); "
+                     f"scale+B removed {pct(d['g_rel_rms_diff_scale_b'])} (max {pct(d['g_rel_max_diff_scale_b'])})"))
+        rows.append((f"outliers, data set {d['id']}", str(d["outliers_dials"]), str(d["outliers_jax"]),
+                     f"{d['outliers_both']} in both"))
+    sb = result["overall_scale_and_b"]
+    rows.append(("overall factor / B (jaxscale vs DIALS)", "", "",
+                 f"{np.exp(sb['log_scale']):.4f} / {sb['B']:.4f} A^2"))
+    m = result["merged"]
+    rows.append((f"merged I ({m['n_common']} common)", str(m["n_dials"]), str(m["n_jax"]),
+                 f"CC {m['cc']:.6f}, rel. RMS {pct(m['rel_rms_diff'])}; scale+B removed: CC {m['cc_scale_b']:.6f}, "
+                 f"rel. RMS {pct(m['rel_rms_diff_scale_b'])}"))
+    emd, emj = result["error_model"]["dials"][0], result["error_model"]["jax"][0]
+    if emd and emj:
+        rows.append(("error model a", f"{emd[0]:.5f}", f"{emj[0]:.5f}", f"{100 * (emj[0] / emd[0] - 1):+.3f} %"))
+        rows.append(("error model b", f"{emd[1]:.5f}", f"{emj[1]:.5f}", ""))
+    sd, sj = result["stats"]["dials"], result["stats"]["jax"]
+    for key, label, fmt in (("cc_half", "CC1/2", "{:.4f}"), ("r_merge", "Rmerge", "{:.4f}"), ("r_pim", "Rpim", "{:.4f}"),
+                            ("i_over_sigma_mean", "I/sigma", "{:.2f}"), ("n_obs", "n_obs", "{:.0f}")):
+        rows.append((label, fmt.format(sd[key]), fmt.format(sj[key]), ""))
+    t, r = result["time_s"], result["peak_rss_mb"]
+    rows.append(("wall time", f"{t['dials']:.1f} s", f"{t['jax']:.1f} s", f"ratio {t['ratio_jax_over_dials']:.2f}"))
+    rows.append(("peak RSS", f"{r['dials']:.0f} MB", f"{r['jax']:.0f} MB", f"ratio {r['ratio_jax_over_dials']:.2f}"))
+    lines = ["| " + " | ".join(rows[0]) + " |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("args", nargs="+")
+    ap.add_argument("args", nargs="*")
+    ap.add_argument("--markdown", action="store_true", help="also print the comparison as a markdown table")
+    ap.add_argument("--markdown-from", nargs="+", metavar="JSON",
+                    help="only print the markdown tables of comparisons stored with --json")
     ap.add_argument("--keep", help="directory to keep both runs in (default: a temporary directory)")
     ap.add_argument("--json", help="write the comparison as JSON here")
     ap.add_argument("--dials-dir", help="reuse an existing dials.scale run (scaled.refl/.expt) instead of running it")
     ap.add_argument("--jax-dir", help="reuse an existing jaxscale run (scaled.refl/.expt) instead of running it")
     ns = ap.parse_args()
+    if ns.markdown_from:
+        for path in ns.markdown_from:
+            print(f"{path}:\n\n{markdown(json.loads(Path(path).read_text()))}\n")
+        return 0
+    if not ns.args:
+        ap.error("input files are required")
     files = [str(Path(a).resolve()) for a in ns.args if "=" not in a]
     opts = [a for a in ns.args if "=" in a]
     base = Path(ns.keep) if ns.keep else Path(tempfile.mkdtemp(prefix="compare_dials_"))
@@ -204,6 +246,8 @@ def main() -> int:
               f"I/sigma {s['i_over_sigma_mean']:.2f}  n_obs {int(s['n_obs'])}")
     print(f"wall: DIALS {t_d:.1f} s, jaxscale {t_j:.1f} s (ratio {result['time_s']['ratio_jax_over_dials']:.2f}); "
           f"peak RSS: DIALS {m_d:.0f} MB, jaxscale {m_j:.0f} MB (ratio {result['peak_rss_mb']['ratio_jax_over_dials']:.2f})")
+    if ns.markdown:
+        print(markdown(result))
     if ns.json:
         Path(ns.json).write_text(json.dumps(result, indent=2, default=float))
     return 0
