@@ -142,3 +142,18 @@ def test_min_norm_step_has_no_component_along_the_null_direction():
     null = np.eye(6)[0] - np.eye(6)[5]
     assert abs(h @ null) < 1e-10
     np.testing.assert_allclose(normal @ h, b, atol=1e-9)
+
+
+def test_array_lcys20_agrees_within_the_lbfgs_stopping_noise(scale_case):
+    """model=array on lcys_20: the L-BFGS rounds stop on the RMSD criterion long before
+    convergence (DIALS itself moves g by 74 % RMS when rmsd_tolerance goes 1e-4 -> 1e-6) and
+    the full-matrix round is skipped by both ("a parameter has no data"), so g agrees to the
+    stopping noise (measured 1.35 % RMS), statistics to printed precision."""
+    case = REFERENCE["array_lcys20"]
+    res = scale_case("array_lcys20")
+    assert g_rel_rms(res, case, min_scaled=0.99) < 0.02
+    assert abs(n_outliers(res) - case["n_outliers"]) <= 2
+    assert abs(res.error_model[0] / case["error_model"][0] - 1) < 0.01
+    ours = overall(res)
+    assert_printed_equal(ours, {**case["summary"], "n_obs": ours["n_obs"]})
+    assert abs(ours["n_obs"] - case["summary"]["n_obs"]) <= 2
