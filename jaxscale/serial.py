@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxscale.errors import determine_outliers, refine_error_model
+from jaxscale.errors import determine_outliers, group_order, refine_error_model
 from jaxscale.exceptions import InputError
 from jaxscale.optimize.structured import StructuredSolver, minimise_structured, variance_diagonal
 from jaxscale.target.sharding import KBStillsTarget, StillObservations, make_observations, observation_mesh
@@ -251,6 +251,7 @@ def scale_stills(
         log.append("Initial k: per-still least-squares ratio to the unscaled group means (B = 0)")
 
     target = KBStillsTarget(mesh)
+    by_group = group_order(gid) if outlier_rejection else None  # sorted once for every rejection
     ab = (1.0, 0.02)  # DIALS' initial basic error model
     outlier = np.zeros(n_obs, dtype=bool)
 
@@ -272,7 +273,8 @@ def scale_stills(
         t0 = time.perf_counter()
         g = kb_inverse_scale(x, e, d)
         w_all = 1.0 / (ab[0] ** 2 * (v_obs + (ab[1] * i_obs) ** 2))
-        outlier = determine_outliers(i_obs, w_all, g, gid, zmax=outlier_zmax, method=outlier_rejection)
+        outlier = determine_outliers(i_obs, w_all, g, gid, zmax=outlier_zmax, method=outlier_rejection,
+                                     order=by_group)
         set_weights()
         log.append(f"Outlier rejection ({label}): {int(outlier.sum())} outliers")
         timings["outliers"] = timings.get("outliers", 0.0) + time.perf_counter() - t0
