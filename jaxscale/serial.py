@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxscale.errors import determine_outliers, group_order, refine_error_model
+from jaxscale.errors import determine_outliers, refine_error_model
+from jaxscale.errors.outliers import group_order
 from jaxscale.exceptions import InputError
 from jaxscale.optimize.structured import StructuredSolver, minimise_structured, variance_diagonal
 from jaxscale.target.sharding import KBStillsTarget, StillObservations, make_observations, observation_mesh

@@ -7,10 +7,8 @@ from jaxscale.errors.error_model import (
     refine_error_model,
 )
 from jaxscale.errors.outliers import (
-    GroupOrder,
     cap_weights,
     determine_outliers,
-    group_order,
     normalised_intensity_outliers,
     simple_outliers,
     standard_outliers,
@@ -18,14 +16,12 @@ from jaxscale.errors.outliers import (
 )
 
 __all__ = [
-    "GroupOrder",
     "ErrorModelResult",
     "InsufficientReflections",
     "apply_error_model",
     "cap_weights",
     "determine_outliers",
     "filter_for_error_model",
-    "group_order",
     "normalised_intensity_outliers",
     "refine_error_model",
     "simple_outliers",
