@@ -107,10 +107,14 @@ def _mcstep(stx, fx, dx, sty, fy, dy, stp, fp, dp, brackt, stpmin, stpmax):
     new_stx = jnp.where(case1, stx, stp)
     new_fx = jnp.where(case1, fx, fp)
     new_dx = jnp.where(case1, dx, dp)
-    stpf = jnp.clip(stpf, stpmin, stpmax)
+    # safeguard with C++ std::min / std::max semantics, as scitbx: a NaN trial (the cubic of
+    # case 1 has no real minimiser when the trial is far uphill) becomes stpmax and then, the
+    # minimum being bracketed, the 0.66 point of the interval
+    stpf = jnp.where(stpf < stpmax, stpf, stpmax)
+    stpf = jnp.where(stpmin < stpf, stpf, stpmin)
     limit = new_stx + 0.66 * (new_sty - new_stx)
-    stpf = jnp.where(brackt_new & bound, jnp.where(new_sty > new_stx, jnp.minimum(limit, stpf),
-                                                   jnp.maximum(limit, stpf)), stpf)
+    stpf = jnp.where(brackt_new & bound, jnp.where(new_sty > new_stx, jnp.where(stpf < limit, stpf, limit),
+                                                   jnp.where(limit < stpf, stpf, limit)), stpf)
     keep = lambda old, new: jnp.where(invalid, old, new)  # noqa: E731
     return (keep(stx, new_stx), keep(fx, new_fx), keep(dx, new_dx), keep(sty, new_sty), keep(fy, new_fy),
             keep(dy, new_dy), keep(stp, stpf), jnp.where(invalid, brackt, brackt_new), jnp.where(invalid, 0, info))
@@ -161,12 +165,15 @@ def more_thuente_search(
         stp = jnp.where(unusual, stx, stp)
         f, g = evaluate(stp)
         nfev = s["nfev"] + 1
+        # a trial that overflows (e.g. exp(C z / d^2) of dose_decay after the unit first step)
+        # is shortened tenfold towards the best point and tried again (scitbx would get a NaN)
+        overflow = ~jnp.isfinite(f) & (nfev < maxfev) & (stp > stx)
         dg = jnp.vdot(g, direction)
         ftest1 = f0 + stp * dgtest
         fail = ((brackt & ((stp <= stmin) | (stp >= stmax))) | (s["infoc"] == 0)
                 | ((stp == stpmax) & (f <= ftest1) & (dg <= dgtest))
                 | ((stp == stpmin) & ((f > ftest1) | (dg >= dgtest)))
-                | (nfev >= maxfev) | (brackt & (stmax - stmin <= xtol * stmax)) | ~jnp.isfinite(f))
+                | (nfev >= maxfev) | (brackt & (stmax - stmin <= xtol * stmax)) | ~jnp.isfinite(f)) & ~overflow
         converged = ~fail & (f <= ftest1) & (jnp.abs(dg) <= gtol * (-dginit))
         stage1 = s["stage1"] & ~((f <= ftest1) & (dg >= min(ftol, gtol) * dginit))
         modified = stage1 & (f <= s["fx"]) & (f > ftest1)
@@ -185,9 +192,10 @@ def more_thuente_search(
         n_width1 = jnp.where(n_brackt, s["width"], s["width1"])
         n_width = jnp.where(n_brackt, jnp.abs(n_sty - n_stx), s["width"])
         done = fail | converged
-        pick = lambda old, new: jnp.where(done, old, new)  # noqa: E731
+        pick = lambda old, new: jnp.where(done | overflow, old, new)  # noqa: E731
         return dict(
-            stp=pick(stp, n_stp), stx=pick(stx, n_stx), fx=pick(s["fx"], n_fx), dgx=pick(s["dgx"], n_dx),
+            stp=jnp.where(overflow, stx + 0.1 * (stp - stx), pick(stp, n_stp)), stx=pick(stx, n_stx),
+            fx=pick(s["fx"], n_fx), dgx=pick(s["dgx"], n_dx),
             sty=pick(sty, n_sty), fy=pick(s["fy"], n_fy), dgy=pick(s["dgy"], n_dy), brackt=pick(brackt, n_brackt),
             stage1=pick(s["stage1"], stage1), infoc=pick(s["infoc"], infoc), width=pick(s["width"], n_width),
             width1=pick(s["width1"], n_width1), nfev=nfev, f=f, g=g, done=done, failed=fail, stp_eval=stp)
