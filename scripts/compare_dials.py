@@ -8,7 +8,8 @@ after removing one overall factor, and after removing an overall factor and an o
 (g -> g exp(c + B/(2 d^2)), fitted over all data sets together). Both are exactly degenerate
 with I_h (the residual I - g I_h does not change if g gains such a factor and I_h loses it),
 so only restraints determine them: differences along them rescale merged intensities by
-the same smooth factor and change no merging statistic. Then CC and relative RMS difference
+the same smooth factor; an overall factor changes no merging statistic, an overall B
+changes no per-shell statistic but re-weights the shells in overall sums (Rmerge, CC1/2). Then CC and relative RMS difference
 of merged intensities (after the same two corrections), outlier-flag overlap, error-model a, b of both, CC1/2 / Rmerge / Rpim / I/sigma
 of both (computed with the same jaxscale merging code on both outputs), wall time and
 peak memory of both and their ratios. Both programs run in temporary directories under
@@ -229,7 +230,7 @@ def main() -> int:
     sb = result["overall_scale_and_b"]
     print("g = inverse scale factors; 'scale+B' removes an overall factor and an overall B as well "
           f"(fitted: factor {np.exp(sb['log_scale']):.4f}, B {sb['B']:.4f} A^2). Both are exactly degenerate "
-          "with I_h: they change neither residuals nor merging statistics.")
+          "with I_h: they change no residual (a B re-weights resolution shells in overall statistics).")
     for d in result["datasets"]:
         print(f"  data set {d['id']}: g rel. RMS diff {d['g_rel_rms_diff']:.4%} (max {d['g_rel_max_diff']:.4%}), "
               f"scale+B removed {d['g_rel_rms_diff_scale_b']:.4%} (max {d['g_rel_max_diff_scale_b']:.4%}), "
