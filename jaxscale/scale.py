@@ -260,7 +260,9 @@ class _Scaler:
         self.error_model: tuple[float, float] | None = None
         self.error_model_result: ErrorModelResult | None = None
         if params.weighting.error_model.error_model == "basic":
-            self.error_model = self._initial_error_model()
+            # each data set starts from its own stored model (DIALS: per single scaler)
+            self.dataset_error_models = [self._initial_error_model(e) for e in experiments]
+            self.error_model = self.dataset_error_models[0]
         self.global_error_model = self.error_model if not self.multi else None
         self.outlier = np.zeros(self.obs.n, dtype=bool)
         self.var_g = np.zeros(self.obs.n)
@@ -269,13 +271,33 @@ class _Scaler:
         self._subset: np.ndarray | None = None
         self.free_set = np.zeros(self.obs.n, dtype=bool)  # rows of free-set groups (use_free_set)
         self.free_set_asu = np.zeros((0, 3), dtype=np.int32)
+        self._apply_stored_imids()
         self.g = np.asarray(self.target.inverse_scale(jax.device_put(self.x), model.bases))
 
     # -------------------------------------------------------------- setup helpers
-    def _initial_error_model(self) -> tuple[float, float]:
+    def _apply_stored_imids(self) -> None:
+        """Data sets loaded with an Imid (scaled before) start from that intensity choice
+        (overview.md §3.7: DIALS redoes the combination with the stored Imid)."""
+        from jaxscale.data.combine import apply_imid
+
+        if self.p.reflection_selection.intensity_choice != "combine" or self.p.overwrite_existing_models:
+            return
+        o = self.obs
+        for k, (expt, prep) in enumerate(zip(self.experiments, self.prepared)):  # loop over data sets
+            imid = ((expt.scaling_model or {}).get("configuration_parameters") or {}).get("Imid")
+            if imid is None or "intensity.prf.value" not in prep.table or "intensity.sum.value" not in prep.table:
+                continue
+            sel = o.dataset == k
+            inten, var = apply_imid(prep.table, float(imid))
+            o.intensity[sel] = inten[o.row[sel]]
+            o.variance[sel] = var[o.row[sel]]
+            self.imids[k] = float(imid)
+            self.log(f"Data set {k}: using the previously determined intensity choice (Imid = {imid})")
+
+    def _initial_error_model(self, experiment: Any) -> tuple[float, float]:
         em = self.p.weighting.error_model
         a, b = 1.0, 0.02
-        saved = self.experiments[0].scaling_model
+        saved = experiment.scaling_model
         if saved and not em.reset_error_model and not self.p.overwrite_existing_models:
             pars = saved.get("configuration_parameters", {}).get("error_model_parameters")
             if pars:
@@ -321,9 +343,25 @@ class _Scaler:
     def weights(self, error_model: tuple[float, float] | None) -> np.ndarray:
         v = self.obs.variance
         if error_model is not None:
-            a, b = error_model
+            a, b = self._per_observation(error_model)
             v = a * a * (v + (b * self.obs.intensity) ** 2)
         return 1.0 / v
+
+    def _per_observation(self, error_model: tuple[float, float]):
+        """(a, b), per observation (f[n] each) while the data sets still carry different
+        loaded models and none has been refined (the initial model is held by identity)."""
+        models = getattr(self, "dataset_error_models", None)
+        if models and error_model is models[0] and len(set(models)) > 1:
+            ab = np.asarray(models, dtype=np.float64)[self.obs.dataset]  # (n, 2)
+            return ab[:, 0], ab[:, 1]
+        return error_model
+
+    def output_error_model(self, k: int) -> tuple[float, float] | None:
+        """Data set k's error model for the output: the refined one, else its loaded one."""
+        models = getattr(self, "dataset_error_models", None)
+        if models and self.error_model is models[0]:
+            return models[k]
+        return self.error_model
 
     def choose_free_set(self, percentage: float, offset: int) -> None:
         """Leave every int(100/percentage)-th group (sorted ASU order, from `offset`) out of
@@ -1018,7 +1056,7 @@ def _output_tables(scaler: _Scaler, experiments: list, prepared: list, params: A
         intensity[rows] = o.intensity[sel]
         variance[rows] = o.variance[sel]
         has_cov = getattr(scaler, "covariance", None) is not None
-        variance = propagate_variance(variance, intensity, g, var_g if has_cov else None, scaler.error_model)
+        variance = propagate_variance(variance, intensity, g, var_g if has_cov else None, scaler.output_error_model(k))
         flags = F.clear_bits(np.asarray(t["flags"]), F.OUTLIER_IN_SCALING | F.SCALED)
         out_rows = np.zeros(n, dtype=bool)
         out_rows[rows] = scaler.outlier[sel]
@@ -1038,7 +1076,8 @@ def _output_tables(scaler: _Scaler, experiments: list, prepared: list, params: A
         out_tables.append(t)
         new = dataclasses.replace(expt)
         new.scaling_model = scaler.model.to_dials_json(
-            k, params=params_tree, esds=esd_tree, error_model=scaler.error_model, imid=scaler.imids.get(k, scaler.imid))
+            k, params=params_tree, esds=esd_tree, error_model=scaler.output_error_model(k),
+            imid=scaler.imids.get(k, scaler.imid))
         out_experiments.append(new)
         n_small = int(np.count_nonzero(g < cutoff))
         if n_small:
