@@ -169,3 +169,29 @@ def test_target_cycle_only_target(tmp_path):
     text = "\n".join(res.log)
     assert text.index("Targeted round") < text.index("Round 1")
     assert len(read_refl(joint / "scaled.refl").identifiers) == 2
+
+
+def test_target_cycle_lcys_against_dials(shared_data, tmp_path):
+    """Scaled sweeps 20+25 (DIALS output, Imid = summation stored) + unscaled sweep 30:
+    targeted round, then the joint algorithm, as DIALS 3.12 (tests/reference/scale_options.json)."""
+    from jaxscale.params import ScaleParams, apply_overrides
+    from jaxscale.scale import run
+
+    ref = json.loads((Path(__file__).parent / "reference" / "scale_options.json").read_text())[
+        "target_cycle_20_25_plus_30"]
+    d = shared_data / "lcys_4sweep_dials"
+    params = apply_overrides(ScaleParams(), [
+        ("output.reflections", str(tmp_path / "scaled.refl")), ("output.experiments", str(tmp_path / "scaled.expt")),
+        ("output.html", "None"), ("output.log", "None"), ("scaling_options.full_matrix", "False")])
+    res = run(params, [str(d / "scaled_dials_data" / "scaled_20_25.refl"), str(d / "scaled_dials_data" / "scaled_20_25.expt"),
+                       str(d / "integrated" / "lcys_30_integrated.refl"), str(d / "integrated" / "lcys_30_integrated.expt")])
+    text = "\n".join(res.log)
+    assert text.index("Targeted scaling of data sets [2]") < text.index("Round 1")
+    assert text.count("previously determined intensity choice (Imid = 1)") == 2
+    assert f"Combined intensities chosen: Imid = {ref['imid']:.2f}" in text
+    import re
+
+    assert abs(int(re.search(r"(\d+) outliers found \(after round 2\)", text).group(1)) - ref["outliers_after_round_2"]) <= 5
+    st = res.statistics.overall
+    assert abs(int(st.n_obs[0]) - ref["n_obs_overall"]) / ref["n_obs_overall"] < 0.01
+    assert st.cc_half[0] > 0.999 and abs(st.i_over_sigma_mean[0] - ref["i_over_sigma_overall"]) < 3.0

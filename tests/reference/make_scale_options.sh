@@ -19,3 +19,12 @@ out = {"user_excluded": [int((t.get_flags(t.flags.user_excluded_in_scaling) & (t
        "error_model": d["scaling_model"][0]["configuration_parameters"]["error_model_parameters"]}
 print(json.dumps(out))
 PY
+
+# target_cycle: scaled sweeps 20+25 (upstream dials.scale output) + unscaled sweep 30, full_matrix=False.
+# Read off dials.scale.log: the chosen Imid, the outliers after round 2 and the summary's Total observations.
+D=/work/shared/data/lcys_4sweep_dials
+mkdir -p target_cycle && cd target_cycle && dials.scale $D/scaled_dials_data/scaled_20_25.refl \
+  $D/scaled_dials_data/scaled_20_25.expt $D/integrated/lcys_30_integrated.refl $D/integrated/lcys_30_integrated.expt \
+  full_matrix=False
+grep -n "determined to be best\|outliers have been identified\|Total observations\|Parameters: a" dials.scale.log
+# (only_target=True on the same input fails inside DIALS 3.12 with an IndexError in the absorption basis.)
