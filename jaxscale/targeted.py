@@ -225,6 +225,9 @@ def targeted_scaling(scaler: Any, params: Any, plan: TargetPlan, tables: Sequenc
         prep = scaler.prepared[k]
         scaler.outlier[sel] = F.has_any(np.asarray(tables[k]["flags"])[prep.kept_rows][o.row[sel]],
                                         F.OUTLIER_IN_SCALING)
+    if targets.any():
+        log(f"{int(scaler.outlier[refine[o.dataset]].sum())} initial outliers in the data sets to scale; the "
+            "scaled data sets keep their stored outlier flags")
     sg = scaler.experiments[0].space_group
     if plan.reference_path is not None:
         ref = load_reference(plan.reference_path, o.miller, params)
