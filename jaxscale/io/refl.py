@@ -194,7 +194,8 @@ def _write_refl_stream(table: ReflectionTable, fh) -> None:
         else:
             dtype, shape = COLUMN_TYPES[type_name]
             arr = np.ascontiguousarray(np.asarray(values).astype(dtype, copy=False).reshape((nrows, *shape)))
-            blob = memoryview(arr).cast("B")
+            # an empty column has a zero in its shape, which memoryview.cast refuses
+            blob = memoryview(arr).cast("B") if arr.size else memoryview(b"")
         fh.write(packer.pack_array_header(2))
         fh.write(packer.pack(nrows))
         fh.write(_bin_header(blob.nbytes))

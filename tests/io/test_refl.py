@@ -141,3 +141,10 @@ def test_written_file_has_umask_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "p.refl").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_empty_table_round_trip(tmp_path):
+    table = ReflectionTable({"miller_index": np.zeros((0, 3), dtype=np.int32), "d": np.zeros(0)})
+    write_refl(table, tmp_path / "empty.refl")
+    back = read_refl(tmp_path / "empty.refl")
+    assert len(back) == 0 and back["miller_index"].shape == (0, 3)
