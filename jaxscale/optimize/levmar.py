@@ -341,15 +341,21 @@ def _variance_function(target: ScalingTarget, bases: Any):
     if hit is not None and hit[0] is target:
         return hit[1]
     slots = _has_slot_bases(target, bases)
+    n_slots = sum(int(np.shape(bases[k]["idx"])[1]) for k in target.components) if slots else 0
+    # dense rows D (C x n) cost C n^2 BLAS flops, slot pairs C S^2 gathers (~50x dearer each)
+    dense = target.n_params <= 8 * n_slots
 
     @jax.jit
     def run(x, cov, chunk_bases):
-        if slots:  # sum over the (slot, slot) pairs of each row: O(C S^2), no dense D
-            _, d, cols = slot_derivatives(target, x, chunk_bases)  # f[C, S], i[C, S]
-            sigma = cov[cols[:, :, None], cols[:, None, :]]  # f[C, S, S]
-            return jnp.einsum("ia,iab,ib->i", d, sigma, d)
-        d = jax.jacfwd(target._inverse_scale)(x, chunk_bases)  # f[C, n]
-        return jnp.einsum("ip,pq,iq->i", d, cov, d)
+        if not slots:
+            d = jax.jacfwd(target._inverse_scale)(x, chunk_bases)  # f[C, n]
+            return jnp.sum((d @ cov) * d, axis=1)
+        _, d, cols = slot_derivatives(target, x, chunk_bases)  # f[C, S], i[C, S]
+        if dense:
+            big_d = _dense_rows(d, cols, x.size)  # f[C, n]
+            return jnp.sum((big_d @ cov) * big_d, axis=1)
+        sigma = cov[cols[:, :, None], cols[:, None, :]]  # f[C, S, S]
+        return jnp.einsum("ia,iab,ib->i", d, sigma, d)
 
     _VAR_CACHE[id(target)] = (target, run)
     return run

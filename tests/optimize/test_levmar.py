@@ -21,9 +21,9 @@ class _DenseTarget(ScalingTarget):
         return super().chunk_residuals(x, chunk)
 
 
-def _model(rng, n: int):
+def _model(rng, n: int, n_scale: int = 6):
     """Three linear-form components (grid, B factor, 1 + harmonics) with padded slots."""
-    n_scale, n_decay, n_abs = 6, 4, 8
+    n_decay, n_abs = 4, 8
     idx_s = np.sort(rng.integers(0, n_scale, (n, 3)), axis=1).astype(np.int32)
     w_s = rng.uniform(0.1, 1.0, (n, 3))
     w_s /= w_s.sum(1, keepdims=True)
@@ -96,8 +96,11 @@ def test_slot_derivatives_scatter_to_jacobian(case):
     np.testing.assert_allclose(np.asarray(g), np.asarray(target.inverse_scale(x, bases)), rtol=1e-15)
 
 
-def test_inverse_scale_variance_equals_dense(case):
-    rng, comps, params, bases, target, *_ = case
+@pytest.mark.parametrize("n_scale", [6, 300])  # dense rows of D / (slot, slot) gathers
+def test_inverse_scale_variance_equals_dense(n_scale):
+    rng = np.random.default_rng(4)
+    comps, params, bases = _model(rng, 700, n_scale)
+    target = ScalingTarget(comps, params)
     x = target.x0 * (1 + 0.02 * rng.normal(size=target.n_params))
     a = rng.normal(size=(target.n_params, target.n_params))
     cov = a @ a.T * 1e-4
