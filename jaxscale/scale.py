@@ -845,7 +845,13 @@ def _merging_stats(params: Any, table: ReflectionTable, experiments: list, log: 
     if not quiet:
         from jaxscale.report.text import merging_report
 
-        log(merging_report(stats))
+        text = merging_report(stats)
+        show = getattr(log.progress, "show_statistics", None)
+        if show is None:
+            log(text)
+        else:  # the console draws its own table; the log keeps dials.scale's text
+            log.lines.append(text)
+            show(stats, text)
     return stats
 
 

@@ -107,6 +107,31 @@ class RichProgress:
         if not self.quiet:
             self.console.print(msg, markup=False, highlight=False)
 
+    def show_statistics(self, stats, text: str) -> None:
+        """The merging statistics: a rich table on a terminal, dials.scale's text elsewhere."""
+        if self.quiet:
+            return
+        if not self.interactive:
+            self.log(text)
+            return
+        from rich.table import Table
+
+        from jaxscale.report.text import _SUMMARY_ROWS, summary_values
+
+        four = stats.suggested is not None
+        columns = ["Suggested", "Low", "High", "Overall"] if four else ["Overall", "Low", "High"]
+        table = Table(title="Summary of merging statistics", title_style="bold")
+        table.add_column("")
+        for name in columns:
+            table.add_column(name, justify="right")
+        values = summary_values(stats)
+        for label, fmt, _, _ in _SUMMARY_ROWS:
+            if label not in values:
+                continue
+            cells = ["" if v is None else fmt.strip() % v for v in values[label]]
+            table.add_row(label, *(cells + [""] * (len(columns) - len(cells))))
+        self.console.print(table)
+
     # -- convenience
     @contextmanager
     def phase(self, name: str, total: int | None = None) -> Iterator[RichProgress]:

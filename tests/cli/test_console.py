@@ -44,3 +44,32 @@ def test_format_parameters_diff_and_full():
     assert format_parameters(p, diff_only=True) == "model = *KB array dose_decay physical\ncut_data {\n  d_min = 1.4\n}\n"
     full = format_parameters(p, diff_only=False)
     assert "d_min = 1.4" in full and "min_Ih = 25" in full and "compute {" in full
+
+
+def test_statistics_table_on_terminal_and_text_elsewhere(shared_data):
+    """A terminal gets a rich summary table; a pipe gets dials.scale's text block unchanged."""
+    import io
+
+    from rich.console import Console
+
+    from jaxscale.cli.console import RichProgress
+    from jaxscale.io.expt import read_expt
+    from jaxscale.io.refl import read_refl
+    from jaxscale.merge.merging import scaled_observations
+    from jaxscale.merge.statistics import merging_statistics
+    from jaxscale.report.text import merging_report
+
+    ref = shared_data / "lcys_4sweep_dials" / "reference_dials3.12_scale"
+    obs = scaled_observations(read_refl(ref / "scaled.refl"), read_expt(ref / "scaled.expt"))
+    stats = merging_statistics(obs, n_bins=20)
+    text = merging_report(stats)
+
+    tty = io.StringIO()
+    RichProgress(Console(file=tty, force_terminal=True, width=120)).show_statistics(stats, text)
+    shown = tty.getvalue()
+    assert "Summary of merging statistics" in shown and "\u2503" in shown  # a drawn table
+    assert "11914" in shown and "0.033" in shown  # dials.scale.log: 11914 obs, Rmerge 0.033
+
+    pipe = io.StringIO()
+    RichProgress(Console(file=pipe, force_terminal=False)).show_statistics(stats, text)
+    assert pipe.getvalue().strip() == text.strip()
