@@ -105,7 +105,8 @@ class RichProgress:
 
     def log(self, msg: str) -> None:
         if not self.quiet:
-            self.console.print(msg, markup=False, highlight=False)
+            # soft_wrap: never re-wrap wide log tables to the console width
+            self.console.print(msg, markup=False, highlight=False, soft_wrap=True)
 
     def show_statistics(self, stats, text: str) -> None:
         """The merging statistics: a rich table on a terminal, dials.scale's text elsewhere."""
