@@ -263,6 +263,7 @@ class _Scaler:
             # each data set starts from its own stored model (DIALS: per single scaler)
             self.dataset_error_models = [self._initial_error_model(e) for e in experiments]
             self.error_model = self.dataset_error_models[0]
+        self._loaded_error_model = self.error_model  # held by identity until one is refined
         self.global_error_model = self.error_model if not self.multi else None
         self.outlier = np.zeros(self.obs.n, dtype=bool)
         self.var_g = np.zeros(self.obs.n)
@@ -351,7 +352,7 @@ class _Scaler:
         """(a, b), per observation (f[n] each) while the data sets still carry different
         loaded models and none has been refined (the initial model is held by identity)."""
         models = getattr(self, "dataset_error_models", None)
-        if models and error_model is models[0] and len(set(models)) > 1:
+        if models and error_model is self._loaded_error_model and len(set(models)) > 1:
             ab = np.asarray(models, dtype=np.float64)[self.obs.dataset]  # (n, 2)
             return ab[:, 0], ab[:, 1]
         return error_model
@@ -359,9 +360,17 @@ class _Scaler:
     def output_error_model(self, k: int) -> tuple[float, float] | None:
         """Data set k's error model for the output: the refined one, else its loaded one."""
         models = getattr(self, "dataset_error_models", None)
-        if models and self.error_model is models[0]:
+        if models and self.error_model is self._loaded_error_model:
             return models[k]
         return self.error_model
+
+    def lead_error_model(self, k: int) -> None:
+        """Start the joint error-model refinement from data set k's loaded model (DIALS
+        refines from the multi-scaler's first data set; after a target cycle that is the
+        first unscaled one, whose model is the default (1, 0.02))."""
+        models = getattr(self, "dataset_error_models", None)
+        if models and self.error_model is self._loaded_error_model:
+            self.error_model = self._loaded_error_model = models[k]
 
     def choose_free_set(self, percentage: float, offset: int) -> None:
         """Leave every int(100/percentage)-th group (sorted ASU order, from `offset`) out of

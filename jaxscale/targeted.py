@@ -248,6 +248,10 @@ def targeted_scaling(scaler: Any, params: Any, plan: TargetPlan, tables: Sequenc
                        ih_of_group=ih)
     scaler.expand()
     if not plan.only_target and plan.reference_path is None:
+        # DIALS' multi-scaler after a target cycle lists the unscaled data sets first: the
+        # joint error model starts from the first unscaled data set's (1, 0.02), not from
+        # the stored model of a scaled one (lcys 20_25 + 30: a = 1.000 after round 2, as DIALS)
+        scaler.lead_error_model(int(np.flatnonzero(refine)[0]))
         return True, list(range(n_sets))
     _targeted_outliers(scaler, refined_rows, ih, var_ih, "after the targeted round")
     scaler.lbfgs_round("Targeted round 2", rows=scaler.minimisation_rows() & refined_rows, free=free,

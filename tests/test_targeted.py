@@ -192,6 +192,13 @@ def test_target_cycle_lcys_against_dials(shared_data, tmp_path):
     import re
 
     assert abs(int(re.search(r"(\d+) outliers found \(after round 2\)", text).group(1)) - ref["outliers_after_round_2"]) <= 5
+    # the joint error model starts from the unscaled data set's (1, 0.02) as DIALS' multi-scaler
+    # after a target cycle: the two-parameter fit fails after round 2 and a is fixed at 1
+    a2, b2 = map(float, re.search(r"Error model \(after round 2\): a = ([\d.]+), b = ([\d.]+)", text).groups())
+    assert a2 == ref["error_model_round_2"][0] and abs(b2 / ref["error_model_round_2"][1] - 1) < 0.05
+    a, b = res.error_model
+    assert abs(a / ref["error_model_final"][0] - 1) < 0.03 and abs(b / ref["error_model_final"][1] - 1) < 0.05
+    assert abs(int(re.search(r"(\d+) outliers found \(final\)", text).group(1)) - ref["outliers_final"]) <= 5
     st = res.statistics.overall
     assert abs(int(st.n_obs[0]) - ref["n_obs_overall"]) / ref["n_obs_overall"] < 0.01
     assert st.cc_half[0] > 0.999 and abs(st.i_over_sigma_mean[0] - ref["i_over_sigma_overall"]) < 3.0
