@@ -11,7 +11,8 @@ generation included), CC of merged I with truth and RMS error of the per-still s
 removed). With --dials, for the smallest size only: dials.scale on the same stills written as
 .refl/.expt (simulated by jaxscale.sim.simulate_stills, which has Miller indices), with a time
 limit; the ratio is dials wall / jaxscale wall on that input (null where DIALS was not run or
-gave up). Set JAXSCALE_X64=0 for float32.
+gave up). Set JAXSCALE_X64=0 for float32 throughout; --float32-eval adds a float32 timing of the
+evaluation (child process) to each float64 row.
 """
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ def _parse(argv):
     p.add_argument("--dials-timeout", type=float, default=600.0, help="seconds per dials.scale run")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--float32-eval", action="store_true", help="also time the evaluation in float32 (child process)")
     p.add_argument("--job", type=int, default=None, help=argparse.SUPPRESS)  # child: one full job
+    p.add_argument("--eval", type=int, default=None, help=argparse.SUPPRESS)  # child: evaluation timing only
     p.add_argument("--job-dir", default=None, help=argparse.SUPPRESS)  # child: job on a written .refl
     return p.parse_args(argv)
 
@@ -101,11 +104,12 @@ def run_job(n_obs: int, seed: int) -> dict:
             "outliers": int(np.count_nonzero(res.outlier)), "error_model": list(res.error_model)}
 
 
-def _child(args: list[str], timeout: float | None = None) -> tuple[dict | None, float, float, str]:
+def _child(args: list[str], timeout: float | None = None, env: dict | None = None
+           ) -> tuple[dict | None, float, float, str]:
     """Run this script as a child; returns (last JSON line, wall s, peak RSS MB, stderr tail)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -189,6 +193,9 @@ def main(argv=None) -> int:
         out["peak_mb"] = _peak_mb()
         print(json.dumps(out))
         return 0
+    if args.eval is not None:
+        print(json.dumps(measure_evaluation(args.eval, args.repeats, args.seed)))
+        return 0
     if args.job_dir is not None:
         out = run_job_dir(args.job_dir)
         out["peak_mb"] = _peak_mb()
@@ -199,6 +206,11 @@ def main(argv=None) -> int:
     for i, n_obs in enumerate(sizes):
         row = {"n_obs": n_obs, "n_experiments": max(n_obs // OBS_PER_STILL, 1)}
         row.update(measure_evaluation(n_obs, args.repeats, args.seed))
+        if args.float32_eval:
+            f32, _, _, err = _child(["--eval", str(n_obs), "--repeats", str(args.repeats), "--seed", str(args.seed)],
+                                    env=dict(os.environ, JAXSCALE_X64="0"))
+            row.update({f"{k}_float32": f32[k] for k in ("eval_s", "bandwidth_ratio", "baseline_s", "dtype")}
+                       if f32 else {"float32_error": err})
         job, wall, peak, err = _child(["--job", str(n_obs), "--seed", str(args.seed)])
         row.update({"wall_s": job["wall_s"] if job else None, "process_s": wall, "peak_mb": peak})
         if job:

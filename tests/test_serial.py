@@ -30,11 +30,14 @@ def test_recovers_planted_scales_and_intensities(result):
     err = scale_errors(res, sim["k"], sim["B"], sim["i_true"], sim["d_group"])
     assert err["cc_ih"] > 0.99 and err["k_rms_rel"] < 0.05 and err["B_rms"] < 1.5
     assert res.scale[0] == 1.0 and res.b_factor[0] == 0.0 and res.fixed_experiment == 0
-    assert any("Fixing B = 0 of still 0" in line for line in res.log)
+    assert any("B reported relative to still 0 (B = 0)" in line for line in res.log)
     assert res.scale_sigma[0] == 0 and np.all(res.scale_sigma[1:] > 0)
-    # esds are the right size: normalised errors (fixed gauge, still 0) have unit-order spread
+    # esds are the right size and the reference-gauge scales unbiased: normalised errors
+    # (fixed gauge, still 0) have unit-order RMS (a fixed still during refinement left the
+    # common mode unconverged: RMS z 9 at 3,000 stills)
     z = (res.scale[1:] - sim["k"][1:] / sim["k"][0]) / res.scale_sigma[1:]
-    assert 0.5 < np.std(z) < 2.0
+    print("RMS z", np.sqrt(np.mean(z**2)))
+    assert 0.5 < np.sqrt(np.mean(z**2)) < 1.5
     assert [r["name"] for r in res.rounds] == ["Round 1", "Round 2", "Full matrix"]
 
 
@@ -82,3 +85,31 @@ def test_float32_merged_intensities_close_to_float64(result):
                       "k_max_rel": float(np.max(np.abs(np.asarray(out["k"]) / res64.scale - 1)))}))
     assert cc > 0.9999 and np.median(rel) < 1e-2  # measured: CC 0.99999, median 0.3 %, max 1 %
     np.testing.assert_allclose(out["k"], res64.scale, rtol=3e-2)  # measured max 1.2 %
+
+
+def test_reference_gauge_solution_is_converged():
+    """2,000 stills of 30 observations: refining all stills free and moving to still 0's gauge
+    afterwards reaches the least-squares minimum (a further tight LM moves k by < 0.5 %);
+    with still 0 fixed during refinement the common mode was 4.6 % off (measured)."""
+    import jax.numpy as jnp
+
+    from jaxscale.optimize.structured import minimise_structured
+    from jaxscale.target.sharding import KBStillsTarget, make_observations
+
+    n, per, ng = 2000, 30, 300
+    sim = simulate_flat_stills(n, per, ng, seed=2, outlier_fraction=0.0)
+    res = scale_stills(sim["group_id"], sim["intensity"], sim["variance"], sim["d"], sim["experiment_index"], n, ng,
+                       error_model=False, outlier_rejection=None)
+    assert res.scale[0] == 1.0 and res.b_factor[0] == 0.0
+    w = 1.0 / (sim["variance"] + (0.02 * sim["intensity"]) ** 2)  # DIALS' initial error model (1, 0.02)
+    obs = make_observations(sim["intensity"], w, sim["d"], sim["group_id"], sim["experiment_index"], ng, n)
+    t = KBStillsTarget()
+    free = np.ones((n, 2), bool)
+    free[0] = False
+    x0 = np.stack([res.scale, res.b_factor], 1)
+    tight = minimise_structured(t.residual_fn, t.block_diagonal_fn, jnp.asarray(x0), obs, free, sim["intensity"].size,
+                                rmsd_tolerance=1e-12, max_iterations=20)
+    dk = np.log(res.scale / tight.x[:, 0])
+    print("RMS log k change", np.sqrt(np.mean(dk**2)), "mean", dk.mean())
+    assert np.sqrt(np.mean(dk**2)) < 5e-3 and abs(dk.mean()) < 2e-3
+    assert np.sqrt(np.mean((res.b_factor - tight.x[:, 1]) ** 2)) < 0.05
