@@ -717,13 +717,13 @@ def _model_states(inputs: list[DatasetInput], prepared: list, origins: list[str]
     image range as DIALS' set_image_ranges_in_scaling_models does; a model with an
     absorption surface needs s1 (orientation), which unmerged MTZ files may lack."""
     from jaxscale.data.exclude import initial_valid_ranges
-    from jaxscale.models.build import _dataset_state
+    from jaxscale.models.build import dataset_state
     from jaxscale.models.registry import MODEL_TYPES
 
     states = []
     for data, prep, path in zip(inputs, prepared, origins):  # loop over data sets
         expt = data.experiment
-        state = _dataset_state(data, params)
+        state = dataset_state(data, params)
         ranges = initial_valid_ranges(expt)
         if ranges and not expt.is_still:
             state.config.setdefault("valid_image_range", list(expt.image_range))

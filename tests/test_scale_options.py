@@ -190,3 +190,16 @@ def test_check_consistent_indexing(tmp_path):
     assert res.statistics.overall.cc_half[0] > 0.99
     plain = run(_params(tmp_path / "plain", ("model", "KB")), paths)
     assert plain.statistics.overall.cc_half[0] < res.statistics.overall.cc_half[0] - 0.1
+
+
+def test_scale_uses_public_stage_functions_only():
+    """scale.py strings the stages together through their public functions: no `_name`
+    imported from another jaxscale module (models.build.dataset_state, not _dataset_state)."""
+    import ast
+
+    import jaxscale.scale
+
+    tree = ast.parse(Path(jaxscale.scale.__file__).read_text())
+    private = [(node.module, a.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               and (node.module or "").startswith("jaxscale") for a in node.names if a.name.startswith("_")]
+    assert private == []

@@ -24,7 +24,7 @@ from jaxscale.models.registry import COMPONENTS, MODEL_TYPES, component_key
 from jaxscale.models.rules import is_auto, option
 
 __all__ = ["DatasetInput", "DatasetModelState", "ScalingModel", "build_model", "choose_model_id",
-           "state_from_dials_json"]
+           "dataset_state", "state_from_dials_json"]
 
 
 @dataclass
@@ -165,6 +165,14 @@ def _dataset_state(data: DatasetInput, options: Any) -> DatasetModelState:
     if not expt.is_still:  # DIALS set_image_ranges_in_scaling_models
         state.config.setdefault("valid_image_range", list(expt.image_range))
     return state
+
+
+def dataset_state(data: DatasetInput, options: Any) -> DatasetModelState:
+    """Data set's model state before the bases are built: loaded from its scaled .expt
+    (unless overwrite_existing_models), else chosen by `choose_model_id` and configured
+    from its data. Callers may adjust it (e.g. limit the image range) and pass the states
+    to `build_model(states=...)`."""
+    return _dataset_state(data, options)
 
 
 def build_model(datasets: Sequence[DatasetInput], options: Any, *,
