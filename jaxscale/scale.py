@@ -953,6 +953,10 @@ def split_by_dataset(table: ReflectionTable, experiments: list) -> list[Reflecti
 # ------------------------------------------------------------------------- public entry
 def run(params: Any, inputs: Sequence[str], progress: Any | None = None) -> ScaleResult:
     """Scale the inputs with dials.scale's algorithm; write outputs named in params.output."""
+    from jaxscale.serial import run_serial, serial_requested
+
+    if serial_requested(params, inputs):  # many KB stills: flat-array serial path (compute.serial)
+        return run_serial(params, inputs, progress)
     log = _Log(progress)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
