@@ -428,6 +428,9 @@ class ComputeScope(_Scope):
         level=1, type="choice", jaxscale=True)
     n_devices: IntGe1 | None = opt(1, "[jaxscale] Accelerators to shard observations over (None: all).",
                                    level=2, type="int(value_min=1, allow_none=True)", jaxscale=True)
+    serial: Literal["auto", "true", "false"] = opt(
+        "auto", "[jaxscale] Serial path for many stills (one KB model each, flat arrays): auto = when more than "
+        "1000 experiments are all stills with the KB model.", level=1, type="choice", jaxscale=True)
 
 
 _EXCLUDE_RANGE = re.compile(r"^(\d+:)?\d+:\d+$")

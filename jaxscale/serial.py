@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -454,3 +455,190 @@ def scale_errors(
     expected = i_true * np.exp(-np.mean(log_ratio) - np.mean(shift) / (2.0 * d_group**2))
     cc = float(np.corrcoef(result.ih[has], expected[has])[0, 1])
     return {"k_rms_rel": float(np.sqrt(np.mean(k_rel**2))), "B_rms": float(np.sqrt(np.mean(b_err**2))), "cc_ih": cc}
+
+
+# ------------------------------------------------------------------ command line (jaxscale scale)
+SERIAL_AUTO_MIN_STILLS = 1000
+
+
+def use_serial(params, experiments: list) -> bool:
+    """Whether `jaxscale scale` takes the serial path: compute.serial=true, or auto with more
+    than SERIAL_AUTO_MIN_STILLS experiments that are all stills scaled with the KB model."""
+    mode = str(getattr(params.compute, "serial", "auto")).lower()
+    if mode == "false" or not experiments:
+        return False
+    kb_stills = all(e.is_still for e in experiments) and params.model in (None, "KB") and (
+        params.overwrite_existing_models or all((e.scaling_model or {}).get("__id__", "KB") == "KB"
+                                                for e in experiments))
+    if mode == "true":
+        if not kb_stills:
+            raise InputError(None, "compute.serial=true needs stills scaled with the KB model", field="compute.serial")
+        return True
+    return kb_stills and len(experiments) > SERIAL_AUTO_MIN_STILLS
+
+
+def _kb_json(k: float, b: float, k_esd: float | None, b_esd: float | None, decay: bool,
+             error_model: tuple[float, float]) -> dict:
+    """One experiment's `scaling_model` (dials.algorithms.scaling.model KBScalingModel JSON)."""
+    from jaxscale.models import kb
+
+    out: dict = {"__id__": kb.MODEL_ID}
+    values = {"scale": (k, k_esd), "decay": (b, b_esd)}
+    corrections = [name for name in kb.COMPONENT_ORDER if name == "scale" or decay]
+    for name in corrections:
+        value, esd = values[name]
+        entry = {"n_parameters": 1, "parameters": [float(value)], "null_parameter_value": kb.NULL_VALUES[name]}
+        if esd is not None:
+            entry["est_standard_devs"] = [float(esd)]
+        out[name] = entry
+    out["configuration_parameters"] = {"corrections": corrections, "error_model_type": "BasicErrorModel",
+                                       "error_model_parameters": [float(error_model[0]), float(error_model[1])]}
+    return out
+
+
+def run_serial(params, inputs, progress=None):
+    """`jaxscale scale` on many KB stills: read, prepare (DIALS' cuts and intensity choice,
+    one call per input file), scale_stills, scaled tables / experiments / statistics /
+    outputs as the rotation path writes them. Returns a jaxscale.scale.ScaleResult."""
+    import dataclasses as _dc
+
+    from jaxscale import scale as S
+    from jaxscale.data import flags as F
+    from jaxscale.data.prepare import UnusableDatasetError, prepare_dataset
+    from jaxscale.data.symmetry import best_unit_cell, group_ids, map_to_asu
+    from jaxscale.data.table import ReflectionTable
+    from jaxscale.optimize.levmar import propagate_variance
+
+    log = S._Log(progress)
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    log.phase("reading input", None)
+    sources = S._read_sources(params, inputs, log)
+    log.end()
+    experiments = [e for _, expts, _ in sources for e in expts]
+    if not experiments:
+        raise InputError(None, "no data sets to scale")
+    sgs = {e.space_group.number for e in experiments}
+    if len(sgs) > 1:
+        raise InputError(None, f"experiments have different space groups {sorted(sgs)}")
+    timings["read"] = time.perf_counter() - t_start
+    log(f"Serial scaling: {len(experiments)} stills, one KB model each (jaxscale.serial)")
+    cut = params.cut_data
+    cell = best_unit_cell(experiments)
+    prepared, offsets, offset = [], [], 0
+    for path, expts, table in sources:  # loop over input files (few)
+        try:
+            prep = prepare_dataset(table, intensity_choice=params.reflection_selection.intensity_choice,
+                                   partiality_cutoff=cut.partiality_cutoff, min_isigi=cut.min_isigi,
+                                   best_cell=cell, d_min=cut.d_min, d_max=cut.d_max)
+        except UnusableDatasetError as exc:
+            raise InputError(path, str(exc)) from None
+        position = {e.identifier: offset + i for i, e in enumerate(expts)}
+        ids = np.asarray(prep.table["id"])
+        lookup = np.full(max(prep.table.identifiers or {0: ""}) + 2, -1, dtype=np.int64)
+        for k, ident in prep.table.identifiers.items():  # loop over the identifiers map (vectorised rows below)
+            if k >= 0:
+                lookup[k] = position.get(ident, -1)
+        exp_index = np.where(ids >= 0, lookup[np.clip(ids, 0, lookup.size - 1)], -1)
+        prepared.append((prep.table, exp_index))
+        offsets.append(offset)
+        offset += len(expts)
+    suitable = [S._suitable(t) & (e >= 0) & (np.asarray(t["d"]) > 0) for t, e in prepared]
+    miller = np.concatenate([np.asarray(t["miller_index"])[m] for (t, _), m in zip(prepared, suitable)])
+    asu, _ = map_to_asu(miller, experiments[0].space_group, anomalous=bool(params.anomalous))
+    gid, uniq = group_ids(asu)
+    cat = lambda col: np.concatenate([np.asarray(t[col], dtype=np.float64)[m] for (t, _), m in zip(prepared, suitable)])  # noqa: E731
+    e_all = np.concatenate([e[m] for (_, e), m in zip(prepared, suitable)])
+    decay = bool(params.KB.decay_correction)
+    opts = params.scaling_options
+    dtype = jnp.float32 if params.compute.precision == "float32" else None
+    timings["prepare"] = time.perf_counter() - t_start - timings["read"]
+    t0 = time.perf_counter()
+    res = scale_stills(gid, cat("intensity"), cat("variance"), cat("d"), e_all, len(experiments), len(uniq),
+                       decay_correction=decay, outlier_rejection=opts.outlier_rejection,
+                       outlier_zmax=opts.outlier_zmax or 6.0, full_matrix=bool(opts.full_matrix),
+                       n_devices=params.compute.n_devices, dtype=dtype)
+    for line in res.log:
+        log(line)
+    timings["scaling"] = time.perf_counter() - t0
+
+    # scaled tables: g for every indexed row with d > 0 (the KB model applies to all of them)
+    t0 = time.perf_counter()
+    x = np.stack([res.scale, res.b_factor], 1)
+    sk = np.zeros(len(experiments)) if res.scale_sigma is None else res.scale_sigma
+    sb = np.zeros(len(experiments)) if res.b_factor_sigma is None else res.b_factor_sigma
+    out_tables, start = [], 0
+    for (t, e), m in zip(prepared, suitable):  # loop over input files
+        t = t.copy()
+        n = len(t)
+        d = np.asarray(t["d"], dtype=np.float64)
+        ok = (e >= 0) & (d > 0)
+        g = np.ones(n)
+        g[ok] = kb_inverse_scale(x, e[ok], d[ok])
+        var_g = np.zeros(n)
+        s = np.where(ok, 1.0 / (2.0 * np.where(ok, d, 1.0) ** 2), 0.0)
+        var_g[ok] = g[ok] ** 2 * ((sk[e[ok]] / x[e[ok], 0]) ** 2 + (s[ok] * sb[e[ok]]) ** 2)
+        rows = np.flatnonzero(m)
+        outlier = np.zeros(n, dtype=bool)
+        outlier[rows] = res.outlier[start:start + rows.size]
+        start += rows.size
+        intensity = np.asarray(t["intensity"], dtype=np.float64)
+        variance = propagate_variance(np.asarray(t["variance"], dtype=np.float64), intensity, g,
+                                      var_g if res.scale_sigma is not None else None, res.error_model)
+        flags = F.clear_bits(np.asarray(t["flags"]), F.OUTLIER_IN_SCALING | F.SCALED)
+        flags = F.set_bits(flags, outlier, F.OUTLIER_IN_SCALING)
+        flags = F.set_bits(flags, ~ok, F.EXCLUDED_FOR_SCALING)
+        cutoff = cut.small_scale_cutoff or 0.0
+        flags = F.set_bits(flags, g < cutoff, F.EXCLUDED_FOR_SCALING)
+        flags = F.set_bits(flags, ~F.has_any(flags, F.BAD_FOR_SCALING), F.SCALED)
+        t["flags"] = flags
+        t["inverse_scale_factor"] = g
+        t["inverse_scale_factor_variance"] = var_g
+        t["intensity.scale.value"] = intensity
+        t["intensity.scale.variance"] = variance
+        t["id"] = np.where(e >= 0, e, -1).astype(np.int32)
+        for col in S.TEMPORARY_COLUMNS:
+            if col in t:
+                del t[col]
+        out_tables.append(t)
+    table = ReflectionTable.concatenate(out_tables)
+    table.identifiers = {i: ex.identifier for i, ex in enumerate(experiments)}
+    out_experiments = []
+    for i, ex in enumerate(experiments):  # loop over experiments: the .expt is one JSON object per still
+        new = _dc.replace(ex)
+        new.scaling_model = _kb_json(x[i, 0], x[i, 1], None if res.scale_sigma is None else sk[i],
+                                     None if res.b_factor_sigma is None else sb[i], decay, res.error_model)
+        out_experiments.append(new)
+    stats = S._merging_stats(params, table, out_experiments, log)
+    timings["statistics"] = time.perf_counter() - t0
+    run_info_scaler = _SerialRunInfo(error_model=res.error_model, outlier=res.outlier)
+    outputs = S._write_outputs(params, table, out_experiments, stats, None, run_info_scaler, log, timings, t_start)
+    return S.ScaleResult(table, out_experiments, None, x, res.error_model, None, stats, log.lines, timings, None,
+                         outputs)
+
+
+@dataclasses.dataclass
+class _SerialRunInfo:
+    """What the output writer reads from a scaler (run summary): every experiment is KB."""
+
+    error_model: tuple[float, float]
+    outlier: np.ndarray
+    imid: float | None = None
+    model: object = dataclasses.field(
+        default_factory=lambda: types.SimpleNamespace(states={0: types.SimpleNamespace(model_id="KB")}))
+
+
+def serial_requested(params, inputs) -> bool:
+    """use_serial decided from the .expt inputs alone (before any reflection file is read)."""
+    if str(getattr(params.compute, "serial", "auto")).lower() == "false":
+        return False
+    from jaxscale import scale as S
+    from jaxscale.io.expt import read_expt
+
+    pairs, mtzs, xdss = S._sort_inputs(params, inputs)
+    if mtzs or xdss or not pairs:
+        if str(params.compute.serial).lower() == "true":
+            raise InputError(None, "compute.serial=true needs DIALS .refl/.expt input", field="compute.serial")
+        return False
+    experiments = [e for _, expt_path in pairs for e in read_expt(expt_path)]
+    return use_serial(params, experiments)
