@@ -94,6 +94,8 @@ def scale_and_filter(params: Any, experiments: list, tables: list, origins: list
         removal = D.choose_removals(result, groups, valid)
         _log_cycle(log, result, groups, removal)
         experiments, tables, origins, n_removed = _apply_removal(pass_, removal)
+        if params.exclude_images:  # now in the scans' valid ranges; data sets may have been removed
+            params = params.model_copy(update={"exclude_images": []})
         identifiers = {k: e.identifier for k, e in enumerate(pass_.experiments)}
         stats = pass_.stats
         cycles.append(D.cycle_results(stats, result, removal, groups, n_removed, identifiers, cycles, initial_n))

@@ -164,8 +164,10 @@ def _read_sources(params: Any, inputs: Sequence[str], log: "_Log") -> list[tuple
 
 
 def _read_datasets(params: Any, inputs: Sequence[str], log: "_Log | None" = None
-                   ) -> tuple[list, list[ReflectionTable], list[str]]:
-    """One (experiment, table, source path) per experiment over all inputs, tables split by `id`."""
+                   ) -> tuple[Any, list, list[ReflectionTable], list[str]]:
+    """(params, experiments, tables, source paths): one experiment and table per experiment
+    over all inputs (tables split by `id`), those chosen by use_datasets / exclude_datasets;
+    params with exclude_images renumbered to the chosen data sets' positions."""
     log = log if log is not None else _Log(None)
     experiments, tables, origin = [], [], []
     for path, expts, table in _read_sources(params, inputs, log):
@@ -186,6 +188,7 @@ def _read_datasets(params: Any, inputs: Sequence[str], log: "_Log | None" = None
     use = params.dataset_selection.use_datasets
     exclude = params.dataset_selection.exclude_datasets
     keep = [i for i in range(len(experiments)) if (use is None or i in use) and not (exclude and i in exclude)]
+    params = _exclude_images_by_position(params, keep, len(experiments), log)
     experiments = [experiments[i] for i in keep]
     tables = [tables[i] for i in keep]
     origin = [origin[i] for i in keep]
@@ -197,7 +200,30 @@ def _read_datasets(params: Any, inputs: Sequence[str], log: "_Log | None" = None
         sgs = {e.space_group.number for e in experiments}
         if len(sgs) > 1:
             raise InputError(None, f"experiments have different space groups {sorted(sgs)}")
-    return experiments, tables, origin
+    return params, experiments, tables, origin
+
+
+def _exclude_images_by_position(params: Any, keep: list[int], n_input: int, log: "_Log") -> Any:
+    """exclude_images names data sets by their id in the input (DIALS: the table's `id`,
+    kept through use_datasets); the stages number the chosen ones 0..n-1, so renumber.
+    A range on a data set left out is ignored (as DIALS); an id beyond the input is kept
+    so that validation names it."""
+    from jaxscale.params import image_ranges
+
+    if not params.exclude_images or keep == list(range(n_input)):
+        return params
+    position = {int(k): pos for pos, k in enumerate(keep)}
+    items = []
+    for exp_id, start, end in image_ranges(params.exclude_images):  # a handful of ranges
+        if exp_id is None:
+            items.append(f"{start}:{end}")
+        elif exp_id in position:
+            items.append(f"{position[exp_id]}:{start}:{end}")
+        elif exp_id < n_input:
+            log(f"exclude_images={exp_id}:{start}:{end}: data set {exp_id} is not selected, range ignored")
+        else:
+            items.append(f"{exp_id}:{start}:{end}")
+    return params.model_copy(update={"exclude_images": items})
 
 
 # ------------------------------------------------------------------------- observations
@@ -961,7 +987,7 @@ def run(params: Any, inputs: Sequence[str], progress: Any | None = None) -> Scal
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     log.phase("reading input", None)
-    experiments, tables, origins = _read_datasets(params, inputs, log)
+    params, experiments, tables, origins = _read_datasets(params, inputs, log)
     log.end()
     if not experiments:
         raise InputError(None, "no data sets to scale")

@@ -52,6 +52,62 @@ def test_exclude_images_two_sweeps_as_dials(tmp_path):
     assert int(res.statistics.overall.n_obs[0]) == ref["n_obs_overall"]
 
 
+def _one_file(where: Path, names) -> list[str]:
+    """lcys sweeps in one .refl/.expt (ids 0, 1, ... with identifiers), as dials.combine_experiments."""
+    from jaxscale.data.table import ReflectionTable
+    from jaxscale.io.expt import ExperimentList, read_expt, write_expt
+    from jaxscale.io.refl import read_refl, write_refl
+
+    tables, experiments = [], ExperimentList()
+    for k, name in enumerate(names):  # a few sweeps
+        table = read_refl(EXAMPLE / f"lcys_{name}_integrated.refl")
+        expt = read_expt(EXAMPLE / f"lcys_{name}_integrated.expt")[0]
+        expt.identifier = f"00000000-0000-0000-0000-{k + 1:012d}"
+        ids = np.asarray(table["id"])
+        table["id"] = np.where(ids < 0, -1, k).astype(np.int32)
+        table.identifiers = {k: expt.identifier}
+        tables.append(table)
+        experiments.append(expt)
+    where.mkdir(parents=True, exist_ok=True)
+    write_refl(ReflectionTable.concatenate(tables), where / "combined.refl")
+    write_expt(experiments, where / "combined.expt")
+    return [str(where / "combined.refl"), str(where / "combined.expt")]
+
+
+def test_exclude_images_names_datasets_by_input_id(tmp_path):
+    """use_datasets=1 exclude_images=1:100:200: the range names data set 1 of the input (its
+    id), not the first data set left after selection; flags, valid ranges, model and error
+    model as DIALS 3.12."""
+    from jaxscale.io.refl import read_refl
+    from jaxscale.scale import run
+
+    ref = REFERENCE["use_datasets_exclude_images"]
+    res = run(_params(tmp_path / "out", ("dataset_selection.use_datasets", "1"), ("exclude_images", "1:100:200")),
+              _one_file(tmp_path, ["20", "25"]))
+    table = read_refl(tmp_path / "out" / "scaled.refl")
+    flags = np.asarray(table["flags"])
+    assert list(table.identifiers.values()) == ["00000000-0000-0000-0000-000000000002"]
+    assert len(table) == ref["n_rows"]
+    assert int(F.has_any(flags, F.USER_EXCLUDED_IN_SCALING).sum()) == ref["user_excluded"]
+    assert int(F.has_any(flags, F.SCALED).sum()) == ref["scaled"]
+    expt = json.loads((tmp_path / "out" / "scaled.expt").read_text())
+    assert [list(s["valid_image_ranges"].values())[0] for s in expt["scan"]] == ref["valid_image_ranges"]
+    models = expt["scaling_model"]
+    assert [m["configuration_parameters"]["valid_image_range"] for m in models] == ref["model_valid_image_range"]
+    assert [len(m["scale"]["parameters"]) for m in models] == ref["n_scale_parameters"]
+    np.testing.assert_allclose(res.error_model, ref["error_model"], rtol=2e-2)
+    assert int(res.statistics.overall.n_obs[0]) == ref["n_obs_overall"]
+    # an input id that use_datasets leaves out is ignored (as DIALS); an unknown one is an error
+    res = run(_params(tmp_path / "other", ("dataset_selection.use_datasets", "1"), ("exclude_images", "0:100:200")),
+              [str(tmp_path / "combined.refl"), str(tmp_path / "combined.expt")])
+    assert int(F.has_any(np.asarray(res.table["flags"]), F.USER_EXCLUDED_IN_SCALING).sum()) < ref["user_excluded"]
+    from jaxscale.exceptions import ParameterError
+
+    with pytest.raises(ParameterError, match="dataset id 5"):
+        run(_params(tmp_path / "bad", ("dataset_selection.use_datasets", "1"), ("exclude_images", "5:100:200")),
+            [str(tmp_path / "combined.refl"), str(tmp_path / "combined.expt")])
+
+
 def test_unusable_dataset_names_the_file(tmp_path):
     from jaxscale.scale import run
 
