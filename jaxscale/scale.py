@@ -992,7 +992,7 @@ def run(params: Any, inputs: Sequence[str], progress: Any | None = None) -> Scal
     if not experiments:
         raise InputError(None, "no data sets to scale")
     if params.scaling_options.check_consistent_indexing:
-        tables = _reindex_consistently(params, experiments, tables, log)
+        experiments, tables = _reindex_consistently(params, experiments, tables, log)
     extra_jobs: list = []
     filtering = cross_validation = None
     if params.cross_validation.cross_validation_mode:
@@ -1033,15 +1033,47 @@ def run(params: Any, inputs: Sequence[str], progress: Any | None = None) -> Scal
                        filtering=filtering, work_free=result.work_free)
 
 
+def reindex_crystal(crystal: dict, op: str) -> dict:
+    """A .expt crystal dict in the setting of the reindexing op h' = h M (e.g. 'k,h,-l').
+
+    A h is unchanged: A' = A M^-T (static and at every scan point), so the real-space
+    rows become R' = M^T R; the recalculated cell follows the metric M^T G M. The B
+    covariance and cell esds are dropped, as dxtbx's Crystal.change_basis does.
+    """
+    from jaxscale.data.consistent_indexing import op_hkl_matrix
+
+    m = op_hkl_matrix(op).astype(np.float64)  # (3, 3)
+    m_inv_t = np.linalg.inv(m).T
+    out = {k: v for k, v in crystal.items()
+           if k not in ("B_covariance", "recalculated_cell_parameter_sd", "recalculated_cell_volume_sd")}
+    rows = np.array([crystal["real_space_a"], crystal["real_space_b"], crystal["real_space_c"]], dtype=np.float64)
+    new_rows = m.T @ rows  # (3, 3) rows a', b', c'
+    for name, v in zip(("real_space_a", "real_space_b", "real_space_c"), new_rows):
+        out[name] = [float(x) for x in v]
+    if crystal.get("A_at_scan_points"):
+        a_sp = np.asarray(crystal["A_at_scan_points"], dtype=np.float64).reshape(-1, 3, 3) @ m_inv_t
+        out["A_at_scan_points"] = a_sp.reshape(-1, 9).tolist()
+    if crystal.get("recalculated_unit_cell"):
+        import gemmi
+
+        orth = np.array(gemmi.UnitCell(*crystal["recalculated_unit_cell"]).orth.mat.tolist())  # columns a, b, c
+        basis = m.T @ orth.T  # rows a', b', c'
+        length = np.linalg.norm(basis, axis=1)
+        angle = lambda i, j: float(np.degrees(np.arccos(basis[i] @ basis[j] / (length[i] * length[j]))))  # noqa: E731
+        out["recalculated_unit_cell"] = [*map(float, length), angle(1, 2), angle(0, 2), angle(0, 1)]
+    return out
+
+
 def _reindex_consistently(params: Any, experiments: list, tables: list[ReflectionTable], log: _Log
-                          ) -> list[ReflectionTable]:
+                          ) -> tuple[list, list[ReflectionTable]]:
     """check_consistent_indexing: resolve the indexing ambiguity between data sets (as
-    dials.cosym before scaling) and reindex each table's miller indices."""
-    from jaxscale.data.consistent_indexing import apply_reindexing, resolve_indexing_ambiguity
+    dials.cosym before scaling); reindex each table's miller indices and its experiment's
+    crystal model by the same operation (so scaled.expt and scaled.refl agree)."""
+    from jaxscale.data.consistent_indexing import IDENTITY, resolve_indexing_ambiguity
 
     if len(tables) < 2:
         log("check_consistent_indexing: one data set, nothing to reindex")
-        return tables
+        return experiments, tables
     cols = ("intensity.prf.value", "intensity.prf.variance") if all(
         "intensity.prf.value" in t for t in tables) else ("intensity.sum.value", "intensity.sum.variance")
     sizes = [len(t) for t in tables]
@@ -1059,13 +1091,16 @@ def _reindex_consistently(params: Any, experiments: list, tables: list[Reflectio
     log(f"Consistent indexing: candidate operations {', '.join(res.candidate_ops)}; "
         f"{res.n_flipped} data set(s) reindexed")
     bounds = np.r_[0, np.cumsum(sizes)]
-    out = []
-    for k, (t, op) in enumerate(zip(tables, res.ops)):  # loop over data sets
+    out, out_experiments = [], []
+    for k, (t, expt, op) in enumerate(zip(tables, experiments, res.ops)):  # loop over data sets
         log(f"  data set {k}: {op} (confidence {res.confidence[k]:.3f})")
-        t = t.copy()
-        t["miller_index"] = res.reindexed_miller[bounds[k]:bounds[k + 1]].astype(np.int32)
+        if op != IDENTITY:
+            t = t.copy()
+            t["miller_index"] = res.reindexed_miller[bounds[k]:bounds[k + 1]].astype(np.int32)
+            expt = dataclasses.replace(expt, crystal=reindex_crystal(expt.crystal, op))
         out.append(t)
-    return out
+        out_experiments.append(expt)
+    return out_experiments, out
 
 
 def _parameter_text(params: Any) -> str:

@@ -232,30 +232,56 @@ def test_robust_likelihood_recovers_planted_scales(tmp_path, likelihood):
     assert spread("ls") > robust
 
 
+def _rlp_misfit(table, crystal: dict, expt: dict) -> float:
+    """max |S R(phi) F A h - (s1 - s0)| over a data set's rows (1/Å): the crystal model with the
+    miller indices reproduces each reflection's diffraction vector."""
+    hkl = np.asarray(table["miller_index"], dtype=np.float64)
+    A = np.linalg.inv(np.array([crystal["real_space_a"], crystal["real_space_b"], crystal["real_space_c"]]))
+    r0 = hkl @ A.T  # (n, 3) A h
+    axis = np.asarray(expt["goniometer"]["rotation_axis"], dtype=np.float64)
+    axis /= np.linalg.norm(axis)
+    phi = np.asarray(table["xyzcal.mm"])[:, 2][:, None]
+    r = r0 * np.cos(phi) + np.cross(axis, r0) * np.sin(phi) + np.outer(r0 @ axis, axis) * (1 - np.cos(phi))
+    s0 = -np.asarray(expt["beam"]["direction"]) / expt["beam"]["wavelength"]
+    return float(np.max(np.abs(r - (np.asarray(table["s1"]) - s0))))
+
+
 def test_check_consistent_indexing(tmp_path):
-    """P 4 with a ~ b: sweep 1 of the same crystal indexed as (k, h, -l). With
-    check_consistent_indexing it is reindexed and the data merge (CC1/2 ~ 1); without, not."""
+    """P 4 with a ~ b: sweep 1 of the same crystal indexed in the other setting, h' = (k, h, -l)
+    with its crystal model to match (A' = A M^-T, also at the scan points). With
+    check_consistent_indexing it is reindexed and the data merge (CC1/2 ~ 1); without, not.
+    The written crystal of each data set, with the written miller indices, still gives each
+    reflection's s1 - s0 (to 1e-6 1/Å), statically and at every scan point."""
+    from jaxscale.io.refl import read_refl
     from jaxscale.scale import run
 
     sweeps = [_sim_sweep(j, "P 4", (20, 20, 30, 90, 90, 90)) for j in range(2)]
-    t1 = sweeps[1][0]
-    t1["miller_index"] = np.asarray(t1["miller_index"])[:, [1, 0, 2]] * np.array([1, 1, -1], dtype=np.int32)
+    t1, e1, _ = sweeps[1]
+    m = np.array([[0, 1, 0], [1, 0, 0], [0, 0, -1]])  # h' = h M
+    t1["miller_index"] = (np.asarray(t1["miller_index"]) @ m).astype(np.int32)
+    rows = np.array([e1.crystal["real_space_a"], e1.crystal["real_space_b"], e1.crystal["real_space_c"]])
+    rows_other = m.T @ rows  # A' = inv(R') = A M^-T: A' h' = A h
+    e1.crystal = {**e1.crystal, "real_space_a": rows_other[0].tolist(), "real_space_b": rows_other[1].tolist(),
+                  "real_space_c": rows_other[2].tolist(),
+                  "A_at_scan_points": [np.linalg.inv(rows_other).ravel().tolist()] * 61}
+    assert _rlp_misfit(t1, e1.crystal, {"beam": e1.beam, "goniometer": e1.goniometer}) < 1e-9
     paths = _write_sweeps(tmp_path, sweeps)
     res = run(_params(tmp_path / "ci", ("model", "KB"), ("scaling_options.check_consistent_indexing", "True")), paths)
     assert any("1 data set(s) reindexed" in line for line in res.log)
     assert res.statistics.overall.cc_half[0] > 0.99
+    table = read_refl(tmp_path / "ci" / "scaled.refl")
+    doc = json.loads((tmp_path / "ci" / "scaled.expt").read_text())
+    flipped = 0
+    for k, entry in enumerate(doc["experiment"]):  # two data sets
+        crystal = doc["crystal"][entry["crystal"]]
+        expt = {"beam": doc["beam"][entry["beam"]], "goniometer": doc["goniometer"][entry["goniometer"]]}
+        sub = table.select(np.flatnonzero(np.asarray(table["id"]) == k))
+        assert _rlp_misfit(sub, crystal, expt) < 1e-6
+        for a_sp in crystal.get("A_at_scan_points", []):  # the same A h at every scan point
+            hkl = np.asarray(sub["miller_index"], dtype=np.float64)
+            np.testing.assert_allclose(hkl @ np.reshape(a_sp, (3, 3)).T, hkl @ np.linalg.inv(
+                np.array([crystal["real_space_a"], crystal["real_space_b"], crystal["real_space_c"]])).T, atol=1e-9)
+        flipped += "A_at_scan_points" in crystal
+    assert flipped == 1  # sweep 1's crystal carries its (reindexed) scan points
     plain = run(_params(tmp_path / "plain", ("model", "KB")), paths)
     assert plain.statistics.overall.cc_half[0] < res.statistics.overall.cc_half[0] - 0.1
-
-
-def test_scale_uses_public_stage_functions_only():
-    """scale.py strings the stages together through their public functions: no `_name`
-    imported from another jaxscale module (models.build.dataset_state, not _dataset_state)."""
-    import ast
-
-    import jaxscale.scale
-
-    tree = ast.parse(Path(jaxscale.scale.__file__).read_text())
-    private = [(node.module, a.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-               and (node.module or "").startswith("jaxscale") for a in node.names if a.name.startswith("_")]
-    assert private == []
