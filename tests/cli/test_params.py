@@ -33,7 +33,7 @@ def test_every_dials_parameter_present_and_nothing_invented():
     assert set(DIALS) <= set(OURS), sorted(set(DIALS) - set(OURS))
     extras = set(OURS) - set(DIALS)
     assert extras == {"weighting.likelihood", "weighting.student_t_dof", "weighting.huber_delta",
-                      "compute.precision", "compute.n_devices"}
+                      "compute.precision", "compute.n_devices", "compute.serial"}
     assert all(_leaves()[p].jaxscale for p in extras)
     assert not any(_leaves()[p].jaxscale for p in DIALS)
     assert [p for p in OURS if p in DIALS] == list(DIALS)  # same order as DIALS
@@ -221,3 +221,12 @@ def test_committed_reference_matches_installed_dials():
                           text=True, timeout=120).stdout
     assert make_ref.parse(text) == DIALS
     assert make_ref.resolve_keys() == REFERENCE["key_resolution"]
+
+
+def test_compute_serial_choice():
+    """[jaxscale] compute.serial: auto (default) | true | false; anything else is refused."""
+    assert ScaleParams().compute.serial == "auto"
+    assert apply_overrides(ScaleParams(), {"compute.serial": "true"}).compute.serial == "true"
+    assert apply_overrides(ScaleParams(), {"serial": "false"}).compute.serial == "false"
+    with pytest.raises(ParameterError, match="compute.serial"):
+        apply_overrides(ScaleParams(), {"compute.serial": "maybe"})
