@@ -29,9 +29,12 @@ EXPECTED = {
     "benchmark_float32.yaml": {
         "compute.precision": "float32", "reflection_selection.method": "use_all",
         "scaling_refinery.max_iterations": 50, "output.html": "benchmark.html", "output.log": "benchmark.log"},
+    "bench_serial.yaml": {
+        "model": "KB", "compute.serial": "true", "output.html": None, "output.log": "bench_serial.log"},
 }
 N_INPUTS = {"single_sweep_no_absorption.yaml": 2, "multi_dataset.yaml": 8, "incremental_step1.yaml": 2,
-            "incremental_step2.yaml": 4, "stills_kb.yaml": 2, "benchmark_float32.yaml": 8}
+            "incremental_step2.yaml": 4, "stills_kb.yaml": 2, "benchmark_float32.yaml": 8,
+            "bench_serial.yaml": 2}
 
 
 def test_every_config_is_covered():
