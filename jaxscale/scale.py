@@ -608,6 +608,10 @@ class _Scaler:
                                                           o.epsilon[sel], p.emax)
         self.outlier = out
         self.log(f"{int(out.sum())} outliers found ({label})")
+        if per_dataset and len(sets) > 1:  # DIALS: one line per data set (each single scaler)
+            counts = np.bincount(o.dataset[out], minlength=len(sets))
+            for k, n in enumerate(counts):  # loop over data sets
+                self.log(f"  data set {k}: {int(n)} outliers")
 
     # -------------------------------------------------------------- error model
     def refine_error_model(self, label: str) -> None:
@@ -738,6 +742,37 @@ def _dataset_inputs(experiments: list, prepared: list) -> list[DatasetInput]:
     return out
 
 
+def model_choice_text(k: int, experiment: Any, state: Any, params: Any) -> str:
+    """One log line: data set k's model, its components and why (the auto rules: KB for
+    stills and sweeps under 1 degree, physical otherwise, absorption above 60 degrees)."""
+    from jaxscale.models.rules import is_auto
+
+    model = state.model_id
+    parts = ", ".join(f"{name} {np.size(v)}" for name, v in state.params.items())
+    if state.is_scaled:
+        why = "loaded from the input's scaled model (overwrite_existing_models=True starts anew)"
+    elif not is_auto(params.model):
+        why = f"model={params.model}"
+    elif experiment.is_still:
+        why = "auto: still images"
+    else:
+        start, end = experiment.osc_range
+        width = abs(end - start)
+        why = f"auto: sweep of {width:.2f} deg {'< 1 deg' if model == 'KB' else '>= 1 deg'}"
+    text = f"Data set {k}: {model} model ({why}); components {parts} parameters"
+    if model == "physical" and not state.is_scaled:
+        phys = params.physical
+        on = "absorption" in state.params
+        if phys.absorption_level:
+            reason = f"physical.absorption_level={phys.absorption_level}"
+        elif is_auto(phys.absorption_correction):
+            reason = f"auto: sweep {'>' if on else '<='} 60 deg"
+        else:
+            reason = f"physical.absorption_correction={phys.absorption_correction}"
+        text += f"; absorption {'on' if on else 'off'} ({reason})"
+    return text
+
+
 def _model_states(inputs: list[DatasetInput], prepared: list, origins: list[str], params: Any, log: _Log) -> list:
     """Each data set's model state (new, or loaded from a scaled .expt), limited to its valid
     image range as DIALS' set_image_ranges_in_scaling_models does; a model with an
@@ -757,6 +792,7 @@ def _model_states(inputs: list[DatasetInput], prepared: list, origins: list[str]
             if [int(v) for v in state.config["valid_image_range"]] != new:
                 MODEL_TYPES[state.model_id].limit_image_range(state, (new[0], new[1]))
                 log(f"Data set {data.dataset_index}: model limited to images {new[0]}-{new[1]}")
+        log(model_choice_text(data.dataset_index, expt, state, params))
         if "absorption" in state.params and "s1" not in prep.table:
             raise InputError(path, f"the {state.model_id} model's absorption correction needs s1 (crystal "
                              "orientation), which this file does not give; use model=KB or model=array, or "

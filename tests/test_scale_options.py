@@ -50,6 +50,14 @@ def test_exclude_images_two_sweeps_as_dials(tmp_path):
     assert [len(m["scale"]["parameters"]) for m in models] == ref["n_scale_parameters"]
     np.testing.assert_allclose(res.error_model, ref["error_model"], rtol=1e-3)
     assert int(res.statistics.overall.n_obs[0]) == ref["n_obs_overall"]
+    # the log gives the initial outliers per data set (DIALS: one line per sweep) and each model's reason
+    text = "\n".join(res.log)
+    for k, n in enumerate(ref["initial_outliers_per_dataset"]):
+        assert f"  data set {k}: {n} outliers" in text
+    for k, width in enumerate(("180.00", "170.00")):
+        line = f"Data set {k}: physical model (auto: sweep of {width} deg >= 1 deg); components scale 14,"
+        assert line in text and text.index(line) < text.index("Round 1")
+    assert text.count("absorption on (auto: sweep > 60 deg)") == 2
 
 
 def _one_file(where: Path, names) -> list[str]:
@@ -285,3 +293,36 @@ def test_check_consistent_indexing(tmp_path):
     assert flipped == 1  # sweep 1's crystal carries its (reindexed) scan points
     plain = run(_params(tmp_path / "plain", ("model", "KB")), paths)
     assert plain.statistics.overall.cc_half[0] < res.statistics.overall.cc_half[0] - 0.1
+
+
+def test_model_choice_text_gives_the_auto_rule():
+    """The log line per data set names the model and the rule that chose it (models.md: KB for
+    stills and sweeps under 1 degree, physical otherwise; absorption only above 60 degrees)."""
+    from jaxscale.io.expt import Experiment
+    from jaxscale.models.build import DatasetModelState, choose_model_id
+    from jaxscale.params import ScaleParams, apply_overrides
+    from jaxscale.scale import model_choice_text
+
+    def sweep(width_deg: float, n_images: int = 10) -> Experiment:
+        return Experiment(identifier="x", goniometer={"rotation_axis": [1.0, 0.0, 0.0]},
+                          scan={"image_range": [1, n_images], "oscillation": [0.0, width_deg / n_images]})
+
+    def state(model: str, *names: str) -> DatasetModelState:
+        return DatasetModelState(model, {}, {n: np.zeros(3) for n in names})
+
+    auto = ScaleParams()
+    narrow, still, mid, wide = sweep(0.5), Experiment(identifier="s"), sweep(30.0), sweep(90.0)
+    assert [choose_model_id(e, auto) for e in (narrow, still, mid, wide)] == ["KB", "KB", "physical", "physical"]
+    assert model_choice_text(0, narrow, state("KB", "scale", "decay"), auto) == (
+        "Data set 0: KB model (auto: sweep of 0.50 deg < 1 deg); components scale 3, decay 3 parameters")
+    assert "KB model (auto: still images)" in model_choice_text(1, still, state("KB", "scale"), auto)
+    assert model_choice_text(2, mid, state("physical", "scale", "decay"), auto).endswith(
+        "absorption off (auto: sweep <= 60 deg)")
+    assert model_choice_text(3, wide, state("physical", "scale", "decay", "absorption"), auto).endswith(
+        "absorption on (auto: sweep > 60 deg)")
+    forced = apply_overrides(ScaleParams(), [("model", "physical"), ("physical.absorption_correction", "False")])
+    assert model_choice_text(0, wide, state("physical", "scale"), forced) == (
+        "Data set 0: physical model (model=physical); components scale 3 parameters; absorption off "
+        "(physical.absorption_correction=False)")
+    loaded = DatasetModelState("KB", {}, {"scale": np.ones(1)}, is_scaled=True)
+    assert "loaded from the input's scaled model" in model_choice_text(0, wide, loaded, auto)

@@ -19,6 +19,7 @@ out = {"user_excluded": [int((t.get_flags(t.flags.user_excluded_in_scaling) & (t
        "error_model": d["scaling_model"][0]["configuration_parameters"]["error_model_parameters"]}
 print(json.dumps(out))
 PY
+grep "outliers have been identified" dials.scale.log | head -2  # initial_outliers_per_dataset (one per sweep)
 
 # target_cycle: scaled sweeps 20+25 (upstream dials.scale output) + unscaled sweep 30, full_matrix=False.
 # Read off dials.scale.log: the chosen Imid, the outliers after round 2 and the summary's Total observations.
