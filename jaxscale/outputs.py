@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from jaxscale.data import flags as F
@@ -88,8 +89,10 @@ def model_curves(model: ScalingModel, params: Mapping[str, Any], experiments: Se
     grids = [_grid_input(experiments[pos], k) for pos, k in enumerate(indices)]
     grid_model = build_model([g for g, _ in grids], options, states=[states[k] for k in indices],
                              exact_harmonics=True)
-    factors = {key: np.asarray(comp.apply(grid_model.params[key], grid_model.bases[key]))
-               for key, comp in grid_model.components.items()}
+    # one jitted program for all components (eager jnp calls would compile one program each)
+    factors = jax.device_get(jax.jit(lambda p, b: {key: comp.apply(p[key], b[key])
+                                                   for key, comp in grid_model.components.items()})(
+        grid_model.params, grid_model.bases))
     out = []
     for pos, (k, (_, rotation)) in enumerate(zip(indices, grids)):  # loop over data sets
         state = states[k]
