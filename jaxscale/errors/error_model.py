@@ -12,7 +12,7 @@ import dataclasses
 import math
 
 import numpy as np
-from jax.scipy.special import ndtr, ndtri
+from scipy.special import ndtr, ndtri
 
 MIN_REFLECTIONS = 250
 MIN_PARTIALITY = 0.4

@@ -14,6 +14,7 @@ import gemmi
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy.special import ndtri, stdtrit
 
 from jaxscale.merge.merging import ScaledObservations, group_by_index, weighted_merge
 
@@ -166,7 +167,7 @@ def split_halves(group_start: np.ndarray, group_n: np.ndarray, group_reset: np.n
     n_pad[:G] = group_n
     reset_pad = np.zeros(pad, dtype=bool)
     reset_pad[:G] = group_reset
-    first, nsum = (np.asarray(a)[:G] for a in _draw_positions(jnp.asarray(n_pad), jnp.asarray(reset_pad), jnp.asarray(u)))
+    first, nsum = (np.asarray(a)[:G] for a in _draw_positions(n_pad, reset_pad, u))
     x = np.array(values, dtype=float)
     w = np.array(weights, dtype=float)
     s1 = np.zeros(G)
@@ -204,27 +205,11 @@ def _pearson_by_shell(x: np.ndarray, y: np.ndarray, shell: np.ndarray, n_shells:
     return r, n
 
 
-@jax.jit
-def _t_quantile_99(dof: jnp.ndarray) -> jnp.ndarray:
-    """Student-t quantile at 0.99 for dof ≥ 1 by bisection on the regularised beta CDF."""
-    def upper_tail(t):   # P(T > t) for t ≥ 0
-        return 0.5 * jax.scipy.special.betainc(dof / 2.0, 0.5, dof / (dof + t * t))
-
-    def body(_, lohi):
-        lo, hi = lohi
-        mid = 0.5 * (lo + hi)
-        too_small = upper_tail(mid) > 0.01
-        return jnp.where(too_small, mid, lo), jnp.where(too_small, hi, mid)
-
-    lo, hi = jax.lax.fori_loop(0, 200, body, (jnp.zeros_like(dof), jnp.full_like(dof, 1e4)))
-    return 0.5 * (lo + hi)
-
-
 def critical_correlation(n: np.ndarray) -> np.ndarray:
     """Pearson r significant at p = 0.01 with n pairs: t/sqrt(n − 2 + t²); 0 where n ≤ 2."""
     n = np.asarray(n, dtype=float)
     dof = np.maximum(n - 2.0, 1.0)
-    t = np.asarray(_t_quantile_99(jnp.asarray(dof)))
+    t = stdtrit(dof, 0.99)                                    # Student-t quantile at 0.99
     return np.where(n > 2, t / np.sqrt(n - 2.0 + t * t), 0.0)
 
 
@@ -441,7 +426,7 @@ def _probability_plot_fit(y: np.ndarray, shell: np.ndarray, S: int, expected_del
     n = np.bincount(sh, minlength=S)
     start = np.concatenate([[0], np.cumsum(n)[:-1]])
     rank = np.arange(len(ys)) - start[sh]
-    x = np.asarray(jax.scipy.special.ndtri(jnp.asarray((rank + 0.5) / np.maximum(n[sh], 1))))
+    x = ndtri((rank + 0.5) / np.maximum(n[sh], 1))
     keep = np.abs(x) < expected_delta
     x, ys, sh = x[keep], ys[keep], sh[keep]
     k = np.bincount(sh, minlength=S)

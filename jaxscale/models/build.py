@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxscale.exceptions import ParameterError
@@ -208,8 +207,9 @@ def build_model(datasets: Sequence[DatasetInput], options: Any, *,
         model_id, name = key.split(".", 1)
         configured = COMPONENTS[(model_id, name)](key, entries, n_obs, key in shared_keys)
         components[key] = configured.component
-        params[key] = jnp.asarray(configured.params)
-        bases[key] = {k: jnp.asarray(v) for k, v in configured.basis.items()}
+        # device_put: a plain host-to-device copy (jnp.asarray compiles a program per dtype/shape)
+        params[key] = jax.device_put(np.asarray(configured.params))
+        bases[key] = {k: jax.device_put(np.asarray(v)) for k, v in configured.basis.items()}
         slices[key] = {indices[pos]: sl for pos, sl in configured.slices.items()}
 
     fixed = {key: np.zeros(len(p), dtype=bool) for key, p in params.items()}

@@ -120,7 +120,7 @@ def assemble(
         for i in present:
             if entries[i].restraint_weights is not None:
                 restraint[slices[i]] = entries[i].restraint_weights
-    component = Component(name, apply, None if restraint is None else jnp.asarray(restraint))
+    component = Component(name, apply, restraint)  # numpy: constant inside the jitted objective
     return ConfiguredComponent(component, params, basis, slices)
 
 
