@@ -103,6 +103,25 @@ def format_table(result: CrossValidationResult) -> str:
     return "\n".join([rule, line(header), rule, *(line(r) for r in rows), rule])
 
 
+def report_section(result: CrossValidationResult) -> dict:
+    """The HTML report's `cross_validation` entry (jaxscale.report.html): per configuration
+    the mean and sd of each column of NAMES, and the best values (as marked in the table)."""
+    summary = result.summary()
+    mean = [[s[k][0] for k in KEYS] for s in summary]
+    best = [[False] * len(KEYS) for _ in summary]
+    for index, criterion in zip(MONITORED, BEST):  # four monitored columns
+        column = [m[index] for m in mean]
+        best[column.index(min(column) if criterion == "min" else max(column))][index] = True
+    return {"configurations": list(result.configurations), "columns": list(NAMES), "mean": mean,
+            "sd": [[s[k][1] for k in KEYS] for s in summary], "best": best}
+
+
+def work_free_section(work_free: dict) -> dict:
+    """The report's `cross_validation` entry for one run with a free set (use_free_set)."""
+    return {"configurations": ["this run"], "columns": list(NAMES), "mean": [[work_free[k] for k in KEYS]],
+            "sd": None, "best": None}
+
+
 def cross_validate(params: Any, experiments: list, tables: list, origins: list[str], log: Any
                    ) -> tuple[CrossValidationResult, Any]:
     """Run every configuration over the folds; returns (result, the last fold's ScalePass)."""
@@ -130,4 +149,5 @@ def cross_validate(params: Any, experiments: list, tables: list, origins: list[s
     return result, last
 
 
-__all__ = ["CrossValidationResult", "configurations", "cross_validate", "format_table", "NAMES", "KEYS"]
+__all__ = ["CrossValidationResult", "configurations", "cross_validate", "format_table", "report_section",
+           "work_free_section", "NAMES", "KEYS"]

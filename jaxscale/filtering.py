@@ -64,9 +64,40 @@ def _apply_removal(pass_: Any, removal: D.Removal) -> tuple[list, list, list, in
     return exps, tables, origins, n_scaled_before - n_scaled_after
 
 
+def _group_record(cycle: int, result: D.DeltaCCResult, groups: D.DataGroups) -> dict:
+    """One cycle's ΔCC½ per group for the report: groups with data, in group order."""
+    have = np.flatnonzero(np.isfinite(result.delta))
+    if groups.mode == "dataset":
+        labels = [f"data set {int(groups.dataset_id[g])}" for g in have]
+    else:
+        labels = [f"{int(groups.dataset_id[g])}: {int(groups.first_image[g])}-{int(groups.last_image[g])}"
+                  for g in have]
+    return {"cycle": cycle, "label": labels, "delta_cc_half": result.delta[have],
+            "below_cutoff": result.below_cutoff[have], "cutoff": float(result.cutoff)}
+
+
+def report_section(doc: dict, group_records: list[dict]) -> dict:
+    """The HTML report's `filtering` entry (jaxscale.report.html) from the results document
+    and the per-cycle group records."""
+    cycles = doc["cycle_results"]
+    keys = sorted(cycles, key=int)
+    removed = []
+    for k in keys:  # a few cycles
+        c = cycles[k]
+        items = [f"{r[0][0]}-{r[0][1]} (data set {r[1]})" for r in c.get("image_ranges_removed", [])]
+        items += [f"data set {i}" for i in c["removed_ids"]]
+        removed.append(items)
+    return {"cycles": [int(k) for k in keys],
+            "cc_half": [float(cycles[k]["mean_cc_half"]) for k in keys],
+            "n_removed": [int(cycles[k]["n_removed"]) for k in keys],
+            "cumul_percent_removed": [float(cycles[k]["cumul_percent_removed"]) for k in keys],
+            "removed": removed, "termination_reason": doc["termination_reason"], "groups": group_records}
+
+
 def scale_and_filter(params: Any, experiments: list, tables: list, origins: list[str], log: Any,
-                     timings: dict[str, float] | None = None) -> tuple[Any, dict]:
-    """Run the scale-and-filter cycles; returns (final ScalePass, results document)."""
+                     timings: dict[str, float] | None = None) -> tuple[Any, dict, dict]:
+    """Run the scale-and-filter cycles; returns (final ScalePass, results document, the
+    report's `filtering` section)."""
     from jaxscale.scale import scale_datasets
 
     dc = params.filtering.deltacchalf
@@ -75,6 +106,7 @@ def scale_and_filter(params: Any, experiments: list, tables: list, origins: list
                              "for a single sweep")
     max_cycles = dc.max_cycles or 6
     cycles: list[dict] = []
+    group_records: list[dict] = []
     initial_n = 0
     initial_ranges: list = []
     final = None
@@ -92,6 +124,7 @@ def scale_and_filter(params: Any, experiments: list, tables: list, origins: list
         result = D.delta_cchalf(obs, groups, stdcutoff=4.0 if dc.stdcutoff is None else dc.stdcutoff)
         valid = {k: (None if r is None else r[1]) for k, r in enumerate(_scan_ranges(pass_.experiments))}
         removal = D.choose_removals(result, groups, valid)
+        group_records.append(_group_record(cycle, result, groups))
         _log_cycle(log, result, groups, removal)
         experiments, tables, origins, n_removed = _apply_removal(pass_, removal)
         if params.exclude_images:  # now in the scans' valid ranges; data sets may have been removed
@@ -118,7 +151,7 @@ def scale_and_filter(params: Any, experiments: list, tables: list, origins: list
         cycles, reason, initial_n, initial_ranges, _scan_ranges(experiments),
         final.stats if final is not pass_ else None)
     log(summary_text(doc))
-    return final, doc
+    return final, doc, report_section(doc, group_records)
 
 
 def _log_cycle(log: Any, result: D.DeltaCCResult, groups: D.DataGroups, removal: D.Removal) -> None:
@@ -165,4 +198,4 @@ def results_job(params: Any, doc: dict) -> tuple[str, str, Callable] | None:
     return ("scale_and_filter_results", path, lambda p: atomic_write_text(p, text))
 
 
-__all__ = ["scale_and_filter", "results_job", "summary_text"]
+__all__ = ["scale_and_filter", "results_job", "summary_text", "report_section"]

@@ -159,9 +159,12 @@ def merged_intensities(obs: ScaledObservations, use_internal_variance: bool = Fa
 
 def report_data(stats: Any, table: ReflectionTable, experiments: Sequence[Any], model: ScalingModel,
                 params_tree: Mapping[str, Any], error_model: ErrorModelResult | None, options: Any,
-                title: str = "jaxscale scaling report", datasets: Sequence[int] | None = None) -> dict:
+                title: str = "jaxscale scaling report", datasets: Sequence[int] | None = None,
+                filtering: dict | None = None, cross_validation: dict | None = None) -> dict:
     """The HTML report's data dict (jaxscale.report.html) from a finished run; datasets: the
-    model's data-set index of each experiment (when only some were written)."""
+    model's data-set index of each experiment (when only some were written); filtering /
+    cross_validation: those report sections (jaxscale.filtering / cross_validation
+    .report_section) when they ran."""
     from jaxscale.merge.merging import scaled_observations
     from jaxscale.merge.statistics import batch_statistics
 
@@ -181,6 +184,10 @@ def report_data(stats: Any, table: ReflectionTable, experiments: Sequence[Any], 
         data["error_model"] = em
     if anomalous is not None and (options.anomalous or stats.anomalous_bins is not None):
         data["anomalous"] = anomalous
+    if filtering:
+        data["filtering"] = filtering
+    if cross_validation:
+        data["cross_validation"] = cross_validation
     return data
 
 

@@ -1037,15 +1037,17 @@ def run(params: Any, inputs: Sequence[str], progress: Any | None = None) -> Scal
         cross_validation, last = cross_validate(params, experiments, tables, origins, log)
         log("Cross validation analysis does not produce scaling output files, rather it gives insight into "
             "the dataset. Choose an appropriate parameterisation and rerun scaling without cross_validation_mode.")
+        report = _cross_validation_report(params, last, cross_validation, log)
         timings["total"] = time.perf_counter() - t_start
-        outputs = _write_log_only(params, log)
+        outputs = _write_log_only(params, log, report)
         return ScaleResult(last.table, last.experiments, last.scaler.model, last.scaler.x, last.scaler.error_model,
                            last.scaler.error_model_result, last.stats, log.lines, timings, last.scaler.imid, outputs,
                            cross_validation=cross_validation)
+    filtering_report = None
     if params.filtering.method == "deltacchalf":
         from jaxscale.filtering import scale_and_filter, results_job
 
-        result, filtering = scale_and_filter(params, experiments, tables, origins, log, timings)
+        result, filtering, filtering_report = scale_and_filter(params, experiments, tables, origins, log, timings)
         job = results_job(params, filtering)
         if job is not None:
             extra_jobs.append(job)
@@ -1057,10 +1059,13 @@ def run(params: Any, inputs: Sequence[str], progress: Any | None = None) -> Scal
     params_tree = {k: np.asarray(v) for k, v in scaler.target.params_of(scaler.x).items()}
     report = None
     if stats is not None and (params.output.html or params.output.json):
+        from jaxscale.cross_validation import work_free_section
         from jaxscale.outputs import report_data
 
         report = report_data(stats, out_table, out_experiments, scaler.model, params_tree,
-                             scaler.error_model_result, params, datasets=result.datasets)
+                             scaler.error_model_result, params, datasets=result.datasets,
+                             filtering=filtering_report,
+                             cross_validation=work_free_section(result.work_free) if result.work_free else None)
     timings["report"] = time.perf_counter() - t0
     outputs = _write_outputs(params, out_table, out_experiments, stats, report, scaler, log, timings, t_start,
                              extra_jobs)
@@ -1202,15 +1207,39 @@ def _output_tables(scaler: _Scaler, experiments: list, prepared: list, params: A
     return table, out_experiments
 
 
-def _write_log_only(params: Any, log: _Log) -> dict[str, str]:
-    """Write just the log (cross-validation writes no scaled data)."""
+def _cross_validation_report(params: Any, last: "ScalePass", result: Any, log: _Log) -> dict | None:
+    """The HTML report of a cross-validation run: the work/free table of every configuration,
+    with the merging statistics and model of the last fold (None without output.html)."""
+    from jaxscale.cross_validation import report_section
+    from jaxscale.outputs import report_data
+
+    if not params.output.html:
+        return None
+    stats = _merging_stats(params, last.table, last.experiments, log, quiet=True)
+    if stats is None:
+        return None
+    scaler = last.scaler
+    params_tree = {k: np.asarray(v) for k, v in scaler.target.params_of(scaler.x).items()}
+    return report_data(stats, last.table, last.experiments, scaler.model, params_tree, scaler.error_model_result,
+                       params, title="jaxscale cross-validation (statistics and model of the last fold)",
+                       datasets=last.datasets, cross_validation=report_section(result))
+
+
+def _write_log_only(params: Any, log: _Log, report: dict | None = None) -> dict[str, str]:
+    """Write just the log, and the HTML report when given (cross-validation writes no scaled data)."""
     from jaxscale.io.atomic import atomic_write_text
     from jaxscale.outputs import write_all
 
-    if not params.output.log:
-        return {}
-    text = "Parameters in effect:\n" + _parameter_text(params).rstrip("\n") + "\n\n" + "\n".join(log.lines) + "\n"
-    return write_all([("log", params.output.log, lambda path: atomic_write_text(path, text))])
+    jobs = []
+    if report is not None:
+        from jaxscale.report.html import write_report
+
+        jobs.append(("html", params.output.html, lambda path: write_report(path, report)))
+    if params.output.log:
+        text = ("Parameters in effect:\n" + _parameter_text(params).rstrip("\n") + "\n\n" + "\n".join(log.lines)
+                + "\n")
+        jobs.append(("log", params.output.log, lambda path: atomic_write_text(path, text)))
+    return write_all(jobs) if jobs else {}
 
 
 def _write_outputs(params: Any, table: ReflectionTable, experiments: list, stats: Any, report: dict | None,

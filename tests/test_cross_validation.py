@@ -2,6 +2,7 @@
 one l-cysteine sweep (full_matrix=False to keep it short)."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def test_cross_validation_multi_bool(tmp_path):
     out = tmp_path / "cv"
     res = run(_params(out, ("cross_validation.cross_validation_mode", "multi"),
                       ("cross_validation.parameter", "physical.absorption_correction"),
-                      ("cross_validation.nfolds", "2")), SWEEP)
+                      ("cross_validation.nfolds", "2"), ("output.html", str(out / "cv.html"))), SWEEP)
     cv = res.cross_validation
     assert cv.configurations == ["physical.absorption_correction=True", "physical.absorption_correction=False"]
     assert all(len(v["free_rmeas"]) == 2 for v in cv.values)
@@ -55,8 +56,15 @@ def test_cross_validation_multi_bool(tmp_path):
     best = int(np.argmin(free_rmeas))
     assert mean_rows[best].split("|")[4].strip().endswith("*")
     assert free_rmeas[0] == round(float(np.mean(cv.values[0]["free_rmeas"])), 5)
-    # no scaled data written, only the log with the table
+    # no scaled data written, only the log with the table and the HTML report with its section
     assert not (out / "scaled.refl").exists() and "Summary of the cross validation" in (out / "scale.log").read_text()
+    page = (out / "cv.html").read_text()
+    section = page[page.index("<h2>Cross-validation (work/free)</h2>"):]
+    table = section[:section.index("</table>")]
+    assert table.count("<td>mean</td>") == 2 and table.count("<td>std dev</td>") == 2 and table.count("*") == 4
+    assert f"<td>{free_rmeas[best]:.5f}*</td>" in table and "physical.absorption_correction=False" in table
+    for title in ("Work and free Rmeas per configuration", "Work and free CC½ per configuration"):
+        assert json.dumps(title)[1:-1] in section  # plot titles are \u-escaped in plotly's JSON
 
 
 def test_free_set_left_out_of_minimisation(tmp_path):
@@ -70,9 +78,13 @@ def test_free_set_left_out_of_minimisation(tmp_path):
 
     out = tmp_path / "free"
     res = run(_params(out, ("scaling_options.use_free_set", "True"), ("scaling_options.free_set_offset", "3"),
-                      ("reflection_selection.method", "use_all")), SWEEP)
+                      ("reflection_selection.method", "use_all"), ("output.html", str(out / "free.html"))), SWEEP)
     wf = res.work_free
     assert set(wf) == {"work_rmeas", "free_rmeas", "rmeas_gap", "work_cc_half", "free_cc_half", "cc_half_gap"}
+    page = (out / "free.html").read_text()
+    section = page[page.index("<h2>Cross-validation (work/free)</h2>"):]
+    assert (f"<td>this run</td><td>mean</td><td>{wf['work_rmeas']:.5f}</td><td>{wf['free_rmeas']:.5f}</td>"
+            in section)
     assert wf["free_rmeas"] > 0 and wf["work_cc_half"] > 0.99
     text = "\n".join(res.log)
     n_free_groups, n_groups, n_free_refl = map(int, re.search(

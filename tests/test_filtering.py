@@ -70,7 +70,8 @@ def test_dataset_mode_removes_the_scrambled_sweep(tmp_path):
     _scramble(sweeps[2][0], np.arange(len(sweeps[2][0])))
     out = tmp_path / "out"
     res = run(_params(out, ("filtering.deltacchalf.stdcutoff", "2.0"),
-                      ("filtering.deltacchalf.max_percent_removed", "30")), _write(tmp_path, sweeps))
+                      ("filtering.deltacchalf.max_percent_removed", "30"), ("output.html", str(out / "sf.html"))),
+              _write(tmp_path, sweeps))
     kept = [e.identifier for e in res.experiments]
     assert kept == [e.identifier for _, e in sweeps if e.identifier != bad]
     doc = json.loads((out / "sf.json").read_text())
@@ -86,6 +87,20 @@ def test_dataset_mode_removes_the_scrambled_sweep(tmp_path):
     table = read_refl(out / "scaled.refl")
     assert sorted(table.identifiers.values()) == sorted(kept)
     assert "Removing data set 2" in (out / "scale.log").read_text()
+    # the HTML report's ΔCC½ section: one table row per cycle, CC½ per cycle, ΔCC½ per group
+    page = (out / "sf.html").read_text()
+    section = page[page.index("<h2>ΔCC½ filtering</h2>"):]
+    table = section[:section.index("</table>")]
+    assert (f"<tr><td>1</td><td>{cycles['1']['mean_cc_half']:.5f}</td><td>{cycles['1']['n_removed']}</td>"
+            f"<td>{cycles['1']['cumul_percent_removed']:.3f}</td><td>data set 2</td></tr>") in table
+    assert table.count("<tr><td>") == len(cycles) and "Termination reason: no_more_removed" in section
+    for title in ("CC½ per cycle", "ΔCC½ per group (cycle 1)", "ΔCC½ per group (cycle 2)"):
+        assert json.dumps(title)[1:-1] in section  # plot titles are \u-escaped in plotly's JSON
+    assert '"x":["data set 0","data set 1","data set 2","data set 3","data set 4","data set 5"]' in section
+    assert '"x":["data set 0","data set 1","data set 2","data set 3","data set 4"]' in section  # cycle 2: 5 left
+    from jaxscale.filtering import report_section
+
+    assert report_section(doc, [])["cc_half"] == [c["mean_cc_half"] for c in cycles.values()]
 
 
 def test_image_group_mode_removes_the_scrambled_end(tmp_path):

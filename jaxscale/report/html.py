@@ -20,6 +20,17 @@ m = unique reflections, B = batches; arrays may be numpy arrays or lists):
             -> Wilson plot, cumulative intensity distribution N(z), <I²>/<I>² vs resolution
     anomalous: {"delta_i_over_sigma": (k,)}  ΔI/σ(ΔI) of Bijvoet pairs -> normal probability
             plot (resolution plots of CCanom / anomalous completeness come from statistics)
+    filtering: ΔCC½ scale-and-filter cycles (c cycles; jaxscale.filtering.report_section)
+            {"cycles": (c,) int, "cc_half": (c,), "n_removed": (c,), "cumul_percent_removed": (c,),
+             "removed": [[str, ...] per cycle], "termination_reason": str,
+             "groups": [{"cycle": int, "label": [str] (G,), "delta_cc_half": (G,),
+                         "below_cutoff": (G,) bool, "cutoff": float}, ...]}
+            -> table per cycle, CC½ per cycle, ΔCC½ per group for each cycle
+    cross_validation: work/free statistics (k configurations, the 6 columns of `columns`;
+            jaxscale.cross_validation.report_section; a use_free_set run gives k = 1, no sd)
+            {"configurations": [str] (k,), "columns": [str] (6,), "mean": (k, 6),
+             "sd": (k, 6) | None, "best": (k, 6) bool | None}
+            -> work/free table, work and free Rmeas / CC½ per configuration
 """
 from __future__ import annotations
 
@@ -220,6 +231,68 @@ def _anomalous_figures(st: MergingStatistics, an: dict | None) -> list[go.Figure
     return figs
 
 
+def _filtering_section(fl: dict) -> tuple[list[go.Figure], str]:
+    """ΔCC½ filtering: a table of the cycles, CC½ per cycle, ΔCC½ per group per cycle."""
+    cycles = [int(c) for c in fl["cycles"]]
+    rows = []
+    for i, c in enumerate(cycles):  # a few cycles
+        removed = ", ".join(fl["removed"][i]) if fl.get("removed") else ""
+        rows.append(f"<tr><td>{c}</td><td>{float(fl['cc_half'][i]):.5f}</td><td>{int(fl['n_removed'][i])}</td>"
+                    f"<td>{float(fl['cumul_percent_removed'][i]):.3f}</td><td>{_html.escape(removed)}</td></tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("cycle", "CC½", "reflections removed", "cumulative % removed",
+                                              "removed"))
+    text = (f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+            f"<p>Termination reason: {_html.escape(str(fl.get('termination_reason', '')))}</p>")
+    figs = [_fig([go.Scatter(x=cycles, y=_a(fl["cc_half"]), name="CC½", mode="lines+markers"),
+                  go.Scatter(x=cycles, y=_a(fl["cumul_percent_removed"]), name="cumulative % removed",
+                             mode="lines+markers", yaxis="y2")],
+                 "CC½ per cycle", "cycle", "CC½", yaxis2=dict(title="% removed", overlaying="y", side="right"))]
+    for g in fl.get("groups", []):  # one plot per cycle
+        labels = list(g["label"])
+        if not labels:
+            continue
+        below = np.asarray(g["below_cutoff"], dtype=bool)
+        figs.append(_fig([go.Bar(x=labels, y=_a(g["delta_cc_half"]), name="ΔCC½",
+                                 marker=dict(color=np.where(below, "#c0392b", "#2c7fb8").tolist())),
+                          go.Scatter(x=[labels[0], labels[-1]], y=[float(g["cutoff"])] * 2, mode="lines",
+                                     name="cutoff", line=dict(dash="dot"))],
+                         f"ΔCC½ per group (cycle {int(g['cycle'])})", "group", "ΔCC½"))
+    return figs, text
+
+
+def _cross_validation_section(cv: dict) -> tuple[list[go.Figure], str]:
+    """Work/free table (mean, sd, best marked *) and work vs free Rmeas and CC½ per configuration."""
+    names = list(cv["configurations"])
+    columns = list(cv["columns"])
+    mean = np.atleast_2d(_a(cv["mean"]))
+    sd = None if cv.get("sd") is None else np.atleast_2d(_a(cv["sd"]))
+    best = None if cv.get("best") is None else np.atleast_2d(np.asarray(cv["best"], dtype=bool))
+    rows = []
+    for i, name in enumerate(names):  # a few configurations
+        cells = "".join(f"<td>{mean[i, j]:.5f}{'*' if best is not None and best[i, j] else ''}</td>"
+                        for j in range(len(columns)))
+        rows.append(f"<tr><td>{_html.escape(name)}</td><td>mean</td>{cells}</tr>")
+        if sd is not None:
+            rows.append("<tr><td></td><td>std dev</td>"
+                        + "".join(f"<td>{sd[i, j]:.5f}</td>" for j in range(len(columns))) + "</tr>")
+    head = "".join(f"<th>{_html.escape(h)}</th>" for h in ["option", ""] + columns)
+    text = f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    col = {c: j for j, c in enumerate(columns)}
+    figs = []
+    for what in ("Rmeas", "CC1/2"):
+        pair = [c for c in (f"work {what}", f"free {what}") if c in col]
+        if not pair:
+            continue
+        traces = []
+        for c in pair:
+            err = None if sd is None else dict(type="data", array=sd[:, col[c]].tolist())
+            traces.append(go.Bar(x=names, y=mean[:, col[c]], name=c, error_y=err))
+        label = what.replace("CC1/2", "CC½")
+        figs.append(_fig(traces, f"Work and free {label} per configuration", "configuration", label,
+                         barmode="group"))
+    return figs, text
+
+
 def _summary_html(st: MergingStatistics) -> str:
     from jaxscale.report.text import _SUMMARY_ROWS, summary_values
 
@@ -269,6 +342,12 @@ def build_html(data: dict) -> str:
         sections.append(("Intensity distribution", _merged_figures(data["merged"]), ""))
     if st.anomalous_bins is not None or data.get("anomalous"):
         sections.append(("Anomalous signal", _anomalous_figures(st, data.get("anomalous")), ""))
+    if data.get("filtering"):
+        figs, text = _filtering_section(data["filtering"])
+        sections.append(("ΔCC½ filtering", figs, text))
+    if data.get("cross_validation"):
+        figs, text = _cross_validation_section(data["cross_validation"])
+        sections.append(("Cross-validation (work/free)", figs, text))
     parts = []
     n = 0
     for title, figs, extra in sections:
