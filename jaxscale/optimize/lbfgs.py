@@ -12,14 +12,18 @@ Stopping as DIALS: after each accepted step the RMSD is journalled; a round stop
 relative change between the last two journalled RMSDs is below `rmsd_tolerance` (the start
 point is not journalled, so the earliest stop is after two steps), when
 |g| <= 1e-5 max(1, |x|) (scitbx's traditional test), at `max_iterations`, or when the line
-search fails (scitbx restores the best point and ends the round). The step is one jitted
-function (compiled once per problem shape); the loop over iterations is Python so the RMSD
-history is available for the log.
+search fails (scitbx restores the best point and ends the round).
+
+`minimise_lbfgs` runs the iterations and the line search as a host loop around the target's
+one compiled `value_and_grad` plus a small jitted optax direction update: the search logic
+is plain numpy on scalars (`more_thuente_search_host`), so nothing besides the objective is
+traced or compiled per problem. `scale_by_more_thuente_linesearch` is the same search
+(shared code, `xp=jax.numpy`) as a traceable optax transformation.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.flatten_util
@@ -49,75 +53,136 @@ class MoreThuenteState(NamedTuple):
     count: jax.Array  # i[] searches done
 
 
-def _cubic_minimiser(s_a, f_a, d_a, s_b, f_b, d_b, clip_sqrt=False):
+def _cubic_minimiser(s_a, f_a, d_a, s_b, f_b, d_b, clip_sqrt=False, xp=jnp):
     """Step of the minimiser of the cubic through (s_a, f_a, d_a), (s_b, f_b, d_b)."""
     theta = 3.0 * (f_a - f_b) / (s_b - s_a) + d_a + d_b
-    s = jnp.maximum(jnp.maximum(jnp.abs(theta), jnp.abs(d_a)), jnp.abs(d_b))
-    s = jnp.where(s > 0, s, 1.0)
+    s = xp.maximum(xp.maximum(xp.abs(theta), xp.abs(d_a)), xp.abs(d_b))
+    s = xp.where(s > 0, s, 1.0)
     disc = (theta / s) ** 2 - (d_a / s) * (d_b / s)
-    gamma = s * jnp.sqrt(jnp.maximum(disc, 0.0) if clip_sqrt else disc)
+    gamma = s * xp.sqrt(xp.maximum(disc, 0.0) if clip_sqrt else disc)
     return theta, gamma
 
 
-def _mcstep(stx, fx, dx, sty, fy, dy, stp, fp, dp, brackt, stpmin, stpmax):
+def _mcstep(stx, fx, dx, sty, fy, dy, stp, fp, dp, brackt, stpmin, stpmax, xp=jnp):
     """One update of the interval of uncertainty and the trial step (More & Thuente's
-    CSTEP as in scitbx's mcstep). Returns (stx, fx, dx, sty, fy, dy, stp, brackt, info)."""
-    invalid = (brackt & ((stp <= jnp.minimum(stx, sty)) | (stp >= jnp.maximum(stx, sty)))) | (
+    CSTEP as in scitbx's mcstep). Returns (stx, fx, dx, sty, fy, dy, stp, brackt, info).
+    xp: jax.numpy (traced) or numpy (host scalars); the arithmetic is the same."""
+    invalid = (brackt & ((stp <= xp.minimum(stx, sty)) | (stp >= xp.maximum(stx, sty)))) | (
         dx * (stp - stx) >= 0.0) | (stpmax < stpmin)
-    sgnd = dp * jnp.sign(dx)
+    sgnd = dp * xp.sign(dx)
     case1 = fp > fx
     case2 = ~case1 & (sgnd < 0.0)
-    case3 = ~case1 & ~case2 & (jnp.abs(dp) < jnp.abs(dx))
+    case3 = ~case1 & ~case2 & (xp.abs(dp) < xp.abs(dx))
     # case 1: higher function value; minimum bracketed
-    theta, gamma = _cubic_minimiser(stx, fx, dx, stp, fp, dp)
-    gamma1 = jnp.where(stp < stx, -gamma, gamma)
+    theta, gamma = _cubic_minimiser(stx, fx, dx, stp, fp, dp, xp=xp)
+    gamma1 = xp.where(stp < stx, -gamma, gamma)
     r = ((gamma1 - dx) + theta) / (((gamma1 - dx) + gamma1) + dp)
     stpc1 = stx + r * (stp - stx)
     stpq1 = stx + ((dx / ((fx - fp) / (stp - stx) + dx)) / 2.0) * (stp - stx)
-    stpf1 = jnp.where(jnp.abs(stpc1 - stx) < jnp.abs(stpq1 - stx), stpc1, stpc1 + (stpq1 - stpc1) / 2.0)
+    stpf1 = xp.where(xp.abs(stpc1 - stx) < xp.abs(stpq1 - stx), stpc1, stpc1 + (stpq1 - stpc1) / 2.0)
     # case 2: lower value, derivatives of opposite sign; minimum bracketed
-    gamma2 = jnp.where(stp > stx, -gamma, gamma)
+    gamma2 = xp.where(stp > stx, -gamma, gamma)
     r = ((gamma2 - dp) + theta) / (((gamma2 - dp) + gamma2) + dx)
     stpc2 = stp + r * (stx - stp)
     stpq2 = stp + (dp / (dp - dx)) * (stx - stp)
-    stpf2 = jnp.where(jnp.abs(stpc2 - stp) > jnp.abs(stpq2 - stp), stpc2, stpq2)
+    stpf2 = xp.where(xp.abs(stpc2 - stp) > xp.abs(stpq2 - stp), stpc2, stpq2)
     # case 3: lower value, same sign, derivative magnitude decreases
-    theta3, gamma3 = _cubic_minimiser(stx, fx, dx, stp, fp, dp, clip_sqrt=True)
-    gamma3 = jnp.where(stp > stx, -gamma3, gamma3)
+    theta3, gamma3 = _cubic_minimiser(stx, fx, dx, stp, fp, dp, clip_sqrt=True, xp=xp)
+    gamma3 = xp.where(stp > stx, -gamma3, gamma3)
     r = ((gamma3 - dp) + theta3) / ((gamma3 + (dx - dp)) + gamma3)
-    stpc3 = jnp.where((r < 0.0) & (gamma3 != 0.0), stp + r * (stx - stp), jnp.where(stp > stx, stpmax, stpmin))
+    stpc3 = xp.where((r < 0.0) & (gamma3 != 0.0), stp + r * (stx - stp), xp.where(stp > stx, stpmax, stpmin))
     stpq3 = stp + (dp / (dp - dx)) * (stx - stp)
-    closer = jnp.abs(stp - stpc3) < jnp.abs(stp - stpq3)
-    stpf3 = jnp.where(brackt, jnp.where(closer, stpc3, stpq3),
-                      jnp.where(jnp.abs(stp - stpc3) > jnp.abs(stp - stpq3), stpc3, stpq3))
+    closer = xp.abs(stp - stpc3) < xp.abs(stp - stpq3)
+    stpf3 = xp.where(brackt, xp.where(closer, stpc3, stpq3),
+                      xp.where(xp.abs(stp - stpc3) > xp.abs(stp - stpq3), stpc3, stpq3))
     # case 4: lower value, same sign, derivative magnitude does not decrease
-    theta4, gamma4 = _cubic_minimiser(sty, fy, dy, stp, fp, dp)
-    gamma4 = jnp.where(stp > sty, -gamma4, gamma4)
+    theta4, gamma4 = _cubic_minimiser(sty, fy, dy, stp, fp, dp, xp=xp)
+    gamma4 = xp.where(stp > sty, -gamma4, gamma4)
     r = ((gamma4 - dp) + theta4) / (((gamma4 - dp) + gamma4) + dy)
-    stpf4 = jnp.where(brackt, stp + r * (sty - stp), jnp.where(stp > stx, stpmax, stpmin))
+    stpf4 = xp.where(brackt, stp + r * (sty - stp), xp.where(stp > stx, stpmax, stpmin))
 
-    stpf = jnp.where(case1, stpf1, jnp.where(case2, stpf2, jnp.where(case3, stpf3, stpf4)))
+    stpf = xp.where(case1, stpf1, xp.where(case2, stpf2, xp.where(case3, stpf3, stpf4)))
     bound = case1 | case3
-    info = jnp.where(case1, 1, jnp.where(case2, 2, jnp.where(case3, 3, 4)))
+    info = xp.where(case1, 1, xp.where(case2, 2, xp.where(case3, 3, 4)))
     brackt_new = brackt | case1 | case2
     # interval update (independent of the case analysis)
-    new_sty = jnp.where(case1, stp, jnp.where(sgnd < 0.0, stx, sty))
-    new_fy = jnp.where(case1, fp, jnp.where(sgnd < 0.0, fx, fy))
-    new_dy = jnp.where(case1, dp, jnp.where(sgnd < 0.0, dx, dy))
-    new_stx = jnp.where(case1, stx, stp)
-    new_fx = jnp.where(case1, fx, fp)
-    new_dx = jnp.where(case1, dx, dp)
+    new_sty = xp.where(case1, stp, xp.where(sgnd < 0.0, stx, sty))
+    new_fy = xp.where(case1, fp, xp.where(sgnd < 0.0, fx, fy))
+    new_dy = xp.where(case1, dp, xp.where(sgnd < 0.0, dx, dy))
+    new_stx = xp.where(case1, stx, stp)
+    new_fx = xp.where(case1, fx, fp)
+    new_dx = xp.where(case1, dx, dp)
     # safeguard with C++ std::min / std::max semantics, as scitbx: a NaN trial (the cubic of
     # case 1 has no real minimiser when the trial is far uphill) becomes stpmax and then, the
     # minimum being bracketed, the 0.66 point of the interval
-    stpf = jnp.where(stpf < stpmax, stpf, stpmax)
-    stpf = jnp.where(stpmin < stpf, stpf, stpmin)
+    stpf = xp.where(stpf < stpmax, stpf, stpmax)
+    stpf = xp.where(stpmin < stpf, stpf, stpmin)
     limit = new_stx + 0.66 * (new_sty - new_stx)
-    stpf = jnp.where(brackt_new & bound, jnp.where(new_sty > new_stx, jnp.where(stpf < limit, stpf, limit),
-                                                   jnp.where(limit < stpf, stpf, limit)), stpf)
-    keep = lambda old, new: jnp.where(invalid, old, new)  # noqa: E731
+    stpf = xp.where(brackt_new & bound, xp.where(new_sty > new_stx, xp.where(stpf < limit, stpf, limit),
+                                                   xp.where(limit < stpf, stpf, limit)), stpf)
+    keep = lambda old, new: xp.where(invalid, old, new)  # noqa: E731
     return (keep(stx, new_stx), keep(fx, new_fx), keep(dx, new_dx), keep(sty, new_sty), keep(fy, new_fy),
-            keep(dy, new_dy), keep(stp, stpf), jnp.where(invalid, brackt, brackt_new), jnp.where(invalid, 0, info))
+            keep(dy, new_dy), keep(stp, stpf), xp.where(invalid, brackt, brackt_new), xp.where(invalid, 0, info))
+
+
+def _search_start(f0, dginit, step0, stpmin: float, stpmax: float, xp=jnp) -> dict:
+    """Initial More-Thuente search state (f0, dginit: value and slope at step 0)."""
+    width = stpmax - stpmin
+    f64 = xp.float64 if xp is np else jnp.result_type(float)
+    return dict(
+        stp=xp.asarray(step0, f64), stx=xp.asarray(0.0, f64), fx=f0, dgx=dginit, sty=xp.asarray(0.0, f64),
+        fy=f0, dgy=dginit, brackt=xp.asarray(False), stage1=xp.asarray(True), infoc=xp.asarray(1),
+        width=xp.asarray(width, f64), width1=xp.asarray(2.0 * width, f64), nfev=xp.asarray(0),
+        done=~(dginit < 0.0), failed=~(dginit < 0.0), stp_eval=xp.asarray(0.0, f64))
+
+
+def _search_iteration(s: dict, evaluate: Callable, f0, dginit, ftol: float, gtol: float, xtol: float,
+                      stpmin: float, stpmax: float, maxfev: int, xp=jnp) -> tuple[dict, Any]:
+    """One trial of scitbx's mcsrch: choose the trial step, evaluate it (`evaluate(stp) ->
+    (f, g, dg)`), update the interval. Returns (new state, g at the trial)."""
+    dgtest = ftol * dginit
+    brackt, stx, sty, stp = s["brackt"], s["stx"], s["sty"], s["stp"]
+    stmin = xp.where(brackt, xp.minimum(stx, sty), stx)
+    stmax = xp.where(brackt, xp.maximum(stx, sty), stp + 4.0 * (stp - stx))
+    stp = xp.clip(stp, stpmin, stpmax)
+    unusual = ((brackt & ((stp <= stmin) | (stp >= stmax))) | (s["nfev"] >= maxfev - 1) | (s["infoc"] == 0)
+               | (brackt & (stmax - stmin <= xtol * stmax)))
+    stp = xp.where(unusual, stx, stp)
+    f, g, dg = evaluate(stp)
+    nfev = s["nfev"] + 1
+    # a trial that overflows (e.g. exp(C z / d^2) of dose_decay after the unit first step)
+    # is shortened tenfold towards the best point and tried again (scitbx would get a NaN)
+    overflow = ~xp.isfinite(f) & (nfev < maxfev) & (stp > stx)
+    ftest1 = f0 + stp * dgtest
+    fail = ((brackt & ((stp <= stmin) | (stp >= stmax))) | (s["infoc"] == 0)
+            | ((stp == stpmax) & (f <= ftest1) & (dg <= dgtest))
+            | ((stp == stpmin) & ((f > ftest1) | (dg >= dgtest)))
+            | (nfev >= maxfev) | (brackt & (stmax - stmin <= xtol * stmax)) | ~xp.isfinite(f)) & ~overflow
+    converged = ~fail & (f <= ftest1) & (xp.abs(dg) <= gtol * (-dginit))
+    stage1 = s["stage1"] & ~((f <= ftest1) & (dg >= min(ftol, gtol) * dginit))
+    modified = stage1 & (f <= s["fx"]) & (f > ftest1)
+    shift = xp.where(modified, dgtest, 0.0)
+    # modified function psi(stp) = f - stp dgtest while in stage 1 with insufficient decrease
+    out = _mcstep(s["stx"], s["fx"] - xp.where(modified, s["stx"] * dgtest, 0.0), s["dgx"] - shift,
+                  s["sty"], s["fy"] - xp.where(modified, s["sty"] * dgtest, 0.0), s["dgy"] - shift,
+                  stp, f - xp.where(modified, stp * dgtest, 0.0), dg - shift, brackt, stmin, stmax, xp=xp)
+    n_stx, n_fx, n_dx, n_sty, n_fy, n_dy, n_stp, n_brackt, infoc = out
+    n_fx = n_fx + xp.where(modified, n_stx * dgtest, 0.0)
+    n_fy = n_fy + xp.where(modified, n_sty * dgtest, 0.0)
+    n_dx, n_dy = n_dx + shift, n_dy + shift
+    # force a sufficient decrease of the interval
+    halve = n_brackt & (xp.abs(n_sty - n_stx) >= 0.66 * s["width1"])
+    n_stp = xp.where(halve, n_stx + 0.5 * (n_sty - n_stx), n_stp)
+    n_width1 = xp.where(n_brackt, s["width"], s["width1"])
+    n_width = xp.where(n_brackt, xp.abs(n_sty - n_stx), s["width"])
+    done = fail | converged
+    pick = lambda old, new: xp.where(done | overflow, old, new)  # noqa: E731
+    return dict(
+        stp=xp.where(overflow, stx + 0.1 * (stp - stx), pick(stp, n_stp)), stx=pick(stx, n_stx),
+        fx=pick(s["fx"], n_fx), dgx=pick(s["dgx"], n_dx),
+        sty=pick(sty, n_sty), fy=pick(s["fy"], n_fy), dgy=pick(s["dgy"], n_dy), brackt=pick(brackt, n_brackt),
+        stage1=pick(s["stage1"], stage1), infoc=pick(s["infoc"], infoc), width=pick(s["width"], n_width),
+        width1=pick(s["width1"], n_width1), nfev=nfev, f=f, done=done, failed=fail, stp_eval=stp), g
 
 
 def more_thuente_search(
@@ -138,70 +203,53 @@ def more_thuente_search(
 
     Returns (step, f, g, n_evaluations, failed); f, g are at x + step direction. On a
     failure (no descent, rounding errors, maxfev, xtol, step bounds) the step is the best
-    one found (scitbx evaluates it last and DIALS keeps the best point).
+    one found (scitbx evaluates it last and DIALS keeps the best point). Traceable (a
+    `lax.while_loop`); `more_thuente_search_host` is the same search as a host loop.
     """
     dginit = jnp.vdot(g0, direction)
-    dgtest = ftol * dginit
-    width = stpmax - stpmin
-    f64 = jnp.result_type(float)
 
     def evaluate(stp):
         f, g = value_and_grad_fn(x + stp * direction)
-        return f, g
+        return f, g, jnp.vdot(g, direction)
 
-    state0 = dict(
-        stp=jnp.asarray(step0, f64), stx=jnp.asarray(0.0, f64), fx=f0, dgx=dginit, sty=jnp.asarray(0.0, f64),
-        fy=f0, dgy=dginit, brackt=jnp.asarray(False), stage1=jnp.asarray(True), infoc=jnp.asarray(1),
-        width=jnp.asarray(width, f64), width1=jnp.asarray(2.0 * width, f64), nfev=jnp.asarray(0),
-        f=f0, g=g0, done=~(dginit < 0.0), failed=~(dginit < 0.0), stp_eval=jnp.asarray(0.0, f64))
+    def body(carry):
+        s, _ = carry
+        return _search_iteration(s, evaluate, f0, dginit, ftol, gtol, xtol, stpmin, stpmax, maxfev)
 
-    def body(s):
-        brackt, stx, sty, stp = s["brackt"], s["stx"], s["sty"], s["stp"]
-        stmin = jnp.where(brackt, jnp.minimum(stx, sty), stx)
-        stmax = jnp.where(brackt, jnp.maximum(stx, sty), stp + 4.0 * (stp - stx))
-        stp = jnp.clip(stp, stpmin, stpmax)
-        unusual = ((brackt & ((stp <= stmin) | (stp >= stmax))) | (s["nfev"] >= maxfev - 1) | (s["infoc"] == 0)
-                   | (brackt & (stmax - stmin <= xtol * stmax)))
-        stp = jnp.where(unusual, stx, stp)
-        f, g = evaluate(stp)
-        nfev = s["nfev"] + 1
-        # a trial that overflows (e.g. exp(C z / d^2) of dose_decay after the unit first step)
-        # is shortened tenfold towards the best point and tried again (scitbx would get a NaN)
-        overflow = ~jnp.isfinite(f) & (nfev < maxfev) & (stp > stx)
-        dg = jnp.vdot(g, direction)
-        ftest1 = f0 + stp * dgtest
-        fail = ((brackt & ((stp <= stmin) | (stp >= stmax))) | (s["infoc"] == 0)
-                | ((stp == stpmax) & (f <= ftest1) & (dg <= dgtest))
-                | ((stp == stpmin) & ((f > ftest1) | (dg >= dgtest)))
-                | (nfev >= maxfev) | (brackt & (stmax - stmin <= xtol * stmax)) | ~jnp.isfinite(f)) & ~overflow
-        converged = ~fail & (f <= ftest1) & (jnp.abs(dg) <= gtol * (-dginit))
-        stage1 = s["stage1"] & ~((f <= ftest1) & (dg >= min(ftol, gtol) * dginit))
-        modified = stage1 & (f <= s["fx"]) & (f > ftest1)
-        shift = jnp.where(modified, dgtest, 0.0)
-        # modified function psi(stp) = f - stp dgtest while in stage 1 with insufficient decrease
-        out = _mcstep(s["stx"], s["fx"] - jnp.where(modified, s["stx"] * dgtest, 0.0), s["dgx"] - shift,
-                      s["sty"], s["fy"] - jnp.where(modified, s["sty"] * dgtest, 0.0), s["dgy"] - shift,
-                      stp, f - jnp.where(modified, stp * dgtest, 0.0), dg - shift, brackt, stmin, stmax)
-        n_stx, n_fx, n_dx, n_sty, n_fy, n_dy, n_stp, n_brackt, infoc = out
-        n_fx = n_fx + jnp.where(modified, n_stx * dgtest, 0.0)
-        n_fy = n_fy + jnp.where(modified, n_sty * dgtest, 0.0)
-        n_dx, n_dy = n_dx + shift, n_dy + shift
-        # force a sufficient decrease of the interval
-        halve = n_brackt & (jnp.abs(n_sty - n_stx) >= 0.66 * s["width1"])
-        n_stp = jnp.where(halve, n_stx + 0.5 * (n_sty - n_stx), n_stp)
-        n_width1 = jnp.where(n_brackt, s["width"], s["width1"])
-        n_width = jnp.where(n_brackt, jnp.abs(n_sty - n_stx), s["width"])
-        done = fail | converged
-        pick = lambda old, new: jnp.where(done | overflow, old, new)  # noqa: E731
-        return dict(
-            stp=jnp.where(overflow, stx + 0.1 * (stp - stx), pick(stp, n_stp)), stx=pick(stx, n_stx),
-            fx=pick(s["fx"], n_fx), dgx=pick(s["dgx"], n_dx),
-            sty=pick(sty, n_sty), fy=pick(s["fy"], n_fy), dgy=pick(s["dgy"], n_dy), brackt=pick(brackt, n_brackt),
-            stage1=pick(s["stage1"], stage1), infoc=pick(s["infoc"], infoc), width=pick(s["width"], n_width),
-            width1=pick(s["width1"], n_width1), nfev=nfev, f=f, g=g, done=done, failed=fail, stp_eval=stp)
+    state0 = _search_start(f0, dginit, step0, stpmin, stpmax) | {"f": f0}
+    s, g = jax.lax.while_loop(lambda c: ~c[0]["done"], body, (state0, g0))
+    return s["stp_eval"], s["f"], g, s["nfev"], s["failed"]
 
-    s = jax.lax.while_loop(lambda s: ~s["done"], body, state0)
-    return s["stp_eval"], s["f"], s["g"], s["nfev"], s["failed"]
+
+def more_thuente_search_host(
+    value_and_grad_fn: Callable[[np.ndarray], tuple[float, np.ndarray]],
+    x: np.ndarray,  # f[n]
+    direction: np.ndarray,  # f[n]
+    f0: float,
+    g0: np.ndarray,  # f[n]
+    step0: float = 1.0,
+    ftol: float = 1e-4,
+    gtol: float = 0.9,
+    xtol: float = 1e-16,
+    stpmin: float = 1e-20,
+    stpmax: float = 1e20,
+    maxfev: int = 20,
+) -> tuple[float, float, np.ndarray, int, bool]:
+    """`more_thuente_search` as a Python loop over numpy scalars around an already
+    compiled `value_and_grad_fn` (host arrays in and out): the search logic is never
+    traced or compiled, and each trial costs one objective evaluation."""
+    f0 = np.float64(f0)
+    dginit = np.float64(np.dot(g0, direction))
+
+    def evaluate(stp):
+        f, g = value_and_grad_fn(x + stp * direction)
+        return np.float64(f), g, np.float64(np.dot(g, direction))
+
+    s, g = _search_start(f0, dginit, step0, stpmin, stpmax, xp=np) | {"f": f0}, g0
+    with np.errstate(all="ignore"):  # every case of the step update is evaluated, as traced
+        while not s["done"]:
+            s, g = _search_iteration(s, evaluate, f0, dginit, ftol, gtol, xtol, stpmin, stpmax, maxfev, xp=np)
+    return float(s["stp_eval"]), float(s["f"]), g, int(s["nfev"]), bool(s["failed"])
 
 
 def scale_by_more_thuente_linesearch(
@@ -255,32 +303,62 @@ class OptimisationResult:
     n_iterations: int
 
 
-_STEP_CACHE: dict[tuple, tuple] = {}
+_DIRECTION_CACHE: dict[int, Callable] = {}
 
 
-def _make_step(target: ScalingTarget, memory_size: int):
-    key = (id(target), memory_size)
-    if key in _STEP_CACHE and _STEP_CACHE[key][0] is target:
-        return _STEP_CACHE[key][1], _STEP_CACHE[key][2]
-    opt = optax.lbfgs(memory_size=memory_size, linesearch=scale_by_more_thuente_linesearch())
+def _lbfgs_direction(memory_size: int) -> Callable:
+    """Jitted optax L-BFGS direction: (grad, state, x) -> (-P grad, state), the memory
+    updated with (x - x_prev, grad - grad_prev) first (`optax.lbfgs` without its line
+    search: `scale_by_lbfgs` then the sign flip). Small (parameter-sized) program, one per
+    memory size and parameter count."""
+    if memory_size not in _DIRECTION_CACHE:
+        precondition = optax.scale_by_lbfgs(memory_size=memory_size)
 
-    @jax.jit
-    def init(x: jax.Array):
-        return opt.init(x)
+        @jax.jit
+        def direction(grad: jax.Array, state, x: jax.Array):
+            updates, state = precondition.update(grad, state, x)
+            return -1.0 * updates, state
 
-    @jax.jit
-    def step(x: jax.Array, state, data: TargetData):
-        fun = lambda y: target._value(y, data)  # noqa: E731
-        value, grad = optax.value_and_grad_from_state(fun)(x, state=state)
-        updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=fun)
-        x_new = optax.apply_updates(x, updates)
-        value_new = optax.tree.get(state, "value")
-        grad_new = optax.tree.get(state, "grad")
-        failed = optax.tree.get(state, "failed")
-        return x_new, state, value_new, jnp.linalg.norm(grad_new * data.free), failed
+        _DIRECTION_CACHE[memory_size] = direction
+    return _DIRECTION_CACHE[memory_size]
 
-    _STEP_CACHE[key] = (target, init, step)
-    return init, step
+
+def _lbfgs_state(x: np.ndarray, memory_size: int) -> optax.ScaleByLBFGSState:
+    """`optax.scale_by_lbfgs(memory_size).init(x)` built on the host (no compilation)."""
+    zeros = np.zeros((memory_size, x.size))
+    return optax.ScaleByLBFGSState(count=np.asarray(0, np.int32), params=np.zeros_like(x), updates=np.zeros_like(x),
+                                   diff_params_memory=zeros, diff_updates_memory=zeros.copy(),
+                                   weights_memory=np.zeros(memory_size))
+
+
+def lbfgs_steps(
+    value_and_grad: Callable[[np.ndarray], tuple[float, np.ndarray]],
+    x: np.ndarray,  # f[n]
+    memory_size: int = 5,
+    value: float | None = None,
+    grad: np.ndarray | None = None,
+) -> Iterator[tuple[np.ndarray, float, np.ndarray, bool]]:
+    """scitbx's L-BFGS as a host loop: yields (x, f, g, line_search_failed) after each
+    accepted step (optax direction, More-Thuente search); the caller decides when to stop.
+    `value`, `grad`: at the start point, if already evaluated."""
+    x = np.array(x, dtype=np.float64)
+    if value is None or grad is None:
+        value, grad = value_and_grad(x)
+    direction_of = _lbfgs_direction(memory_size)
+    state = _lbfgs_state(x, memory_size)
+    first = True
+    while True:
+        direction, state = direction_of(grad, state, x)
+        direction = np.asarray(direction)
+        # optax's first direction is -g min(1, 1/|g|); scitbx's first step is 1/|g| along -g
+        step0 = 1.0
+        if first:
+            g_norm = float(np.linalg.norm(grad))
+            step0 = max(1.0, 1.0 / (g_norm if g_norm > 0 else 1.0))
+            first = False
+        step, value, grad, _, failed = more_thuente_search_host(value_and_grad, x, direction, value, grad, step0)
+        x = x + step * direction
+        yield x, value, grad, failed
 
 
 def minimise_lbfgs(
@@ -297,30 +375,33 @@ def minimise_lbfgs(
     `rmsd_history[0]` is the start point (DIALS' step table starts at `rmsd_history[1]`).
     Returns the flat parameters with fixed entries set to their anchor values.
     """
-    x = jnp.asarray(data.anchor if x0 is None else x0)
+    x = np.array(data.anchor if x0 is None else x0, dtype=np.float64)
     n_refl = int(n_reflections(data.problem))
     n_refl_f = float(max(n_refl, 1))
     free = np.asarray(data.free)
-    value, grad = target.value_and_grad(x, data)
-    gnorm = float(jnp.linalg.norm(grad * data.free))
-    history = [float(np.sqrt(float(value) / n_refl_f))]
-    init, step = _make_step(target, memory_size)
-    state = init(x)
+
+    def value_and_grad(y: np.ndarray) -> tuple[float, np.ndarray]:
+        f, g = target.value_and_grad(y, data)  # the one compiled objective program
+        return float(f), np.asarray(g)
+
+    value, grad = value_and_grad(x)
+    gnorm = float(np.linalg.norm(grad * free))
+    history = [float(np.sqrt(value / n_refl_f))]
     limit = np.inf if max_iterations is None else max_iterations
     reason = MAX_ITERATIONS
     it = 0
     if gnorm == 0.0:
         reason = GRADIENT_SMALL
+    steps = lbfgs_steps(value_and_grad, x, memory_size, value, grad)
     while reason != GRADIENT_SMALL and it < limit:
-        x_new, state_new, value, gnorm_new, failed = step(x, state, data)
+        x_new, value, grad, failed = next(steps)
         it += 1
-        value = float(value)
         if not np.isfinite(value):
             reason = NOT_FINITE
             break
-        x, state = x_new, state_new
+        x = x_new
         history.append(float(np.sqrt(value / n_refl_f)))
-        if bool(failed):
+        if failed:
             reason = LINESEARCH_FAILED
             break
         if it >= 2:  # DIALS journals from the first accepted step on
@@ -328,8 +409,8 @@ def minimise_lbfgs(
             if r_prev <= 0 or abs(r_prev - r_now) / r_prev < rmsd_tolerance:
                 reason = RMSD_CONVERGED
                 break
-        x_norm = float(np.linalg.norm(np.asarray(x)[free]))
-        if float(gnorm_new) <= gradient_tolerance * max(1.0, x_norm):
+        x_norm = float(np.linalg.norm(x[free]))
+        if float(np.linalg.norm(grad * free)) <= gradient_tolerance * max(1.0, x_norm):
             reason = GRADIENT_SMALL
             break
     x_eff = np.asarray(target.effective(x, data))

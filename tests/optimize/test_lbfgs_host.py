@@ -1,0 +1,51 @@
+"""The host-loop L-BFGS (`lbfgs_steps`, used by `minimise_lbfgs`) reproduces scitbx's
+trajectories exactly as the traced optax transformation does (same references)."""
+from __future__ import annotations
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+from jaxscale.optimize.lbfgs import lbfgs_steps
+from tests.optimize.test_lbfgs_scitbx import FUNCTIONS, REFERENCE, _trajectory
+
+
+def _host_trajectory(fn, x0, n_steps):
+    vg = jax.jit(jax.value_and_grad(fn))
+    calls = [0]
+
+    def value_and_grad(x):
+        calls[0] += 1
+        f, g = vg(x)
+        return float(f), np.asarray(g)
+
+    out = []
+    for x, f, _, failed in itertools.islice(lbfgs_steps(value_and_grad, np.asarray(x0, float), 5), n_steps):
+        out.append((f, x, calls[0], failed))
+    return out
+
+
+@pytest.mark.parametrize("name", ["rosenbrock", "scaled_quartic"])
+def test_host_steps_match_scitbx(name):
+    steps = REFERENCE[name]["steps"]
+    ours = _host_trajectory(FUNCTIONS[name], REFERENCE[name]["x0"], len(steps))
+    for k, (r, (f, x, n_calls, failed)) in enumerate(zip(steps, ours)):
+        assert not failed
+        assert f == pytest.approx(r["f"], rel=1e-8, abs=1e-10), f"step {k}"
+        np.testing.assert_allclose(x, r["x"], rtol=1e-7, atol=1e-9, err_msg=f"step {k}")
+        assert n_calls == r["n_calls"], f"function evaluations differ at step {k}"
+
+
+def test_host_equals_traced_with_failure():
+    """log_cosh: same values step by step as the traced search, and the final line-search
+    failure keeps the best point."""
+    steps = REFERENCE["log_cosh"]["steps"]
+    host = _host_trajectory(FUNCTIONS["log_cosh"], REFERENCE["log_cosh"]["x0"], len(steps) + 1)
+    traced = _trajectory(FUNCTIONS["log_cosh"], REFERENCE["log_cosh"]["x0"], len(steps) + 1)
+    for k, ((fh, xh, _, failed_h), (ft, xt, _, failed_t)) in enumerate(zip(host, traced)):
+        assert fh == pytest.approx(ft, rel=1e-12), f"step {k}"
+        np.testing.assert_allclose(xh, xt, rtol=1e-10, atol=1e-12)
+        assert failed_h == failed_t
+    assert host[-1][3]
