@@ -196,19 +196,70 @@ def _a_step(data: ErrorModelData, a: float, b: float) -> float:
     return a * float(c1)
 
 
+class _BObjective:
+    """The b-step objective for many b at once, over the binned reflections only.
+
+    The b-independent part of delta, sqrt((n_h-1)/n_h) (I/g - I_h), is computed once; each
+    evaluation repeats `normalised_deviations`' remaining operations in the same order and
+    `bin_variances`' bincounts in the same element order, so values equal the one-b
+    formula bit for bit. Several b share one pass (rows of a 2-D array, in chunks).
+    """
+
+    CHUNK_ELEMENTS = 4_000_000  # f64 elements per temporary (32 MB)
+
+    def __init__(self, data: ErrorModelData, bins: _Bins):
+        sel = bins.index >= 0
+        self.index = bins.index[sel]  # i[m]
+        self.n_bins = bins.counts.size
+        self.counts, self.weights = bins.counts, bins.weights
+        self.scaled_dev = (np.sqrt((data.n_h - 1.0) / data.n_h) * (data.intensity / data.g - data.ih))[sel]
+        self.variance, self.intensity, self.g = data.variance[sel], data.intensity[sel], data.g[sel]
+        self._buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # rows -> (work f[rows, m], bins i[rows m])
+
+    def __call__(self, a: float, b_values: np.ndarray) -> np.ndarray:
+        """f[k] objective at each b of b_values f[k] (fixed a)."""
+        b_values = np.atleast_1d(np.asarray(b_values, dtype=np.float64))
+        m, nb = self.index.size, self.n_bins
+        rows = max(1, min(b_values.size, self.CHUNK_ELEMENTS // max(m, 1)))
+        if rows not in self._buffers:  # reused in place: no page faults for fresh temporaries
+            self._buffers[rows] = (np.empty((rows, m)), (self.index + nb * np.arange(rows)[:, None]).ravel())
+        work, flat = self._buffers[rows]
+        out = np.empty(b_values.size)
+        for lo in range(0, b_values.size, rows):  # chunks of b values (one for a single b)
+            k_rows = min(rows, b_values.size - lo)
+            buf, idx = work[:k_rows], flat[:k_rows * m]
+            # sigma' = a sqrt(V + (b I)^2) / g, delta = scaled_dev / sigma'; same operations
+            # and order as `normalised_deviations`
+            np.multiply(b_values[lo:lo + k_rows, None], self.intensity, out=buf)
+            np.square(buf, out=buf)
+            np.add(self.variance, buf, out=buf)
+            np.sqrt(buf, out=buf)
+            np.multiply(a, buf, out=buf)
+            np.divide(buf, self.g, out=buf)
+            np.divide(self.scaled_dev, buf, out=buf)
+            s1 = np.bincount(idx, buf.ravel(), minlength=nb * k_rows).reshape(-1, nb)
+            np.square(buf, out=buf)
+            s2 = np.bincount(idx, buf.ravel(), minlength=nb * k_rows).reshape(-1, nb)
+            for k in range(k_rows):  # the 10-bin sums, exactly as `_b_objective`
+                v = s2[k] / self.counts - (s1[k] / self.counts) ** 2
+                out[lo + k] = float(np.sum(((0.5 - v) ** 2 + 1.0 / v - 1.25) * self.weights) / np.sum(self.weights))
+        return out
+
+
 def _b_objective(data: ErrorModelData, bins: _Bins, a: float, b: float) -> float:
     v = bin_variances(normalised_deviations(data, a, b), bins)
     return float(np.sum(((0.5 - v) ** 2 + 1.0 / v - 1.25) * bins.weights) / np.sum(bins.weights))
 
 
-def _b_step(data: ErrorModelData, bins: _Bins, a: float, b: float) -> float:
+def _b_step(data: ErrorModelData, bins: _Bins, a: float, b: float, objective: _BObjective | None = None) -> float:
     """Minimise the bin-variance objective over |b| (local search from the current b)."""
     b = abs(b)
-    f = lambda bb: _b_objective(data, bins, a, bb)  # noqa: E731
+    objective = _BObjective(data, bins) if objective is None else objective
+    f = lambda bb: float(objective(a, np.array([bb]))[0])  # noqa: E731
     # coarse bracket on a grid around the start, then golden-section refinement
     hi = max(4.0 * b, 0.2)
     grid = np.linspace(0.0, hi, 81)
-    values = np.array([f(bb) for bb in grid])  # 81 objective evaluations (vectorised inside)
+    values = objective(a, grid)  # 81 objective evaluations in a few vectorised passes
     k = int(np.nanargmin(values))
     lo_b, hi_b = grid[max(k - 1, 0)], grid[min(k + 1, grid.size - 1)]
     phi = (math.sqrt(5.0) - 1.0) / 2.0
@@ -270,13 +321,14 @@ def refine_error_model(
 
 
 def _individual(data, bins, a, b, refine_a, refine_b) -> tuple[float, float, str]:
+    objective = _BObjective(data, bins) if refine_b else None
     if refine_a and refine_b:
         a_values = []
         converged = False
         for _ in range(20):  # cycles of the alternating fit (usually ~5)
             a = _a_step(data, a, b)
             a_values.append(a)
-            b = _b_step(data, bins, a, b)
+            b = _b_step(data, bins, a, b, objective)
             if len(a_values) > 1:
                 r2, r1 = a_values[-2], a_values[-1]
                 if r2 <= 0 or abs((r2 - r1) / r2) < 0.01:
@@ -285,10 +337,10 @@ def _individual(data, bins, a, b, refine_a, refine_b) -> tuple[float, float, str
         if converged and a > 0.4:
             return _a_step(data, a, b), b, ""
         a, b = 1.0, 0.02
-        return a, _b_step(data, bins, a, b), "Two-parameter error model refinement failed; refined b with fixed a=1.0"
+        return a, _b_step(data, bins, a, b, objective), "Two-parameter error model refinement failed; refined b with fixed a=1.0"
     if refine_a:
         return _a_step(data, a, b), b, ""
-    return a, _b_step(data, bins, a, b), ""
+    return a, _b_step(data, bins, a, b, objective), ""
 
 
 def _regression(data: ErrorModelData, a: float, b: float, refine_a: bool, refine_b: bool) -> tuple[float, float]:
