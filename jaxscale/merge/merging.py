@@ -127,12 +127,58 @@ class MergedIntensities:
         return int(self.intensity.shape[0])
 
 
+DENSE_CODES_PER_ROW = 8  # dense lookup when the packed key range is at most this many codes per row (+ 2^20)
+
+
+def _pack_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Integer rows (n, c) -> (code (n,) int64, lo (c,), span (c,)) with codes in the
+    rows' lexicographic order (mixed radix over each column's range); None if the range
+    does not fit in int64."""
+    lo = keys.min(axis=0)
+    span = keys.max(axis=0) - lo + 1
+    if float(np.prod(span.astype(np.float64))) >= 2.0**62:
+        return None
+    code = keys[:, 0] - lo[0]
+    for j in range(1, keys.shape[1]):  # loop over the (few) columns
+        code = code * span[j] + (keys[:, j] - lo[j])
+    return code, lo, span
+
+
+def group_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unique rows (m, c) in lexicographic order, group_id (n,)) of integer rows (n, c);
+    the result of `np.unique(keys, axis=0, return_inverse=True)`, computed on packed int64
+    codes (a dense lookup table when the code range is small, else a 1-D sort)."""
+    keys = np.asarray(keys)
+    if keys.shape[0] == 0:
+        return np.zeros((0,) + keys.shape[1:], dtype=np.int64), np.zeros(0, dtype=np.int64)
+    packed = _pack_rows(keys.astype(np.int64, copy=False)) if np.issubdtype(keys.dtype, np.integer) else None
+    if packed is None:
+        unique, group_id = np.unique(keys, axis=0, return_inverse=True)
+        return unique, group_id.reshape(-1)
+    code, lo, span = packed
+    n_codes = int(np.prod(span))
+    if n_codes <= DENSE_CODES_PER_ROW * code.size + (1 << 20):
+        present = np.zeros(n_codes, dtype=bool)
+        present[code] = True
+        codes = np.flatnonzero(present)
+        rank = np.cumsum(present, dtype=np.int64) - 1
+        group_id = rank[code]
+    else:
+        codes, group_id = np.unique(code, return_inverse=True)
+    unique = np.empty((codes.size, keys.shape[1]), dtype=np.int64)
+    rest = codes
+    for j in range(keys.shape[1] - 1, 0, -1):  # loop over the (few) columns
+        unique[:, j] = rest % span[j] + lo[j]
+        rest = rest // span[j]
+    unique[:, 0] = rest + lo[0]
+    return unique, group_id.reshape(-1).astype(np.int64, copy=False)
+
+
 def group_by_index(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(unique keys (m, 3) sorted lexicographically, group_id (n,)) for keys (n, 3)."""
     if len(keys) == 0:
         return np.zeros((0, 3), dtype=np.int64), np.zeros(0, dtype=np.int64)
-    unique, group_id = np.unique(np.asarray(keys), axis=0, return_inverse=True)
-    return unique, group_id.reshape(-1)
+    return group_rows(keys)
 
 
 def weighted_merge(group_id: np.ndarray, n_groups: int, intensity: np.ndarray, sigma: np.ndarray,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import ndtri, stdtrit
 
-from jaxscale.merge.merging import ScaledObservations, group_by_index, weighted_merge
+from jaxscale.merge.merging import ScaledObservations, group_by_index, group_rows, weighted_merge
 
 D_MIN_TOLERANCE = 1e-6   # cctbx binner / complete_set tolerance
 FP_EPS = np.finfo(float).eps
@@ -407,7 +407,7 @@ def _pairs(key: np.ndarray, shell: np.ndarray, minus: np.ndarray, centric: np.nd
     base = np.where(minus[:, None], -key, key)
     if key.shape[0] == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    _, pid = np.unique(np.column_stack([shell, base]), axis=0, return_inverse=True)
+    _, pid = group_rows(np.column_stack([shell, base]))
     pid = pid.reshape(-1)
     P = int(pid.max()) + 1
     plus_of = np.full(P, -1)
