@@ -38,7 +38,7 @@ from jaxscale.errors import determine_outliers, refine_error_model
 from jaxscale.errors.outliers import group_order
 from jaxscale.exceptions import InputError
 from jaxscale.optimize.structured import StructuredSolver, minimise_structured, variance_diagonal
-from jaxscale.target.sharding import KBStillsTarget, StillObservations, make_observations, observation_mesh
+from jaxscale.target.sharding import KBStillsTarget, StillObservations, make_observations, observation_mesh, still_layout
 
 RMSD_CONVERGED = "RMSD no longer decreasing"
 GRADIENT_SMALL = "gradient norm below tolerance"
@@ -279,13 +279,16 @@ def scale_stills(
     def weights(ab_):
         return np.where(outlier, 0.0, 1.0 / (ab_[0] ** 2 * (v_obs + (ab_[1] * i_obs) ** 2)))
 
-    obs = make_observations(i_obs, weights(ab), d, gid, e, n_groups, n_experiments, mesh=mesh, dtype=dtype)
+    layout = still_layout(e, n_experiments, mesh)  # rows by still in chunks, once for every weight update
+    obs = make_observations(i_obs, weights(ab), d, gid, e, n_groups, n_experiments, mesh=mesh, dtype=dtype,
+                            layout=layout)
     free_j = jnp.asarray(free)
     timings["setup"] = time.perf_counter() - t_start
 
     def set_weights():
         nonlocal obs
-        obs = make_observations(i_obs, weights(ab), d, gid, e, n_groups, n_experiments, mesh=mesh, dtype=dtype)
+        obs = make_observations(i_obs, weights(ab), d, gid, e, n_groups, n_experiments, mesh=mesh, dtype=dtype,
+                                layout=layout)
 
     def reject(label: str):
         nonlocal outlier

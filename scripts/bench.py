@@ -5,7 +5,8 @@
 
 Per size (n_obs; 100 observations per still): seconds per target+gradient evaluation (median
 after compile), observations per second, the ratio of that time to a numpy streaming pass over
-the same bytes the evaluation reads (I, w, 1/(2d^2) float64 or float32 + group/still ids int32),
+the same bytes the evaluation reads (I, w, 1/(2d^2) float64 or float32 + group ids int32 in the
+chunked still layout, padding included, + the still of each chunk),
 wall time and peak RSS of a full scaling job (all rounds, run in a child process, data
 generation included), CC of merged I with truth and RMS error of the per-still scales (gauge
 removed). With --dials, for the smallest size only: dials.scale on the same stills written as
@@ -76,7 +77,7 @@ def measure_evaluation(n_obs: int, repeats: int, seed: int) -> dict:
     free = jnp.ones((n_exp, 2), bool)
     eval_s = _median_time(lambda: jax.block_until_ready(target.value_and_grad(x, obs, free, x)), repeats)
     # bandwidth baseline: one numpy streaming pass over the same arrays, same dtypes
-    host = [np.asarray(a) for a in (obs.intensity, obs.weight, obs.inv_two_d_sq, obs.group_id, obs.experiment_id)]
+    host = [np.asarray(a) for a in (obs.intensity, obs.weight, obs.inv_two_d_sq, obs.group_id, obs.chunk_experiment)]
     base_s = _median_time(lambda: [a.sum() for a in host], repeats)
     n_bytes = sum(a.nbytes for a in host)
     return {"eval_s": eval_s, "obs_per_s": n_obs / eval_s, "baseline_s": base_s, "bandwidth_ratio": eval_s / base_s,

@@ -5,14 +5,21 @@ parameters are one array x f[n_experiments, 2] (column 0 = k, column 1 = B). The
 target is DIALS' `f = sum_i w_i (I_i - g_i I_h)^2` with the closed-form
 `I_h = sum_h(w g I) / sum_h(w g^2)` (target.md §2–3).
 
+Row layout (`still_layout`): rows are ordered by still and each still's rows are padded with
+zero-weight rows to whole chunks of `chunk` (8) rows, so a chunk belongs to one still. k_e, B_e
+are then gathered once per chunk, and the per-still sums are a reshape-sum over each chunk
+(streaming) followed by a segment sum over chunks (8x fewer updates, sorted). XLA's CPU
+scatter-add in float64 is the slow part of an evaluation; this halves the evaluation time
+(docs/serial.md). The group sums stay one scatter per quantity (groups are spread over stills).
+
 Observations are split across the devices of a 1-D mesh (axis "obs") with `jax.sharding`:
-rows are padded with zero-weight rows to a multiple of the device count and placed with
-`NamedSharding(mesh, P("obs"))`. Inside `jax.shard_map` each device forms its partial group
+whole chunks go to each device (their number padded with empty chunks to a multiple of the
+device count), placed with `NamedSharding(mesh, P("obs"))`. Inside `jax.shard_map` each device forms its partial group
 sums (w g I, w g^2) and partial per-still gradient sums; `psum` reduces them, so the only
 communication is two vectors of length 2 n_groups and 2 n_experiments per evaluation. With no
 mesh the same local function runs without collectives (one device, same arithmetic).
 
-The gradient is written in closed form (one scatter per index type; the I_h term of the
+The gradient is written in closed form (the per-still sums above; the I_h term of the
 profiled gradient vanishes exactly at the closed-form I_h, target.md §4) and attached to the
 value with `jax.custom_vjp`, so optax line searches differentiate it at the cost of the
 forward pass. The residual vector `sqrt(w) r` for Gauss–Newton is plain JAX and is
@@ -37,13 +44,14 @@ AXIS = "obs"
 class StillObservations:
     """Flat observation arrays (padded rows carry weight 0), sharded along rows or not."""
 
-    intensity: jax.Array  # f[n_rows] unscaled intensity I
+    intensity: jax.Array  # f[n_rows] unscaled intensity I (n_rows = n_chunks * chunk)
     weight: jax.Array  # f[n_rows] 1/V' (0 = padding or excluded)
     inv_two_d_sq: jax.Array  # f[n_rows] 1/(2 d^2), the KB decay basis
     group_id: jax.Array  # i32[n_rows] symmetry group 0..n_groups-1
-    experiment_id: jax.Array  # i32[n_rows] still 0..n_experiments-1
+    chunk_experiment: jax.Array  # i32[n_chunks] still 0..n_experiments-1 of each chunk of rows
     n_groups: int = dataclasses.field(metadata=dict(static=True))
     n_experiments: int = dataclasses.field(metadata=dict(static=True))
+    chunk: int = dataclasses.field(default=8, metadata=dict(static=True))
 
     def with_weight(self, weight: jax.Array) -> "StillObservations":
         """Same observations with new weights (same padding/sharding as `weight`)."""
@@ -59,27 +67,68 @@ def observation_mesh(n_devices: int | None = None) -> Mesh:
     return Mesh(np.asarray(devices[:n]), (AXIS,))
 
 
+@dataclasses.dataclass(frozen=True)
+class StillLayout:
+    """Where each input row goes: rows by still, each still padded to whole chunks."""
+
+    slot_row: np.ndarray  # i64[n_rows] input row in each slot (-1 = padding)
+    row_slot: np.ndarray  # i64[n_obs] slot of each input row
+    chunk_experiment: np.ndarray  # i32[n_chunks] still of each chunk
+    chunk: int
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.slot_row.size)
+
+
+def still_layout(experiment_id: np.ndarray, n_experiments: int, mesh: Mesh | None = None,
+                 chunk: int = 8) -> StillLayout:
+    """Rows sorted by still (stable), each still padded to a multiple of `chunk` rows; the
+    number of chunks padded (empty chunks of still 0) to a multiple of the device count."""
+    e = np.asarray(experiment_id).astype(np.int64, copy=False)
+    n = e.size
+    order = np.argsort(e, kind="stable")
+    counts = np.bincount(e, minlength=n_experiments)
+    n_chunks_e = -(-counts // chunk)  # i[n_experiments]
+    m = 1 if mesh is None else mesh.devices.size
+    n_chunks = max(m, -(-int(n_chunks_e.sum()) // m) * m)
+    first_slot = np.r_[0, np.cumsum(n_chunks_e * chunk)[:-1]]
+    first_row = np.r_[0, np.cumsum(counts)[:-1]]
+    e_sorted = e[order]
+    row_slot = np.empty(n, dtype=np.int64)
+    row_slot[order] = first_slot[e_sorted] + (np.arange(n) - first_row[e_sorted])
+    slot_row = np.full(n_chunks * chunk, -1, dtype=np.int64)
+    slot_row[row_slot] = np.arange(n)
+    chunk_experiment = np.zeros(n_chunks, dtype=np.int32)
+    chunk_experiment[: int(n_chunks_e.sum())] = np.repeat(np.arange(n_experiments, dtype=np.int32), n_chunks_e)
+    return StillLayout(slot_row=slot_row, row_slot=row_slot, chunk_experiment=chunk_experiment, chunk=chunk)
+
+
 def padded_length(n_obs: int, mesh: Mesh | None) -> int:
     """Smallest multiple of the device count >= n_obs (at least one row per device)."""
     m = 1 if mesh is None else mesh.devices.size
     return max(m, -(-n_obs // m) * m)
 
 
-def pad_rows(a: np.ndarray, n_rows: int, fill: float | int = 0) -> np.ndarray:
-    """a (n, ...) padded with `fill` rows to (n_rows, ...)."""
-    a = np.asarray(a)
-    if a.shape[0] == n_rows:
-        return a
-    pad = np.full((n_rows - a.shape[0],) + a.shape[1:], fill, dtype=a.dtype)
-    return np.concatenate([a, pad])
-
-
 def place_rows(a: np.ndarray, mesh: Mesh | None, dtype=None) -> jax.Array:
-    """Put a row-array (already padded) on the devices: sharded along rows over the mesh."""
+    """Put a row-array (already laid out) on the devices: sharded along rows over the mesh."""
     a = np.asarray(a, dtype=dtype)
     if mesh is None:
         return jnp.asarray(a)
     return jax.device_put(a, NamedSharding(mesh, P(AXIS)))
+
+
+def to_slots(a: np.ndarray, layout: StillLayout, fill: float | int = 0) -> np.ndarray:
+    """Per-row values (n_obs,) in the layout's slots (n_rows,), `fill` in padding slots."""
+    a = np.asarray(a)
+    out = np.full(layout.n_rows, fill, dtype=a.dtype)
+    out[layout.row_slot] = a
+    return out
+
+
+def from_slots(a: np.ndarray, layout: StillLayout) -> np.ndarray:
+    """Per-slot values (n_rows,) back to the input row order (n_obs,)."""
+    return np.asarray(a)[layout.row_slot]
 
 
 def make_observations(
@@ -92,21 +141,23 @@ def make_observations(
     n_experiments: int,
     mesh: Mesh | None = None,
     dtype=jnp.float64,
+    layout: StillLayout | None = None,
 ) -> StillObservations:
-    """Pad to a multiple of the device count (weight-0 rows) and place on the mesh."""
-    n = np.asarray(intensity).shape[0]
-    n_rows = padded_length(n, mesh)
-    f = lambda a, fill=0.0: place_rows(pad_rows(np.asarray(a, dtype=np.float64), n_rows, fill), mesh, dtype)  # noqa: E731
-    i = lambda a: place_rows(pad_rows(np.asarray(a, dtype=np.int32), n_rows, 0), mesh, np.int32)  # noqa: E731
+    """Lay the rows out by still in chunks (`still_layout`, or the one given: reuse it when
+    only the weights change) and place them on the mesh; padding rows have weight 0."""
+    if layout is None:
+        layout = still_layout(experiment_id, n_experiments, mesh)
+    f = lambda a: place_rows(to_slots(np.asarray(a, dtype=np.float64), layout), mesh, dtype)  # noqa: E731
     d = np.asarray(d, dtype=np.float64)
     return StillObservations(
         intensity=f(intensity),
         weight=f(weight),
         inv_two_d_sq=f(1.0 / (2.0 * d * d)),
-        group_id=i(group_id),
-        experiment_id=i(experiment_id),
+        group_id=place_rows(to_slots(np.asarray(group_id, dtype=np.int32), layout), mesh, np.int32),
+        chunk_experiment=place_rows(layout.chunk_experiment, mesh, np.int32),
         n_groups=int(n_groups),
         n_experiments=int(n_experiments),
+        chunk=layout.chunk,
     )
 
 
@@ -121,19 +172,30 @@ def _safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
 
 
 def _scales(x: jax.Array, obs: StillObservations) -> tuple[jax.Array, jax.Array]:
-    """(g, exp(B s)) per row: g = k_e exp(B_e s), s = 1/(2 d^2)."""
-    kb = x[obs.experiment_id]  # f[n, 2]
-    decay = jnp.exp(kb[:, 1] * obs.inv_two_d_sq)
-    return kb[:, 0] * decay, decay
+    """(g, exp(B s)) per row: g = k_e exp(B_e s), s = 1/(2 d^2); k, B gathered per chunk."""
+    kb = x[obs.chunk_experiment]  # f[n_chunks, 2]
+    decay = jnp.exp(kb[:, 1:2] * obs.inv_two_d_sq.reshape(-1, obs.chunk))  # f[n_chunks, chunk]
+    return (kb[:, 0:1] * decay).reshape(-1), decay.reshape(-1)
+
+
+def _per_still(obs: StillObservations, *per_row: jax.Array) -> jax.Array:
+    """Local per-still sums f[n_experiments, len(per_row)] of per-row values (each f[n_rows]):
+    a sum over each chunk, then a (sorted) segment sum over chunks, one quantity at a time
+    (stacking first makes XLA CPU slower)."""
+    sums = [
+        jax.ops.segment_sum(v.reshape(-1, obs.chunk).sum(axis=1), obs.chunk_experiment,
+                            num_segments=obs.n_experiments, indices_are_sorted=True)
+        for v in per_row  # 2 or 3 quantities
+    ]
+    return jnp.stack(sums, axis=1)
 
 
 def _group_sums(g: jax.Array, obs: StillObservations, axis: str | None) -> jax.Array:
-    """f[n_groups, 2]: (sum w g I, sum w g^2) over all devices."""
+    """f[n_groups, 2]: (sum w g I, sum w g^2) over all devices (one scatter per quantity)."""
     wg = obs.weight * g
-    local = jax.ops.segment_sum(
-        jnp.stack([wg * obs.intensity, wg * g], axis=1), obs.group_id, num_segments=obs.n_groups
-    )
-    return _psum(local, axis)
+    s1 = jax.ops.segment_sum(wg * obs.intensity, obs.group_id, num_segments=obs.n_groups)
+    s2 = jax.ops.segment_sum(wg * g, obs.group_id, num_segments=obs.n_groups)
+    return _psum(jnp.stack([s1, s2], axis=1), axis)
 
 
 def _local_value_and_grad(x: jax.Array, obs: StillObservations, axis: str | None):
@@ -146,10 +208,7 @@ def _local_value_and_grad(x: jax.Array, obs: StillObservations, axis: str | None
     wr = obs.weight * r
     value = _psum(jnp.sum(wr * r), axis)
     df_dg = -2.0 * wr * ih_obs  # the dI_h/dp term is zero at the closed-form I_h
-    per_row = jnp.stack([df_dg * decay, df_dg * g * obs.inv_two_d_sq], axis=1)
-    grad = _psum(
-        jax.ops.segment_sum(per_row, obs.experiment_id, num_segments=obs.n_experiments), axis
-    )
+    grad = _psum(_per_still(obs, df_dg * decay, df_dg * g * obs.inv_two_d_sq), axis)
     return value, grad, ih
 
 
@@ -178,8 +237,7 @@ def _local_block_diagonal(x: jax.Array, obs: StillObservations, axis: str | None
     c = ih + g * u
     q = w * c * c + jnp.maximum(s_h - w * g * g, 0.0) * u * u  # f[n]
     dk, db = decay, g * obs.inv_two_d_sq
-    per_row = jnp.stack([q * dk * dk, q * dk * db, q * db * db], axis=1)
-    blocks = _psum(jax.ops.segment_sum(per_row, obs.experiment_id, num_segments=obs.n_experiments), axis)
+    blocks = _psum(_per_still(obs, q * dk * dk, q * dk * db, q * db * db), axis)
     return jnp.stack(
         [jnp.stack([blocks[:, 0], blocks[:, 1]], -1), jnp.stack([blocks[:, 1], blocks[:, 2]], -1)], -2
     )
