@@ -59,12 +59,12 @@ def real_harmonics(lmax: int, theta: np.ndarray, phi: np.ndarray) -> np.ndarray:
     """
     q = normalised_legendre(lmax, np.asarray(theta, dtype=np.float64))
     ls, ms = harmonic_lm(lmax)
-    am = np.abs(ms)
-    radial = q[ls, am]  # f[n_coef, n]
-    mphi = am[:, None] * np.asarray(phi)[None, :]
-    angular = np.where(ms[:, None] > 0, DIALS_SQRT2 * np.cos(mphi),
-                       np.where(ms[:, None] < 0, DIALS_SQRT2 * np.sin(mphi), 1.0))
-    return (radial * angular).T
+    mphi = np.arange(1, lmax + 1)[:, None] * np.asarray(phi)[None, :]  # f[lmax, n], row |m| - 1
+    cos_m, sin_m = DIALS_SQRT2 * np.cos(mphi), DIALS_SQRT2 * np.sin(mphi)  # once per |m|, not per (l, m)
+    out = np.empty((ls.size,) + np.shape(theta))  # f[n_coef, n]
+    for j, (l, m) in enumerate(zip(ls, ms)):  # loop over coefficients (<= 80), vectorised over n
+        out[j] = q[l, abs(m)] * (cos_m[m - 1] if m > 0 else sin_m[-m - 1] if m < 0 else 1.0)
+    return out.T
 
 
 def theta_phi(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -133,28 +133,43 @@ def crystal_frame_vectors(
     return align_x_to_polar(s0c), align_x_to_polar(s1c)
 
 
+def _lookup_index(v: np.ndarray) -> np.ndarray:
+    """DIALS' lookup-table entry 720 floor(2 theta_deg) + floor(2 phi_deg) of vectors f[n, 3] -> i[n]."""
+    ppd = LOOKUP_POINTS_PER_DEGREE
+    theta, phi = theta_phi(v)
+    return (360.0 * ppd * np.floor(theta * ppd * 180.0 / math.pi)
+            + np.floor(phi * 180.0 * ppd / math.pi)).astype(np.int64)
+
+
+def _grid_angles(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(theta, phi) in radians of lookup-table entries i[n] -> f[n], f[n]."""
+    ppd = LOOKUP_POINTS_PER_DEGREE
+    grid_theta = np.floor(index / (360.0 * ppd)) * math.pi / (180.0 * ppd)
+    grid_phi = (index % (360 * ppd)) * math.pi / (180.0 * ppd)
+    return grid_theta, grid_phi
+
+
 def lookup_grid_angles(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Angles of the lookup-table entry DIALS uses for each vector (basis.md §3.5).
 
     Index 720 floor(2 theta_deg) + floor(2 phi_deg) (2 points per degree, lower-left corner,
     no interpolation); returns that grid point's (theta, phi) in radians, f[n] each.
     """
-    ppd = LOOKUP_POINTS_PER_DEGREE
-    theta, phi = theta_phi(v)
-    index = (360.0 * ppd * np.floor(theta * ppd * 180.0 / math.pi)
-             + np.floor(phi * 180.0 * ppd / math.pi)).astype(np.int64)
-    grid_theta = np.floor(index / (360.0 * ppd)) * math.pi / (180.0 * ppd)
-    grid_phi = (index % (360 * ppd)) * math.pi / (180.0 * ppd)
-    return grid_theta, grid_phi
+    return _grid_angles(_lookup_index(v))
 
 
 def absorption_harmonics(s0c: np.ndarray, s1c: np.ndarray, lmax: int, exact: bool = True) -> np.ndarray:
     """a_lm = (Yr_lm(s0c) + Yr_lm(s1c)) / 2 per observation. f[n,3], f[n,3] -> f[n, n_coef]
 
     exact=False replicates DIALS' piecewise-constant 0.5 deg lookup table (used by DIALS
-    for datasets with > 100000 suitable reflections).
+    for datasets with > 100000 suitable reflections); the harmonics are then evaluated
+    once per table entry in use and gathered.
     """
-    angles = (lookup_grid_angles if not exact else theta_phi)
-    t0, p0 = angles(s0c)
-    t1, p1 = angles(s1c)
-    return 0.5 * (real_harmonics(lmax, t0, p0) + real_harmonics(lmax, t1, p1))
+    if exact:
+        t0, p0 = theta_phi(s0c)
+        t1, p1 = theta_phi(s1c)
+        return 0.5 * (real_harmonics(lmax, t0, p0) + real_harmonics(lmax, t1, p1))
+    n = s0c.shape[0]
+    entries, which = np.unique(np.concatenate([_lookup_index(s0c), _lookup_index(s1c)]), return_inverse=True)
+    table = np.ascontiguousarray(real_harmonics(lmax, *_grid_angles(entries)))  # f[n_entries, n_coef]
+    return 0.5 * (table[which[:n]] + table[which[n:]])
