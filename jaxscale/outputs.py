@@ -206,18 +206,21 @@ def _staging_path(target: Path) -> Path:
     return target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.staged{target.suffix}"
 
 
-def write_all(jobs: Sequence[tuple[str, str | os.PathLike, Callable[[Path], None]]]) -> dict[str, str]:
+def write_all(jobs: Sequence[tuple[str, str | os.PathLike, Callable[[Path], None]]],
+              on_written: Callable[[str], None] | None = None) -> dict[str, str]:
     """Run every writer on a staging file beside its target; once all succeeded, rename each
     onto its target (atomic per file). On any failure the staging files are removed and no
     target is touched. jobs: (name, target path, writer(path)). Returns {name: target}."""
     staged: list[tuple[Path, Path]] = []
     try:
-        for _, target, writer in jobs:  # a handful of output files
+        for name, target, writer in jobs:  # a handful of output files
             target = Path(target)
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = _staging_path(target)
             staged.append((tmp, target))
             writer(tmp)
+            if on_written is not None:  # progress only; the rename comes after all succeeded
+                on_written(name)
     except BaseException:
         for tmp, _ in staged:
             with contextlib.suppress(FileNotFoundError):

@@ -58,6 +58,11 @@ class _Log:
         if self.progress is not None and hasattr(self.progress, "on_phase_start"):
             self.progress.on_phase_start(name, total)
 
+    def stage(self, name: str) -> None:
+        """Name the step of the current phase that starts now (shown beside the bar)."""
+        if self.progress is not None and hasattr(self.progress, "on_phase_describe"):
+            self.progress.on_phase_describe(name)
+
     def advance(self, n: int = 1) -> None:
         if self.progress is not None and hasattr(self.progress, "on_advance"):
             self.progress.on_advance(n)
@@ -874,28 +879,39 @@ def _scaling_algorithm(scaler: "_Scaler", params: Any, tables: list[ReflectionTa
                                             F.OUTLIER_IN_SCALING)
     elif initial_outliers:
         scaler.reject_outliers("initial", per_dataset=True)
-    log.phase("scaling", 6)
+    stages = 5 + (params.reflection_selection.intensity_choice == "combine")
+    log.phase("scaling", stages)
+    log.stage("round 1 (L-BFGS)")
     scaler.lbfgs_round("Round 1")
-    log.advance()
     scaler.expand()
+    log.advance()
+    log.stage("outlier rejection")
     scaler.reject_outliers("after round 1")
+    log.advance()
     if params.reflection_selection.intensity_choice == "combine":
+        log.stage("intensity combination")
         scaler.combine_intensities()
         scaler.reject_outliers("after intensity combination")
+        log.advance()
+    log.stage("round 2 (L-BFGS)")
     scaler.lbfgs_round("Round 2")
-    log.advance()
     scaler.expand()
     scaler.reject_outliers("after round 2")
+    log.advance()
+    log.stage("error model")
     scaler.refine_error_model("after round 2")
     log.advance()
     if full_matrix:
+        log.stage("full-matrix round (Levenberg-Marquardt)")
         scaler.expand(with_covariance=scaler.full_matrix_round())
     else:
+        log.stage("round 3 (L-BFGS)")
         scaler.lbfgs_round("Round 3")
         scaler.expand()
-    log.advance()
+    log.stage("final outliers and error model")
     scaler.reject_outliers("final")
     scaler.refine_error_model("final")
+    log.advance()
     log.end()
 
 
@@ -1239,7 +1255,11 @@ def _write_log_only(params: Any, log: _Log, report: dict | None = None) -> dict[
         text = ("Parameters in effect:\n" + _parameter_text(params).rstrip("\n") + "\n\n" + "\n".join(log.lines)
                 + "\n")
         jobs.append(("log", params.output.log, lambda path: atomic_write_text(path, text)))
-    return write_all(jobs) if jobs else {}
+    log.phase("writing outputs", len(jobs))
+    try:
+        return write_all(jobs, on_written=lambda name: log.advance())
+    finally:
+        log.end() if jobs else {}
 
 
 def _write_outputs(params: Any, table: ReflectionTable, experiments: list, stats: Any, report: dict | None,
@@ -1262,7 +1282,11 @@ def _write_outputs(params: Any, table: ReflectionTable, experiments: list, stats
         text = ("Parameters in effect:\n" + _parameter_text(params).rstrip("\n") + "\n\n"
                 + "\n".join(log.lines) + "\n")
         jobs.append(("log", params.output.log, lambda path: atomic_write_text(path, text)))
-    return write_all(jobs)
+    log.phase("writing outputs", len(jobs))
+    try:
+        return write_all(jobs, on_written=lambda name: log.advance())
+    finally:
+        log.end()
 
 
 __all__ = ["ScaleResult", "run"]

@@ -85,6 +85,11 @@ class RichProgress:
         else:
             self.console.print(f"{name} ..." + (f" ({total} steps)" if total else ""))
 
+    def on_phase_describe(self, step: str) -> None:
+        """Show which step of the current phase is running (terminal only)."""
+        if self._progress is not None and self._task is not None:
+            self._progress.update(self._task, description=f"{self._name}: {step}")
+
     def on_advance(self, n: int = 1) -> None:
         self._done += n
         if self._progress is not None and self._task is not None:

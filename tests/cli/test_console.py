@@ -73,3 +73,22 @@ def test_statistics_table_on_terminal_and_text_elsewhere(shared_data):
     pipe = io.StringIO()
     RichProgress(Console(file=pipe, force_terminal=False)).show_statistics(stats, text)
     assert pipe.getvalue().strip() == text.strip()
+
+
+def test_phase_step_names_reach_the_bar():
+    """A long phase shows which step runs (e.g. 'scaling: error model') beside its bar."""
+    import io
+
+    from rich.console import Console
+
+    from jaxscale.cli.console import RichProgress
+
+    out = io.StringIO()
+    progress = RichProgress(Console(file=out, force_terminal=True, width=120))
+    progress.on_phase_start("scaling", 3)
+    progress.on_phase_describe("error model")
+    assert progress._progress.tasks[0].description == "scaling: error model"
+    progress.on_advance()
+    assert progress._progress.tasks[0].completed == 1
+    progress.on_phase_end()
+    assert "scaling" in out.getvalue()
