@@ -1,5 +1,9 @@
 """One self-contained HTML report (plotly, its JS inlined; no network) from plain data.
 
+Figures are plotly.js figure dicts written as JSON directly (no plotly.py objects: their
+validation cost about a second per report); plotly.js and the plotly_white template are
+read from the plotly package's data files.
+
 `write_report(path, data)` takes a dict; only "statistics" is required, every other
 section is optional and its plots are left out when absent. Shapes (n = observations,
 m = unique reflections, B = batches; arrays may be numpy arrays or lists):
@@ -34,13 +38,14 @@ m = unique reflections, B = batches; arrays may be numpy arrays or lists):
 """
 from __future__ import annotations
 
+import functools
 import html as _html
 import json
+import math
 import os
+import pkgutil
 
 import numpy as np
-import plotly.graph_objects as go
-import plotly.offline
 
 from jaxscale.io.atomic import atomic_path
 from jaxscale.merge.statistics import MergingStatistics
@@ -60,125 +65,193 @@ td:first-child,th:first-child{text-align:left}
 """
 
 
+Figure = dict  # plotly.js figure {"data": [trace dicts], "layout": dict}
+_AXIS_PREFIXES = ("xaxis", "yaxis")
+
+
 def _a(x) -> np.ndarray:
     return np.asarray(x, dtype=float)
 
 
-def _fig(traces, title, xtitle, ytitle, **layout) -> go.Figure:
-    fig = go.Figure(traces)
-    fig.update_layout(title=title, xaxis_title=xtitle, yaxis_title=ytitle, template="plotly_white",
-                      margin=dict(l=60, r=20, t=50, b=50), height=360,
-                      autosize=True, legend=dict(orientation="h", y=-0.2), **layout)
-    return fig
+def _titled(d: dict | None) -> dict | None:
+    """A plotly property dict with a plain-string title given as {"text": title}."""
+    if d is None or not isinstance(d.get("title"), str):
+        return d
+    return {**d, "title": {"text": d["title"]}}
 
 
-def _resolution_axis(fig: go.Figure, d_star_sq: np.ndarray) -> go.Figure:
+def _trace(kind: str, **props) -> dict:
+    """A plotly.js trace dict of type `kind` (None-valued properties left out)."""
+    out = {"type": kind}
+    for k, v in props.items():
+        if v is not None:
+            out[k] = _titled(v) if k == "colorbar" else v
+    return out
+
+
+def _fig(traces, title, xtitle, ytitle, **layout) -> Figure:
+    """Figure with the report's common layout; `axis_prop=` keys set axis properties (as
+    plotly.py's magic underscores), dict values with a string title get {"text": title}."""
+    lay = {"title": {"text": title}, "xaxis": {"title": {"text": xtitle}}, "yaxis": {"title": {"text": ytitle}},
+           "margin": {"l": 60, "r": 20, "t": 50, "b": 50}, "height": 360, "autosize": True,
+           "legend": {"orientation": "h", "y": -0.2}}
+    for key, value in layout.items():
+        axis, _, prop = key.partition("_")
+        if axis in _AXIS_PREFIXES and prop:
+            lay[axis][prop] = value
+        else:
+            lay[key] = _titled(value) if isinstance(value, dict) else value
+    return {"data": list(traces), "layout": lay}
+
+
+def _resolution_axis(fig: Figure, d_star_sq: np.ndarray) -> Figure:
     """Ticks at d*² positions labelled with d (Å)."""
     ticks = np.linspace(d_star_sq.min(), d_star_sq.max(), 6)
-    fig.update_xaxes(tickvals=ticks.tolist(), ticktext=["%.2f" % (1 / np.sqrt(t)) if t > 0 else "∞" for t in ticks],
-                     title="Resolution (Å)")
+    fig["layout"]["xaxis"].update(tickvals=ticks.tolist(),
+                                  ticktext=["%.2f" % (1 / np.sqrt(t)) if t > 0 else "∞" for t in ticks],
+                                  title={"text": "Resolution (Å)"})
     return fig
 
 
-def _resolution_figures(st: MergingStatistics) -> list[go.Figure]:
+def _plain(obj):
+    """JSON-ready copy: arrays to lists, non-finite floats to null (as plotly.py writes them)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind == "f":
+            return [v if math.isfinite(v) else None for v in obj.ravel().tolist()] if obj.ndim <= 1 else \
+                [_plain(row) for row in obj]
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _script_json(obj) -> str:
+    """JSON safe inside a <script> element."""
+    return json.dumps(_plain(obj), separators=(",", ":")).replace("</", "<\\/")
+
+
+@functools.lru_cache(maxsize=1)
+def _plotly_assets() -> tuple[str, str]:
+    """(plotly.js source, plotly_white template JSON) from the plotly package data."""
+    js = pkgutil.get_data("plotly", "package_data/plotly.min.js").decode("utf-8")
+    template = pkgutil.get_data("plotly", "package_data/templates/plotly_white.json").decode("utf-8")
+    return js, json.dumps(json.loads(template), separators=(",", ":")).replace("</", "<\\/")
+
+
+def _plot_div(fig: Figure, div_id: str) -> str:
+    """A div drawn by Plotly.newPlot with the shared template (as plotly.py's to_html)."""
+    return (f'<div style="height:360px; width:100%;"><div id="{div_id}" class="plotly-graph-div" '
+            'style="height:100%; width:100%;"></div><script>window.PLOTLYENV=window.PLOTLYENV || {};'
+            f'if (document.getElementById("{div_id}")) {{Plotly.newPlot("{div_id}",{_script_json(fig["data"])},'
+            f'Object.assign({{template:window.JAXSCALE_TEMPLATE}},{_script_json(fig["layout"])}),'
+            '{"responsive":true})};</script></div>')
+
+
+def _resolution_figures(st: MergingStatistics) -> list[Figure]:
     b = st.bins
     x = 0.5 * (st.d_star_sq_limits[:-1] + st.d_star_sq_limits[1:])
     figs = []
-    cc = [go.Scatter(x=x, y=b.cc_half, name="CC½", mode="lines+markers"),
-          go.Scatter(x=x, y=b.cc_half_critical, name="CC½ critical (p=0.01)", mode="lines",
+    cc = [_trace("scatter", x=x, y=b.cc_half, name="CC½", mode="lines+markers"),
+          _trace("scatter", x=x, y=b.cc_half_critical, name="CC½ critical (p=0.01)", mode="lines",
                      line=dict(dash="dot"))]
     if np.any(np.isfinite(b.cc_anom)):
-        cc.append(go.Scatter(x=x, y=b.cc_anom, name="CCanom", mode="lines+markers"))
+        cc.append(_trace("scatter", x=x, y=b.cc_anom, name="CCanom", mode="lines+markers"))
     figs.append(_fig(cc, "CC½ vs resolution", "", "CC"))
-    figs.append(_fig([go.Scatter(x=x, y=b.i_over_sigma_mean, name="⟨I/σ⟩", mode="lines+markers")],
+    figs.append(_fig([_trace("scatter", x=x, y=b.i_over_sigma_mean, name="⟨I/σ⟩", mode="lines+markers")],
                      "⟨I/σ(I)⟩ vs resolution", "", "⟨I/σ⟩"))
-    figs.append(_fig([go.Scatter(x=x, y=getattr(b, k), name=n, mode="lines+markers")
+    figs.append(_fig([_trace("scatter", x=x, y=getattr(b, k), name=n, mode="lines+markers")
                       for k, n in (("r_merge", "Rmerge"), ("r_meas", "Rmeas"), ("r_pim", "Rpim"))],
                      "R-factors vs resolution", "", "R"))
-    comp = [go.Scatter(x=x, y=100 * b.completeness, name="completeness", mode="lines+markers")]
+    comp = [_trace("scatter", x=x, y=100 * b.completeness, name="completeness", mode="lines+markers")]
     if st.anomalous_bins is not None:
-        comp.append(go.Scatter(x=x, y=100 * st.anomalous_bins.anom_completeness,
+        comp.append(_trace("scatter", x=x, y=100 * st.anomalous_bins.anom_completeness,
                                name="anomalous completeness", mode="lines+markers"))
     figs.append(_fig(comp, "Completeness vs resolution", "", "%"))
-    mult = [go.Scatter(x=x, y=b.multiplicity, name="multiplicity", mode="lines+markers")]
+    mult = [_trace("scatter", x=x, y=b.multiplicity, name="multiplicity", mode="lines+markers")]
     if st.anomalous_bins is not None:
-        mult.append(go.Scatter(x=x, y=st.anomalous_bins.multiplicity, name="anomalous multiplicity",
+        mult.append(_trace("scatter", x=x, y=st.anomalous_bins.multiplicity, name="anomalous multiplicity",
                                mode="lines+markers"))
     figs.append(_fig(mult, "Multiplicity vs resolution", "", "multiplicity"))
-    figs.append(_fig([go.Scatter(x=x, y=b.i_mean, name="⟨I⟩", mode="lines+markers")],
+    figs.append(_fig([_trace("scatter", x=x, y=b.i_mean, name="⟨I⟩", mode="lines+markers")],
                      "Wilson plot (⟨I⟩ per bin)", "", "⟨I⟩", yaxis_type="log"))
     return [_resolution_axis(f, x) for f in figs]
 
 
-def _batch_figures(bt) -> list[go.Figure]:
+def _batch_figures(bt) -> list[Figure]:
     get = (lambda k: getattr(bt, k)) if not isinstance(bt, dict) else bt.get
     batch = _a(get("batch"))
     figs = [
-        _fig([go.Scatter(x=batch, y=_a(get("scale")), name="⟨g⟩", mode="markers", marker=dict(size=3)),
-              go.Scatter(x=batch, y=_a(get("r_merge")), name="Rmerge", mode="markers", marker=dict(size=3),
+        _fig([_trace("scatter", x=batch, y=_a(get("scale")), name="⟨g⟩", mode="markers", marker=dict(size=3)),
+              _trace("scatter", x=batch, y=_a(get("r_merge")), name="Rmerge", mode="markers", marker=dict(size=3),
                          yaxis="y2")],
              "Scale and Rmerge vs batch", "batch", "mean inverse scale",
              yaxis2=dict(title="Rmerge", overlaying="y", side="right")),
-        _fig([go.Scatter(x=batch, y=_a(get("i_over_sigma")), name="⟨I/σ⟩", mode="markers", marker=dict(size=3))],
+        _fig([_trace("scatter", x=batch, y=_a(get("i_over_sigma")), name="⟨I/σ⟩", mode="markers", marker=dict(size=3))],
              "⟨I/σ⟩ vs batch", "batch", "⟨I/σ⟩"),
     ]
     return figs
 
 
-def _model_figures(model: dict) -> list[go.Figure]:
+def _model_figures(model: dict) -> list[Figure]:
     figs = []
     sets = model.get("datasets", [])
-    scale = [go.Scatter(x=_a(d["scale"]["rotation_deg"]), y=_a(d["scale"]["value"]), name=d.get("name", str(i)),
+    scale = [_trace("scatter", x=_a(d["scale"]["rotation_deg"]), y=_a(d["scale"]["value"]), name=d.get("name", str(i)),
                         mode="lines") for i, d in enumerate(sets) if d.get("scale")]
     if scale:
         figs.append(_fig(scale, "Scale component vs rotation", "rotation (°)", "scale"))
-    decay = [go.Scatter(x=_a(d["decay"]["rotation_deg"]), y=_a(d["decay"]["b"]), name=d.get("name", str(i)),
+    decay = [_trace("scatter", x=_a(d["decay"]["rotation_deg"]), y=_a(d["decay"]["b"]), name=d.get("name", str(i)),
                         mode="lines") for i, d in enumerate(sets) if d.get("decay")]
     if decay:
         figs.append(_fig(decay, "Relative B vs rotation", "rotation (°)", "B (Å²)"))
     for i, d in enumerate(sets):
         ab = d.get("absorption")
         if ab:
-            fig = _fig([go.Heatmap(x=_a(ab["phi_deg"]), y=_a(ab["theta_deg"]), z=_a(ab["correction"]),
+            fig = _fig([_trace("heatmap", x=_a(ab["phi_deg"]), y=_a(ab["theta_deg"]), z=_a(ab["correction"]),
                                    colorscale="Viridis", colorbar=dict(title="correction"))],
                        f"Absorption surface ({d.get('name', i)})", "φ (°)", "θ (°)")
             figs.append(fig)
     return figs
 
 
-def _error_model_figures(em: dict) -> list[go.Figure]:
+def _error_model_figures(em: dict) -> list[Figure]:
     figs = []
     npp = em.get("normal_plot")
     if npp:
         e, o = _a(npp["expected"]), _a(npp["observed"])
         lim = [float(np.nanmin(e)), float(np.nanmax(e))]
-        figs.append(_fig([go.Scattergl(x=e, y=o, mode="markers", marker=dict(size=3), name="δ"),
-                          go.Scatter(x=lim, y=lim, mode="lines", name="y = x", line=dict(dash="dot"))],
+        figs.append(_fig([_trace("scattergl", x=e, y=o, mode="markers", marker=dict(size=3), name="δ"),
+                          _trace("scatter", x=lim, y=lim, mode="lines", name="y = x", line=dict(dash="dot"))],
                          "Normal probability plot of normalised deviations "
                          f"(a = {em.get('a', float('nan')):.4g}, b = {em.get('b', float('nan')):.4g})",
                          "expected quantile", "observed δ"))
     bins = em.get("bins")
     if bins:
         x = _a(bins["i_mean"])
-        figs.append(_fig([go.Scatter(x=x, y=_a(bins["variance_before"]), name="uncorrected", mode="lines+markers"),
-                          go.Scatter(x=x, y=_a(bins["variance_after"]), name="corrected", mode="lines+markers")],
+        figs.append(_fig([_trace("scatter", x=x, y=_a(bins["variance_before"]), name="uncorrected", mode="lines+markers"),
+                          _trace("scatter", x=x, y=_a(bins["variance_after"]), name="corrected", mode="lines+markers")],
                          "Variance of normalised deviations vs intensity", "⟨I⟩", "variance",
                          xaxis_type="log"))
     return figs
 
 
-def _outlier_figures(out: dict) -> list[go.Figure]:
+def _outlier_figures(out: dict) -> list[Figure]:
     color = _a(out["dataset"]) if "dataset" in out else None
     marker = dict(size=4, color=color) if color is not None else dict(size=4)
     return [
-        _fig([go.Scattergl(x=_a(out["x_px"]), y=_a(out["y_px"]), mode="markers", marker=marker, name="outliers")],
+        _fig([_trace("scattergl", x=_a(out["x_px"]), y=_a(out["y_px"]), mode="markers", marker=marker, name="outliers")],
              "Outliers on the detector", "x (px)", "y (px)", yaxis_autorange="reversed"),
-        _fig([go.Histogram(x=_a(out["image"]), nbinsx=100, name="outliers")],
+        _fig([_trace("histogram", x=_a(out["image"]), nbinsx=100, name="outliers")],
              "Outliers vs image", "image", "count"),
     ]
 
 
-def _merged_figures(mg: dict, n_bins: int = 20) -> list[go.Figure]:
+def _merged_figures(mg: dict, n_bins: int = 20) -> list[Figure]:
     I, ds2, centric = _a(mg["intensity"]), _a(mg["d_star_sq"]), np.asarray(mg["centric"], bool)
     edges = np.linspace(ds2.min(), ds2.max() * (1 + 1e-9), n_bins + 1)
     b = np.clip(np.searchsorted(edges, ds2, side="right") - 1, 0, n_bins - 1)
@@ -191,47 +264,47 @@ def _merged_figures(mg: dict, n_bins: int = 20) -> list[go.Figure]:
     traces = []
     for name, sel in (("acentric", ~centric), ("centric", centric)):
         if sel.any():
-            traces.append(go.Scatter(x=zgrid, y=(z[sel][None, :] <= zgrid[:, None]).mean(axis=1),
+            traces.append(_trace("scatter", x=zgrid, y=(z[sel][None, :] <= zgrid[:, None]).mean(axis=1),
                                      name=f"{name} observed", mode="lines+markers"))
-    traces.append(go.Scatter(x=zgrid, y=1 - np.exp(-zgrid), name="acentric theory", line=dict(dash="dot")))
+    traces.append(_trace("scatter", x=zgrid, y=1 - np.exp(-zgrid), name="acentric theory", line=dict(dash="dot")))
     from math import erf, sqrt
-    traces.append(go.Scatter(x=zgrid, y=[erf(sqrt(v / 2)) for v in zgrid], name="centric theory",
+    traces.append(_trace("scatter", x=zgrid, y=[erf(sqrt(v / 2)) for v in zgrid], name="centric theory",
                              line=dict(dash="dot")))
     return [
-        _resolution_axis(_fig([go.Scatter(x=x, y=np.log(np.where(mean > 0, mean, np.nan)), mode="lines+markers",
+        _resolution_axis(_fig([_trace("scatter", x=x, y=np.log(np.where(mean > 0, mean, np.nan)), mode="lines+markers",
                                           name="ln ⟨I⟩")], "Wilson plot", "", "ln ⟨I⟩"), x),
         _fig(traces, "Cumulative intensity distribution N(z)", "z = I/⟨I⟩", "N(z)"),
-        _resolution_axis(_fig([go.Scatter(x=x, y=second, mode="lines+markers", name="⟨I²⟩/⟨I⟩²"),
-                               go.Scatter(x=[x[0], x[-1]], y=[2, 2], mode="lines", name="acentric untwinned",
+        _resolution_axis(_fig([_trace("scatter", x=x, y=second, mode="lines+markers", name="⟨I²⟩/⟨I⟩²"),
+                               _trace("scatter", x=[x[0], x[-1]], y=[2, 2], mode="lines", name="acentric untwinned",
                                           line=dict(dash="dot"))],
                               "Second moment of intensities", "", "⟨I²⟩/⟨I⟩²"), x),
     ]
 
 
-def _anomalous_figures(st: MergingStatistics, an: dict | None) -> list[go.Figure]:
+def _anomalous_figures(st: MergingStatistics, an: dict | None) -> list[Figure]:
     figs = []
     if st.anomalous_bins is not None:
         x = 0.5 * (st.d_star_sq_limits[:-1] + st.d_star_sq_limits[1:])
         a = st.anomalous_bins
         figs.append(_resolution_axis(_fig(
-            [go.Scatter(x=x, y=st.bins.cc_anom, name="CCanom", mode="lines+markers"),
-             go.Scatter(x=x, y=st.bins.cc_anom_critical, name="critical (p=0.01)", mode="lines",
+            [_trace("scatter", x=x, y=st.bins.cc_anom, name="CCanom", mode="lines+markers"),
+             _trace("scatter", x=x, y=st.bins.cc_anom_critical, name="critical (p=0.01)", mode="lines",
                         line=dict(dash="dot")),
-             go.Scatter(x=x, y=a.anom_signal, name="dF/F", mode="lines+markers"),
-             go.Scatter(x=x, y=a.delta_i_over_sigma, name="dI/σ(dI)", mode="lines+markers")],
+             _trace("scatter", x=x, y=a.anom_signal, name="dF/F", mode="lines+markers"),
+             _trace("scatter", x=x, y=a.delta_i_over_sigma, name="dI/σ(dI)", mode="lines+markers")],
             "Anomalous signal vs resolution", "", "value"), x))
     if an and "delta_i_over_sigma" in an:
         y = np.sort(_a(an["delta_i_over_sigma"]))
         n = y.shape[0]
         from statistics import NormalDist
         q = np.array([NormalDist().inv_cdf((i + 0.5) / n) for i in range(n)]) if n else np.zeros(0)
-        figs.append(_fig([go.Scattergl(x=q, y=y, mode="markers", marker=dict(size=3), name="ΔI/σ(ΔI)"),
-                          go.Scatter(x=[-3, 3], y=[-3, 3], mode="lines", name="y = x", line=dict(dash="dot"))],
+        figs.append(_fig([_trace("scattergl", x=q, y=y, mode="markers", marker=dict(size=3), name="ΔI/σ(ΔI)"),
+                          _trace("scatter", x=[-3, 3], y=[-3, 3], mode="lines", name="y = x", line=dict(dash="dot"))],
                          "Anomalous normal probability plot", "expected quantile", "ΔI/σ(ΔI)"))
     return figs
 
 
-def _filtering_section(fl: dict) -> tuple[list[go.Figure], str]:
+def _filtering_section(fl: dict) -> tuple[list[Figure], str]:
     """ΔCC½ filtering: a table of the cycles, CC½ per cycle, ΔCC½ per group per cycle."""
     cycles = [int(c) for c in fl["cycles"]]
     rows = []
@@ -243,8 +316,8 @@ def _filtering_section(fl: dict) -> tuple[list[go.Figure], str]:
                                               "removed"))
     text = (f"<table><tr>{head}</tr>{''.join(rows)}</table>"
             f"<p>Termination reason: {_html.escape(str(fl.get('termination_reason', '')))}</p>")
-    figs = [_fig([go.Scatter(x=cycles, y=_a(fl["cc_half"]), name="CC½", mode="lines+markers"),
-                  go.Scatter(x=cycles, y=_a(fl["cumul_percent_removed"]), name="cumulative % removed",
+    figs = [_fig([_trace("scatter", x=cycles, y=_a(fl["cc_half"]), name="CC½", mode="lines+markers"),
+                  _trace("scatter", x=cycles, y=_a(fl["cumul_percent_removed"]), name="cumulative % removed",
                              mode="lines+markers", yaxis="y2")],
                  "CC½ per cycle", "cycle", "CC½", yaxis2=dict(title="% removed", overlaying="y", side="right"))]
     for g in fl.get("groups", []):  # one plot per cycle
@@ -252,15 +325,15 @@ def _filtering_section(fl: dict) -> tuple[list[go.Figure], str]:
         if not labels:
             continue
         below = np.asarray(g["below_cutoff"], dtype=bool)
-        figs.append(_fig([go.Bar(x=labels, y=_a(g["delta_cc_half"]), name="ΔCC½",
+        figs.append(_fig([_trace("bar", x=labels, y=_a(g["delta_cc_half"]), name="ΔCC½",
                                  marker=dict(color=np.where(below, "#c0392b", "#2c7fb8").tolist())),
-                          go.Scatter(x=[labels[0], labels[-1]], y=[float(g["cutoff"])] * 2, mode="lines",
+                          _trace("scatter", x=[labels[0], labels[-1]], y=[float(g["cutoff"])] * 2, mode="lines",
                                      name="cutoff", line=dict(dash="dot"))],
                          f"ΔCC½ per group (cycle {int(g['cycle'])})", "group", "ΔCC½"))
     return figs, text
 
 
-def _cross_validation_section(cv: dict) -> tuple[list[go.Figure], str]:
+def _cross_validation_section(cv: dict) -> tuple[list[Figure], str]:
     """Work/free table (mean, sd, best marked *) and work vs free Rmeas and CC½ per configuration."""
     names = list(cv["configurations"])
     columns = list(cv["columns"])
@@ -286,7 +359,7 @@ def _cross_validation_section(cv: dict) -> tuple[list[go.Figure], str]:
         traces = []
         for c in pair:
             err = None if sd is None else dict(type="data", array=sd[:, col[c]].tolist())
-            traces.append(go.Bar(x=names, y=mean[:, col[c]], name=c, error_y=err))
+            traces.append(_trace("bar", x=names, y=mean[:, col[c]], name=c, error_y=err))
         label = what.replace("CC1/2", "CC½")
         figs.append(_fig(traces, f"Work and free {label} per configuration", "configuration", label,
                          barmode="group"))
@@ -326,7 +399,7 @@ def _bins_html(st: MergingStatistics) -> str:
 def build_html(data: dict) -> str:
     """The report page as a string (see the module docstring for `data`)."""
     st: MergingStatistics = data["statistics"]
-    sections: list[tuple[str, list[go.Figure], str]] = [
+    sections: list[tuple[str, list[Figure], str]] = [
         ("Merging statistics", [], _summary_html(st) + "<h2>By resolution bin</h2>" + _bins_html(st)),
         ("Statistics vs resolution", _resolution_figures(st), ""),
     ]
@@ -353,14 +426,16 @@ def build_html(data: dict) -> str:
     for title, figs, extra in sections:
         divs = []
         for fig in figs:
-            divs.append(f'<div class="plot">{fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"plot{n}", config={"responsive": True})}</div>')
+            divs.append(f'<div class="plot">{_plot_div(fig, f"plot{n}")}</div>')
             n += 1
         grid = f'<div class="grid">{"".join(divs)}</div>' if divs else ""
         parts.append(f"<section><h2>{_html.escape(title)}</h2>{extra}{grid}</section>")
     title = _html.escape(data.get("title", "jaxscale report"))
+    plotly_js, template = _plotly_assets()
     return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
             f"<title>{title}</title><style>{_CSS}</style>"
-            f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script></head>"
+            f"<script type='text/javascript'>{plotly_js}</script>"
+            f"<script>window.JAXSCALE_TEMPLATE={template};</script></head>"
             f"<body><header><h1>{title}</h1></header>{''.join(parts)}"
             f"<script>window.JAXSCALE_N_PLOTS={json.dumps(n)};"
             # plots drawn before the grid settled keep a stale width; refit them once laid out
