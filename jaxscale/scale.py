@@ -587,6 +587,29 @@ class _Scaler:
             self.log(f"  {i:4d}  {r:.5g}")
         self.log(f"  {res.reason}")
 
+    def normalise_gauge(self) -> None:
+        """Array models: take out the overall scale the data do not determine (g geometric
+        mean 1, `models.array.scale_gauge_factors`), which the full-matrix round drifts
+        along (quartz: median g 3e-4, 1095 rows then cut by small_scale_cutoff). g changes
+        by one factor, absorbed by I_h: outliers, error model and merged statistics do not."""
+        from jaxscale.models.array import scale_gauge_factors
+
+        t = self.target
+        free = {k: np.asarray(v) > 0.5 for k, v in t.params_of(self.free.astype(np.float64)).items()}
+        factors = scale_gauge_factors(self.model, t.params_of(self.x), free)
+        if factors is None:
+            return
+        s = t.flatten(factors)
+        g_old = np.asarray(t.inverse_scale(jax.device_put(self.x), self.model.bases))
+        self.x = self.x * s
+        if getattr(self, "covariance", None) is not None:
+            self.covariance = self.covariance * np.outer(s, s)
+        self.expand()
+        ok = (g_old > 0) & (self.g > 0)
+        factor = float(np.median(self.g[ok] / g_old[ok])) if ok.any() else 1.0
+        self.log(f"Array model: overall scale not determined by the data; g multiplied by {factor:.4g} "
+                 "(geometric mean 1, absorbed by the merged intensities)")
+
     # -------------------------------------------------------------- expansion, outliers
     def expand(self, with_covariance: bool = False) -> None:
         self.g = np.asarray(self.target.inverse_scale(jax.device_put(self.x), self.model.bases))
@@ -901,13 +924,15 @@ def _scaling_algorithm(scaler: "_Scaler", params: Any, tables: list[ReflectionTa
     log.stage("error model")
     scaler.refine_error_model("after round 2")
     log.advance()
+    with_covariance = False
     if full_matrix:
         log.stage("full-matrix round (Levenberg-Marquardt)")
-        scaler.expand(with_covariance=scaler.full_matrix_round())
+        with_covariance = scaler.full_matrix_round()
     else:
         log.stage("round 3 (L-BFGS)")
         scaler.lbfgs_round("Round 3")
-        scaler.expand()
+    scaler.normalise_gauge()
+    scaler.expand(with_covariance=with_covariance)
     log.stage("final outliers and error model")
     scaler.reject_outliers("final")
     scaler.refine_error_model("final")
