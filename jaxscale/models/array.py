@@ -15,11 +15,13 @@ from jaxscale.models.inputs import DatasetInput, DatasetModelState
 from jaxscale.models.linear import ComponentEntry, ConfiguredComponent, apply_grid, assemble
 from jaxscale.models.physical import shift_range
 from jaxscale.models.rules import (
+    fixed_components,
     initialise_smooth_input,
     n_param_from_bins,
     new_parameter_offset,
     one_osc_width,
     option,
+    update_fixed_components,
 )
 
 MODEL_ID = "array"
@@ -87,13 +89,12 @@ def from_data(data: DatasetInput, options: Any) -> DatasetModelState:
     if not params:
         raise ValueError("the array model needs at least one of decay or absorption corrections")
     return DatasetModelState(MODEL_ID, config, params,
-                             fixed_components=list(option(options, "array.correction.fix", None) or []))
+                             fixed_components=fixed_components(options, MODEL_ID))
 
 
 def update(state: DatasetModelState, options: Any) -> None:
-    fix = option(options, "array.correction.fix", None)
-    if fix:
-        state.fixed_components = list(fix)
+    """Apply new options to a loaded array model: only the fixed components can change."""
+    update_fixed_components(state, options)
 
 
 def shared_components(state: DatasetModelState) -> set[str]:

@@ -19,7 +19,14 @@ from jaxscale.models.linear import (
     single_parameter_rows,
 )
 from jaxscale.models.physical import shift_range
-from jaxscale.models.rules import initialise_smooth_input, new_parameter_offset, one_osc_width, option
+from jaxscale.models.rules import (
+    fixed_components,
+    initialise_smooth_input,
+    new_parameter_offset,
+    one_osc_width,
+    option,
+    update_fixed_components,
+)
 
 MODEL_ID = "dose_decay"
 COMPONENT_ORDER = ("scale", "decay", "relative_B", "absorption")
@@ -66,13 +73,12 @@ def from_data(data: DatasetInput, options: Any) -> DatasetModelState:
         params["absorption"] = np.zeros(lmax * (2 + lmax))
     params = {name: params[name] for name in COMPONENT_ORDER if name in params}
     return DatasetModelState(MODEL_ID, config, params,
-                             fixed_components=list(option(options, "dose_decay.correction.fix", None) or []))
+                             fixed_components=fixed_components(options, MODEL_ID))
 
 
 def update(state: DatasetModelState, options: Any) -> None:
-    fix = option(options, "dose_decay.correction.fix", None)
-    if fix:
-        state.fixed_components = list(fix)
+    """Apply new options to a loaded dose_decay model: only the fixed components can change."""
+    update_fixed_components(state, options)
 
 
 def shared_components(state: DatasetModelState) -> set[str]:

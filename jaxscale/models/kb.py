@@ -19,7 +19,7 @@ from jaxscale.models.linear import (
     assemble,
     single_parameter_rows,
 )
-from jaxscale.models.rules import option
+from jaxscale.models.rules import fixed_components, option, update_fixed_components
 
 MODEL_ID = "KB"
 COMPONENT_ORDER = ("scale", "decay")
@@ -59,13 +59,12 @@ def from_data(data: DatasetInput, options: Any) -> DatasetModelState:
         params["decay"] = np.zeros(1)
     config["corrections"].append("scale")
     return DatasetModelState(MODEL_ID, config, params,
-                             fixed_components=list(option(options, "KB.correction.fix", None) or []))
+                             fixed_components=fixed_components(options, MODEL_ID))
 
 
 def update(state: DatasetModelState, options: Any) -> None:
-    fix = option(options, "KB.correction.fix", None)
-    if fix:
-        state.fixed_components = list(fix)
+    """Apply new options to a loaded KB model: only the fixed components can change."""
+    update_fixed_components(state, options)
 
 
 def shared_components(state: DatasetModelState) -> set[str]:

@@ -11,11 +11,13 @@ from jaxscale.models.linear import ComponentEntry
 from jaxscale.models.rules import (
     absorption_level_params,
     auto_intervals,
+    fixed_components,
     initialise_smooth_input,
     is_auto,
     new_parameter_offset,
     one_osc_width,
     option,
+    update_fixed_components,
 )
 
 MODEL_ID = "physical"
@@ -62,14 +64,12 @@ def from_data(data: DatasetInput, options: Any) -> DatasetModelState:
         config.update(lmax=lmax, abs_surface_weight=surface_weight)
         params["absorption"] = np.zeros(lmax * lmax + 2 * lmax)
     return DatasetModelState(MODEL_ID, config, params,
-                             fixed_components=list(option(options, "physical.correction.fix", None) or []))
+                             fixed_components=fixed_components(options, MODEL_ID))
 
 
 def update(state: DatasetModelState, options: Any) -> None:
     """Apply new options to a loaded model (DIALS PhysicalScalingModel.update)."""
-    fix = option(options, "physical.correction.fix", None)
-    if fix:
-        state.fixed_components = list(fix)
+    update_fixed_components(state, options)
     if "absorption" not in state.params:
         return
     config = state.config

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from jaxscale.models.inputs import DatasetModelState
 
 AUTO = "auto"
 _MISSING = object()
@@ -16,6 +19,18 @@ def option(options: Any, dotted: str, default: Any = None) -> Any:
         if value is _MISSING:
             return default
     return value
+
+
+def fixed_components(options: Any, model_id: str) -> list[str]:
+    """Components the user fixed with `<model id>.correction.fix` (empty when unset)."""
+    return list(option(options, f"{model_id}.correction.fix", None) or [])
+
+
+def update_fixed_components(state: DatasetModelState, options: Any) -> None:
+    """Replace a loaded model's fixed components when `<model id>.correction.fix` is given (DIALS update)."""
+    fix = fixed_components(options, state.model_id)
+    if fix:
+        state.fixed_components = fix
 
 
 def is_auto(value: Any) -> bool:
