@@ -19,8 +19,8 @@ from jaxscale.models.rules import (
     initialise_smooth_input,
     n_param_from_bins,
     new_parameter_offset,
-    one_osc_width,
     option,
+    reduced_osc_range,
     update_fixed_components,
 )
 
@@ -128,8 +128,7 @@ def limit_image_range(state: DatasetModelState, new_range: tuple[int, int]) -> N
     """Keep a contiguous block of time planes for a reduced image range (DIALS limit_image_range)."""
     c = state.config
     first0 = c["valid_image_range"][0]
-    osc = one_osc_width(c)
-    new_osc_range = ((new_range[0] - first0) * osc, (new_range[1] - first0 + 1) * osc)
+    osc, new_osc_range = reduced_osc_range(c, new_range)
     n_time, time_norm_fac, time_rot = initialise_smooth_input(new_osc_range, osc, c["time_rot_interval"])
     offset = new_parameter_offset(first0, new_range[0], time_norm_fac, c["n_time_param"], n_time)
     if "absorption" in state.params:

@@ -18,12 +18,10 @@ from jaxscale.models.linear import (
     assemble,
     single_parameter_rows,
 )
-from jaxscale.models.physical import shift_range
+from jaxscale.models.physical import limit_smoothed_components
 from jaxscale.models.rules import (
     fixed_components,
     initialise_smooth_input,
-    new_parameter_offset,
-    one_osc_width,
     option,
     update_fixed_components,
 )
@@ -104,15 +102,4 @@ def entries(state: DatasetModelState, data: DatasetInput, options: Any,
 
 def limit_image_range(state: DatasetModelState, new_range: tuple[int, int]) -> None:
     """Slice the scale parameters for a reduced image range (DIALS DoseDecay.limit_image_range)."""
-    c = state.config
-    first0 = c["valid_image_range"][0]
-    osc = one_osc_width(c)
-    new_osc_range = ((new_range[0] - first0) * osc, (new_range[1] - first0 + 1) * osc)
-    if "scale" in state.params:
-        n_new, norm_fac, rot_int = initialise_smooth_input(new_osc_range, osc, c["scale_rot_interval"])
-        old = state.params["scale"]
-        offset = new_parameter_offset(first0, new_range[0], norm_fac, len(old), n_new)
-        c.update(scale_rot_interval=rot_int, s_norm_fac=norm_fac)
-        state.params["scale"] = old[offset: offset + n_new].copy()
-        state.esds.pop("scale", None)
-    shift_range(c, new_range, osc)
+    limit_smoothed_components(state, new_range, (("scale", "s_norm_fac", "scale_rot_interval"),))

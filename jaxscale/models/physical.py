@@ -1,7 +1,7 @@
 """The physical model (`id "physical"`): smooth scale x smooth B decay x SH absorption."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -15,8 +15,8 @@ from jaxscale.models.rules import (
     initialise_smooth_input,
     is_auto,
     new_parameter_offset,
-    one_osc_width,
     option,
+    reduced_osc_range,
     update_fixed_components,
 )
 
@@ -122,12 +122,20 @@ def entries(state: DatasetModelState, data: DatasetInput, options: Any,
 
 def limit_image_range(state: DatasetModelState, new_range: tuple[int, int]) -> None:
     """Re-parameterise for a reduced image range (models.md §4.5, DIALS limit_image_range)."""
+    limit_smoothed_components(state, new_range, (("scale", "s_norm_fac", "scale_rot_interval"),
+                                                 ("decay", "d_norm_fac", "decay_rot_interval")))
+
+
+def limit_smoothed_components(state: DatasetModelState, new_range: tuple[int, int],
+                              components: Sequence[tuple[str, str, str]]) -> None:
+    """Keep the parameter slice of each rotation-smoothed component covering new_range.
+
+    components: (name, norm_fac config key, rot_interval config key); the valid ranges shift too.
+    """
     config = state.config
     first0 = config["valid_image_range"][0]
-    osc = one_osc_width(config)
-    new_osc_range = ((new_range[0] - first0) * osc, (new_range[1] - first0 + 1) * osc)
-    for name, fac_key, int_key in (("scale", "s_norm_fac", "scale_rot_interval"),
-                                   ("decay", "d_norm_fac", "decay_rot_interval")):
+    osc, new_osc_range = reduced_osc_range(config, new_range)
+    for name, fac_key, int_key in components:
         if name not in state.params:
             continue
         n_new, norm_fac, rot_int = initialise_smooth_input(new_osc_range, osc, config[int_key])

@@ -94,5 +94,12 @@ def one_osc_width(config: dict) -> float:
     return (o1 - o0) / (i1 - (i0 - 1))
 
 
+def reduced_osc_range(config: dict, new_range: tuple[int, int]) -> tuple[float, tuple[float, float]]:
+    """(oscillation per image, rotation range of new_range from the model's first valid image)."""
+    first0 = config["valid_image_range"][0]
+    osc = one_osc_width(config)
+    return osc, ((new_range[0] - first0) * osc, (new_range[1] - first0 + 1) * osc)
+
+
 def floor_div(a: float, b: float) -> int:
     return int(math.floor(a / b))
