@@ -86,6 +86,29 @@ class UniqueSet:
     def true_intensity(self, unique_row: np.ndarray, plus: np.ndarray) -> np.ndarray:
         return np.where(plus, self.i_plus[unique_row], self.i_minus[unique_row])
 
+    def observe(self, hkl: np.ndarray, space_group: gemmi.SpaceGroup) -> tuple[np.ndarray, np.ndarray]:
+        """(unique row (n,), true intensity (n,)) of observed Miller indices hkl (n, 3), I(+) or I(-) as measured."""
+        asu, plus = map_to_asu(hkl, space_group)
+        unique_row = self.lookup(asu)
+        return unique_row, self.true_intensity(unique_row, plus)
+
+
+def unique_set_truth(unique: UniqueSet, *, error_model: tuple[float, float], wilson_B: float,
+                     mean_intensity: float, anomalous_signal: float) -> dict[str, np.ndarray]:
+    """The truth entries every simulator returns: the unique set and the settings that made and measured it."""
+    return {
+        "asu_hkl": unique.asu_hkl,
+        "i_plus": unique.i_plus,
+        "i_minus": unique.i_minus,
+        "i_mean": unique.i_mean,
+        "d_unique": unique.d,
+        "centric": unique.centric,
+        "error_model": np.array(error_model, dtype=float),
+        "wilson_B": np.array(wilson_B),
+        "mean_intensity": np.array(mean_intensity),
+        "anomalous_signal": np.array(anomalous_signal),
+    }
+
 
 def wilson_unique_set(
     cell: gemmi.UnitCell, space_group: gemmi.SpaceGroup, d_min: float, *,

@@ -212,9 +212,7 @@ def simulate_rotation_sweep(
     g = scale * decay * absorption
 
     # true intensity, corrections, measurement
-    asu, plus = C.map_to_asu(hkl, sg)
-    urow = unique.lookup(asu)
-    i_true = unique.true_intensity(urow, plus)
+    urow, i_true = unique.observe(hkl, sg)
     lp = np.abs(zeta) / C.polarization_factor(s1, beam)
     qe = detector.quantum_efficiency(s1)
     raw_full = g * i_true * qe / lp
@@ -298,21 +296,13 @@ def simulate_rotation_sweep(
         "i_true": i_true[order],
         "unique_index": urow[order],
         "outlier": meas.outlier[order],
-        "asu_hkl": unique.asu_hkl,
-        "i_plus": unique.i_plus,
-        "i_minus": unique.i_minus,
-        "i_mean": unique.i_mean,
-        "d_unique": unique.d,
-        "centric": unique.centric,
+        **C.unique_set_truth(unique, error_model=error_model, wilson_B=wilson_B, mean_intensity=mean_intensity,
+                             anomalous_signal=anomalous_signal),
         "phi_grid_deg": osc_start + t_grid * n_images * osc_width,
         "scale_profile": scale_profile(t_grid),
         "B_profile": B_profile(t_grid),
         "absorption_linear": surface_coeffs["linear"],
         "absorption_quadratic": surface_coeffs["quadratic"],
-        "error_model": np.array(error_model, dtype=float),
-        "wilson_B": np.array(wilson_B),
-        "mean_intensity": np.array(mean_intensity),
-        "anomalous_signal": np.array(anomalous_signal),
         "orientation": U,
     }
     return table, experiments, truth

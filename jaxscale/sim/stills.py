@@ -205,9 +205,7 @@ def simulate_stills(
 
     d = unit_cell.calculate_d_array(np.ascontiguousarray(hkl))
     g = k_still[still] * np.exp(B_still[still] / (2.0 * d**2))
-    asu, plus = C.map_to_asu(hkl, sg)
-    urow = unique.lookup(asu)
-    i_true = unique.true_intensity(urow, plus)
+    urow, i_true = unique.observe(hkl, sg)
     lp = 1.0 / C.polarization_factor(s1, beam)
     qe = detector.quantum_efficiency(s1)
     raw_full = g * i_true * qe / lp
@@ -292,15 +290,7 @@ def simulate_stills(
         "i_true": i_true,
         "unique_index": urow,
         "outlier": meas.outlier,
-        "asu_hkl": unique.asu_hkl,
-        "i_plus": unique.i_plus,
-        "i_minus": unique.i_minus,
-        "i_mean": unique.i_mean,
-        "d_unique": unique.d,
-        "centric": unique.centric,
-        "error_model": np.array(error_model, dtype=float),
-        "wilson_B": np.array(wilson_B),
-        "mean_intensity": np.array(mean_intensity),
-        "anomalous_signal": np.array(anomalous_signal),
+        **C.unique_set_truth(unique, error_model=error_model, wilson_B=wilson_B, mean_intensity=mean_intensity,
+                             anomalous_signal=anomalous_signal),
     }
     return table, experiments, truth
