@@ -20,6 +20,16 @@ def merge_by_group(value: np.ndarray, variance: np.ndarray, group: np.ndarray, n
         return num / den
 
 
+def write_and_read_back(out_dir, table, experiments, truth) -> tuple[list, dict[str, np.ndarray]]:
+    """Write a simulation, check the .refl reads back column for column; (experiments read, truth read)."""
+    written = write_simulation(out_dir, table, experiments, truth)
+    back = read_refl(written["refl"])
+    assert back.identifiers == table.identifiers
+    for name in table:
+        np.testing.assert_array_equal(back[name], table[name], err_msg=name)
+    return read_expt(written["expt"]), load_truth(written["truth"])
+
+
 @pytest.fixture(scope="module")
 def quiet_sweep():
     """Low-noise sweep: huge counts, no proportional error, no outliers."""
@@ -114,16 +124,10 @@ def test_wilson_statistics_and_anomalous_signal():
 
 def test_files_round_trip(tmp_path, quiet_sweep):
     table, experiments, truth = quiet_sweep
-    written = write_simulation(tmp_path, table, experiments, truth)
-    back = read_refl(written["refl"])
-    assert back.identifiers == table.identifiers
-    for name in table:
-        np.testing.assert_array_equal(back[name], table[name], err_msg=name)
-    exps = read_expt(written["expt"])
+    exps, t = write_and_read_back(tmp_path, table, experiments, truth)
     assert len(exps) == 1 and exps[0].identifier == table.identifiers[0]
     assert not exps[0].is_still
     assert exps[0].osc_range == pytest.approx((0.0, 90.0))
     assert exps[0].space_group.hm == "P 21 21 21"
-    t = load_truth(written["truth"])
     np.testing.assert_array_equal(t["inverse_scale"], truth["inverse_scale"])
     assert str(t["kind"]) == "rotation"

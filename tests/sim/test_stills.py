@@ -4,10 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxscale.io.expt import read_expt
-from jaxscale.io.refl import read_refl
-from jaxscale.sim import load_truth, simulate_stills, write_simulation
-from tests.sim.test_rotation import merge_by_group
+from jaxscale.sim import simulate_stills
+from tests.sim.test_rotation import merge_by_group, write_and_read_back
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +94,8 @@ def test_no_ambiguity_in_a_group_without_one():
 
 def test_files_round_trip(tmp_path, ambiguous_stills):
     table, experiments, truth = ambiguous_stills
-    written = write_simulation(tmp_path, table, experiments, truth)
-    back = read_refl(written["refl"])
-    assert back.identifiers == table.identifiers
-    for name in table:
-        np.testing.assert_array_equal(back[name], table[name], err_msg=name)
-    exps = read_expt(written["expt"])
+    exps, t = write_and_read_back(tmp_path, table, experiments, truth)
     assert len(exps) == 200
     np.testing.assert_allclose(exps[7].A_matrix, experiments[7].A_matrix)
     assert exps[0].space_group.hm == "P 4"
-    t = load_truth(written["truth"])
     np.testing.assert_array_equal(t["reindexed"], truth["reindexed"])
