@@ -12,7 +12,9 @@ generation included), CC of merged I with truth and RMS error of the per-still s
 removed). With --dials, for the smallest size only: dials.scale on the same stills written as
 .refl/.expt (simulated by jaxscale.sim.simulate_stills, which has Miller indices), with a time
 limit; the ratio is dials wall / jaxscale wall on that input (null where DIALS was not run or
-gave up). Set JAXSCALE_X64=0 for float32 throughout; --float32-eval adds a float32 timing of the
+gave up): dials_ratio for scale_stills alone (read + prepare + scale, in-process wall),
+dials_ratio_cli_cold / _warm for the whole `jaxscale scale` process (outputs and merging
+statistics included) with an empty / a warm compilation cache. Set JAXSCALE_X64=0 for float32 throughout; --float32-eval adds a float32 timing of the
 evaluation (child process) to each float64 row.
 """
 from __future__ import annotations
@@ -144,6 +146,7 @@ def dials_compare(n_obs: int, timeout: float, seed: int) -> dict:
     table, expts, truth = simulate_stills(n_stills=n_stills, obs_per_still=OBS_PER_STILL, seed=seed)
     paths = write_simulation(work, table, expts, truth)
     ours, ours_wall, _, err = _child(["--job-dir", work])
+    cli = _cli_times(work, paths)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(["dials.scale", str(paths["refl"]), str(paths["expt"]), "model=KB",
@@ -155,9 +158,31 @@ def dials_compare(n_obs: int, timeout: float, seed: int) -> dict:
     except subprocess.TimeoutExpired:
         dials_s, ok, note = time.perf_counter() - t0, False, f"dials.scale did not finish {n_stills} stills in {timeout:.0f} s"
     ours_s = ours["wall_s"] if ours else None
-    return {"dials_ratio": (dials_s / ours_s) if ok and ours_s else None, "dials_s": dials_s if ok else None,
+    ratio = lambda t: (dials_s / t) if ok and t else None  # noqa: E731
+    return {"dials_ratio": ratio(ours_s), "dials_s": dials_s if ok else None,
             "dials_note": note, "dials_n_stills": n_stills, "jaxscale_on_dials_input_s": ours_s,
-            "jaxscale_on_dials_input": ours or err}
+            "jaxscale_on_dials_input": ours or err, **cli,
+            "dials_ratio_cli_cold": ratio(cli.get("cli_cold_s")), "dials_ratio_cli_warm": ratio(cli.get("cli_warm_s"))}
+
+
+def _cli_times(work: str, paths: dict) -> dict:
+    """`jaxscale scale` (the serial path, all outputs but HTML/JSON) on DIALS' input, wall
+    seconds of the whole process: cold (empty compilation cache) and warm (second run)."""
+    exe = shutil.which("jaxscale") or os.path.join(os.path.dirname(sys.executable), "jaxscale")
+    out_dir = os.path.join(work, "jaxscale_out")
+    os.makedirs(out_dir, exist_ok=True)
+    env = dict(os.environ, JAXSCALE_CACHE_DIR=tempfile.mkdtemp(prefix="jaxscale_cache_"))
+    out = {}
+    for label in ("cold", "warm"):
+        t0 = time.perf_counter()
+        proc = subprocess.run([exe, "scale", str(paths["refl"]), str(paths["expt"]), "compute.serial=true",
+                               "output.html=None", "output.json=None"], cwd=out_dir, env=env, capture_output=True,
+                              text=True)
+        out[f"cli_{label}_s"] = time.perf_counter() - t0 if proc.returncode == 0 else None
+        if proc.returncode != 0:
+            out["cli_error"] = (proc.stderr or proc.stdout)[-500:]
+            break
+    return out
 
 
 def run_job_dir(work: str) -> dict:
