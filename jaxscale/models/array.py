@@ -97,10 +97,6 @@ def update(state: DatasetModelState, options: Any) -> None:
     update_fixed_components(state, options)
 
 
-def shared_components(state: DatasetModelState) -> set[str]:
-    return set()
-
-
 def entries(state: DatasetModelState, data: DatasetInput, options: Any,
             exact_harmonics: bool | None = None) -> dict[str, ComponentEntry]:
     c, p = state.config, state.params

@@ -20,7 +20,7 @@ from jaxscale.models.component import Basis, Component, inverse_scale, restraint
 from jaxscale.models.inputs import DatasetInput, DatasetModelState
 from jaxscale.models.linear import ComponentEntry
 from jaxscale.models.registry import COMPONENTS, MODEL_TYPES, component_key
-from jaxscale.models.rules import is_auto, option
+from jaxscale.models.rules import is_auto, option, shared_components
 
 __all__ = ["DatasetInput", "DatasetModelState", "ScalingModel", "build_model", "choose_model_id",
            "dataset_state", "state_from_dials_json"]
@@ -200,7 +200,7 @@ def build_model(datasets: Sequence[DatasetInput], options: Any, *,
         for name, entry in module.entries(state, data, options, exact_harmonics).items():
             key = component_key(state.model_id, name)
             per_key.setdefault(key, [None] * len(datasets))[pos] = entry
-        shared_keys |= {component_key(state.model_id, n) for n in module.shared_components(state)}
+        shared_keys |= {component_key(state.model_id, n) for n in shared_components(state)}
 
     components, params, bases, slices = {}, {}, {}, {}
     for key, entries in per_key.items():

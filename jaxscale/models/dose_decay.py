@@ -79,10 +79,6 @@ def update(state: DatasetModelState, options: Any) -> None:
     update_fixed_components(state, options)
 
 
-def shared_components(state: DatasetModelState) -> set[str]:
-    return set(state.config.get("shared", [])) - set(state.fixed_components)
-
-
 def entries(state: DatasetModelState, data: DatasetInput, options: Any,
             exact_harmonics: bool | None = None) -> dict[str, ComponentEntry]:
     c, p = state.config, state.params

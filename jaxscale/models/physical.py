@@ -98,11 +98,6 @@ def update(state: DatasetModelState, options: Any) -> None:
         config["shared"] = ["absorption"]
 
 
-def shared_components(state: DatasetModelState) -> set[str]:
-    shared = set(state.config.get("shared", []))
-    return shared - set(state.fixed_components)
-
-
 def entries(state: DatasetModelState, data: DatasetInput, options: Any,
             exact_harmonics: bool | None = None) -> dict[str, ComponentEntry]:
     """Per-observation basis rows of each component for this data set's suitable rows."""

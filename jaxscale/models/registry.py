@@ -1,7 +1,8 @@
 """Model types and their components, by name.
 
 A model type is a module with MODEL_ID, COMPONENT_ORDER, NULL_VALUES, CONSECUTIVE_ORDER,
-from_data, update, entries, shared_components and limit_image_range. A component is a
+from_data, update, entries and limit_image_range (which components are shared across data
+sets is rules.shared_components, the same for every type). A component is a
 `configure(name, entries, n_obs, shared)` function returning a ConfiguredComponent.
 Adding a component: a module with `entry(...)` + `configure(...)`, one line in COMPONENTS,
 and the model type's `entries()` producing it.

@@ -33,6 +33,11 @@ def update_fixed_components(state: DatasetModelState, options: Any) -> None:
         state.fixed_components = fix
 
 
+def shared_components(state: DatasetModelState) -> set[str]:
+    """Components with one set of parameters for all data sets: config "shared" less the fixed ones."""
+    return set(state.config.get("shared", [])) - set(state.fixed_components)
+
+
 def is_auto(value: Any) -> bool:
     """True for DIALS' auto (None, 'auto' in any case)."""
     return value is None or (isinstance(value, str) and value.lower() == AUTO)
