@@ -10,6 +10,8 @@ SIGDANO = sqrt(σF(+)² + σF(−)²) for acentric pairs. One row per unique ref
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -150,16 +152,22 @@ def run(params, tables, experiments) -> dict[str, str]:
     if not parts:
         raise InputError(None, "nothing to export")
     table = parts[0] if len(parts) == 1 else ReflectionTable.concatenate(parts)
+    return write_all(mtz_jobs(params, table, all_experiments))
+
+
+def mtz_jobs(params: Any, table: ReflectionTable, experiments: list
+             ) -> list[tuple[str, str, Callable[[Path], None]]]:
+    """(name, path, writer) of the unmerged and merged MTZ files named in params.output (for outputs.write_all)."""
     out = params.output
-    jobs = []
+    jobs: list[tuple[str, str, Callable[[Path], None]]] = []
     if out.unmerged_mtz:
         from jaxscale.io.mtz import write_unmerged_mtz
 
         jobs.append(("unmerged_mtz", out.unmerged_mtz, lambda p: write_unmerged_mtz(
-            p, table, all_experiments, crystal_name=out.crystal_name, project_name=out.project_name,
+            p, table, experiments, crystal_name=out.crystal_name, project_name=out.project_name,
             partiality_threshold=params.cut_data.partiality_cutoff)))
     if out.merged_mtz:
         jobs.append(("merged_mtz", out.merged_mtz, lambda p: write_merged_mtz_from_scaled(
-            p, table, all_experiments, anomalous=True, crystal_name=out.crystal_name or "XTAL",
+            p, table, experiments, anomalous=True, crystal_name=out.crystal_name or "XTAL",
             project_name=out.project_name or "AUTOMATIC", use_internal_variance=out.use_internal_variance)))
-    return write_all(jobs)
+    return jobs
