@@ -240,8 +240,8 @@ def main(argv=None) -> int:
         job, wall, peak, err = _child(["--job", str(n_obs), "--seed", str(args.seed)])
         row.update({"wall_s": job["wall_s"] if job else None, "process_s": wall, "peak_mb": peak})
         if job:
-            row.update({k: job[k] for k in ("simulate_s", "cc_ih", "k_rms_rel", "B_rms", "timings", "rounds",
-                                            "outliers", "error_model")})
+            row.update({k: job[k] for k in ("simulate_s", "cc_ih", "k_rms_rel", "B_rms", "k_rms_bound", "B_rms_bound",
+                                            "timings", "rounds", "outliers", "error_model") if k in job})
         else:
             row["job_error"] = err
         row["dials_ratio"] = None
