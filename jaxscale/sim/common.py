@@ -252,6 +252,27 @@ class FlatDetector:
         return 1.0 - np.exp(-self.mu * self.thickness / cos_a)
 
 
+def pixel_centroids(x_mm: np.ndarray, y_mm: np.ndarray, pixel_size: float, jitter_px: float,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(calculated x, y; observed x, y = calculated + N(0, jitter_px)), each (n,) in pixels, of spots at (x_mm, y_mm)."""
+    x_px, y_px = x_mm / pixel_size, y_mm / pixel_size
+    n = len(x_px)
+    x_obs = x_px + rng.normal(0, jitter_px, n)
+    y_obs = y_px + rng.normal(0, jitter_px, n)
+    return x_px, y_px, x_obs, y_obs
+
+
+def spot_bbox(x_px: np.ndarray, y_px: np.ndarray, z0: np.ndarray, z1: np.ndarray) -> np.ndarray:
+    """DIALS bbox (n, 6) int32 (x0, x1, y0, y1, z0, z1): 9 x 9 pixels around each spot, images z0..z1."""
+    return np.stack([np.floor(x_px) - 4, np.floor(x_px) + 5, np.floor(y_px) - 4, np.floor(y_px) + 5, z0, z1],
+                    axis=1).astype(np.int32)
+
+
+# DIALS column types of the integrated-table columns both simulators write that are not plain doubles
+DIALS_TYPES = {"flags": "std::size_t", "panel": "std::size_t", "entering": "bool", "id": "int", "bbox": "int6",
+               "miller_index": "cctbx::miller::index<>"}
+
+
 def detector_for_resolution(wavelength: float, d_min: float) -> FlatDetector:
     """A panel whose nearest edge reaches d_min (the corners go further and are cut at d_min)."""
     two_theta = 2.0 * np.arcsin(wavelength / (2.0 * d_min))

@@ -223,15 +223,11 @@ def simulate_rotation_sweep(
     # table
     order = np.argsort(z_obs, kind="stable")
     px = detector.pixel_size
-    x_px = x_mm / px
-    y_px = y_mm / px
-    xo = x_px + rng.normal(0, 0.2, n)
-    yo = y_px + rng.normal(0, 0.2, n)
+    x_px, y_px, xo, yo = C.pixel_centroids(x_mm, y_mm, px, 0.2, rng)
     sig_z = sigma_phi / width
     z0 = np.clip(np.floor(z_cal - 3 * sig_z), 0, n_images - 1)
     z1 = np.clip(np.ceil(z_cal + 3 * sig_z), z0 + 1, n_images)
-    bbox = np.stack([np.floor(x_px) - 4, np.floor(x_px) + 5, np.floor(y_px) - 4, np.floor(y_px) + 5, z0, z1],
-                    axis=1).astype(np.int32)
+    bbox = C.spot_bbox(x_px, y_px, z0, z1)
     flag = np.full(n, F.PREDICTED | F.INDEXED | F.INTEGRATED_SUM | F.INTEGRATED_PRF, dtype=np.uint64)
     flag[rng.random(n) < 0.3] |= np.uint64(F.STRONG | F.USED_IN_REFINEMENT)
     identifier = C.new_identifiers(1, rng)[0]
@@ -262,9 +258,7 @@ def simulate_rotation_sweep(
         "imageset_id": np.zeros(n, np.int32),
     }
     table = ReflectionTable({k: v[order] for k, v in cols.items()}, {0: identifier})
-    table.dials_types.update({"flags": "std::size_t", "panel": "std::size_t", "entering": "bool",
-                              "id": "int", "imageset_id": "int", "bbox": "int6",
-                              "miller_index": "cctbx::miller::index<>"})
+    table.dials_types.update(C.DIALS_TYPES, imageset_id="int")
 
     experiment = Experiment(
         identifier=identifier,

@@ -226,11 +226,8 @@ def simulate_stills(
 
     x_mm, y_mm, _ = detector.project(s1)
     px = detector.pixel_size
-    x_px, y_px = x_mm / px, y_mm / px
-    xo = x_px + rng.normal(0, 0.3, n)
-    yo = y_px + rng.normal(0, 0.3, n)
-    bbox = np.stack([np.floor(x_px) - 4, np.floor(x_px) + 5, np.floor(y_px) - 4, np.floor(y_px) + 5,
-                     np.zeros(n), np.ones(n)], axis=1).astype(np.int32)
+    x_px, y_px, xo, yo = C.pixel_centroids(x_mm, y_mm, px, 0.3, rng)
+    bbox = C.spot_bbox(x_px, y_px, np.zeros(n), np.ones(n))
     zeros = np.zeros(n)
     identifiers = C.new_identifiers(n_stills, rng)
     table = ReflectionTable({
@@ -255,8 +252,7 @@ def simulate_stills(
         "background.sum.variance": meas.background_variance,
         "background.mean": meas.background_sum / 40.0,
     }, dict(enumerate(identifiers)))
-    table.dials_types.update({"flags": "std::size_t", "panel": "std::size_t", "entering": "bool", "id": "int",
-                              "bbox": "int6", "miller_index": "cctbx::miller::index<>"})
+    table.dials_types.update(C.DIALS_TYPES)
 
     beam_model = beam
     detector_model = detector.to_dict()  # one dict object shared by every experiment
