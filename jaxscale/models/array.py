@@ -92,9 +92,7 @@ def from_data(data: DatasetInput, options: Any) -> DatasetModelState:
                              fixed_components=fixed_components(options, MODEL_ID))
 
 
-def update(state: DatasetModelState, options: Any) -> None:
-    """Apply new options to a loaded array model: only the fixed components can change."""
-    update_fixed_components(state, options)
+update = update_fixed_components  # new options on a loaded array model change only its fixed components
 
 
 def entries(state: DatasetModelState, data: DatasetInput, options: Any,
