@@ -168,8 +168,14 @@ def absorption_harmonics(s0c: np.ndarray, s1c: np.ndarray, lmax: int, exact: boo
     if exact:
         t0, p0 = theta_phi(s0c)
         t1, p1 = theta_phi(s1c)
-        return 0.5 * (real_harmonics(lmax, t0, p0) + real_harmonics(lmax, t1, p1))
+        out = real_harmonics(lmax, t0, p0)
+        out += real_harmonics(lmax, t1, p1)
+        out *= 0.5
+        return out
     n = s0c.shape[0]
     entries, which = np.unique(np.concatenate([_lookup_index(s0c), _lookup_index(s1c)]), return_inverse=True)
     table = np.ascontiguousarray(real_harmonics(lmax, *_grid_angles(entries)))  # f[n_entries, n_coef]
-    return 0.5 * (table[which[:n]] + table[which[n:]])
+    out = table[which[:n]]  # in place from here: (Y0 + Y1) * 0.5, no further n x n_coef temporaries
+    out += table[which[n:]]
+    out *= 0.5
+    return out

@@ -61,6 +61,24 @@ def apply_exp(params: jax.Array, basis: Basis) -> jax.Array:
     return jnp.exp(linear_form(params, basis))
 
 
+def _padded(a: np.ndarray, k: int, dtype, offset: int = 0) -> np.ndarray:
+    """a [n, k_a] as dtype, plus offset, zero-padded to k columns (no copy beyond one)."""
+    a = np.asarray(a)
+    if a.shape[1] == k:
+        out = a.astype(dtype, copy=True)
+    else:
+        out = np.zeros((a.shape[0], k), dtype=dtype)
+        out[:, :a.shape[1]] = a
+    if offset:
+        out[:, :a.shape[1]] += offset
+    return out
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenation along rows (the single part itself when there is one)."""
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def assemble(
     name: str,
     apply: Callable[[jax.Array, Basis], jax.Array],
@@ -105,15 +123,13 @@ def assemble(
             for key in extra_names:
                 extra_parts[key].append(np.full(n, fill.get(key, 0.0)))
             continue
-        pad = k - e.idx.shape[1]
-        idx_parts.append(np.pad(e.idx.astype(np.int32) + offsets[i], ((0, 0), (0, pad))))
-        w_parts.append(np.pad(np.asarray(e.w, dtype=np.float64), ((0, 0), (0, pad))))
+        idx_parts.append(_padded(e.idx, k, np.int32, offsets[i]))
+        w_parts.append(_padded(e.w, k, np.float64))
         absent_parts.append(np.zeros(n))
         for key in extra_names:
             extra_parts[key].append(np.asarray(e.extra[key], dtype=np.float64))
-    basis = {"idx": np.concatenate(idx_parts), "w": np.concatenate(w_parts),
-             "absent": np.concatenate(absent_parts)}
-    basis.update({key: np.concatenate(parts) for key, parts in extra_parts.items()})
+    basis = {"idx": _joined(idx_parts), "w": _joined(w_parts), "absent": _joined(absent_parts)}
+    basis.update({key: _joined(parts) for key, parts in extra_parts.items()})
     restraint = None
     if any(entries[i].restraint_weights is not None for i in present):
         restraint = np.zeros(len(params))
