@@ -26,6 +26,7 @@ benchmarks and tests at sizes where building reflection tables would dominate).
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import types
 
@@ -533,7 +534,8 @@ def run_serial(params, inputs, progress=None):
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     log.phase("reading input", None)
-    sources = S._read_sources(params, inputs, log)
+    hdf5, others = _split_hdf5(inputs)
+    sources = _read_hdf5_sources(hdf5) + (S._read_sources(params, others, log) if others or not hdf5 else [])
     log.end()
     experiments = [e for _, expts, _ in sources for e in expts]
     if not experiments:
@@ -648,17 +650,71 @@ class _SerialRunInfo:
         default_factory=lambda: types.SimpleNamespace(states={0: types.SimpleNamespace(model_id="KB")}))
 
 
+_HDF5 = (".h5", ".hdf5")
+
+
+def _split_hdf5(inputs) -> tuple[list[str], list[str]]:
+    """(jaxscale HDF5 tables, other inputs)."""
+    hdf5 = [str(p) for p in inputs if str(p).lower().endswith(_HDF5)]
+    return hdf5, [str(p) for p in inputs if not str(p).lower().endswith(_HDF5)]
+
+
+def _hdf5_experiments(path: str) -> list:
+    """The experiment list stored in a jaxscale HDF5 table (`jaxscale.io.hdf5`), columns unread."""
+    import h5py
+
+    from jaxscale.io.expt import decode_expt
+
+    try:
+        with h5py.File(path, "r") as fh:
+            doc = json.loads(fh["experiments"].asstr()[()]) if "experiments" in fh else None
+    except OSError as exc:
+        raise InputError(path, f"cannot read the HDF5 table ({exc})") from None
+    if doc is None:
+        raise InputError(path, "the HDF5 table stores no experiments (save_table(..., experiments=...))",
+                         field="experiments")
+    return list(decode_expt(doc, path))
+
+
+def _read_hdf5_sources(paths: list[str]) -> list[tuple[str, list, object]]:
+    """(path, experiments, table) per jaxscale HDF5 table, identifiers made consistent."""
+    from jaxscale.io.expt import assign_identifiers
+    from jaxscale.io.hdf5 import load_table
+
+    out = []
+    for path in paths:  # loop over input files
+        table, expts = load_table(path)
+        if expts is None:
+            raise InputError(path, "the HDF5 table stores no experiments", field="experiments")
+        assign_identifiers(table, expts, path)
+        out.append((path, expts, table))
+    return out
+
+
 def serial_requested(params, inputs) -> bool:
-    """use_serial decided from the .expt inputs alone (before any reflection file is read)."""
-    if str(getattr(params.compute, "serial", "auto")).lower() == "false":
+    """use_serial decided from the experiments alone (before any reflection data is read);
+    jaxscale HDF5 tables (`jaxscale.io.hdf5`) are read only by the serial path."""
+    mode = str(getattr(params.compute, "serial", "auto")).lower()
+    hdf5, others = _split_hdf5(inputs)
+    if mode == "false":
+        if hdf5:
+            raise InputError(hdf5[0], "HDF5 tables are read by the serial path only (compute.serial=auto|true)",
+                             field="compute.serial")
         return False
     from jaxscale import scale as S
     from jaxscale.io.expt import read_expt
 
-    pairs, mtzs, xdss = S._sort_inputs(params, inputs)
-    if mtzs or xdss or not pairs:
-        if str(params.compute.serial).lower() == "true":
-            raise InputError(None, "compute.serial=true needs DIALS .refl/.expt input", field="compute.serial")
-        return False
-    experiments = [e for _, expt_path in pairs for e in read_expt(expt_path)]
+    experiments = [e for p in hdf5 for e in _hdf5_experiments(p)]
+    if others or not hdf5:
+        pairs, mtzs, xdss = S._sort_inputs(params, others)
+        if mtzs or xdss:
+            if mode == "true" or hdf5:
+                raise InputError(None, "the serial path reads DIALS .refl/.expt or jaxscale HDF5 input",
+                                 field="compute.serial")
+            return False
+        experiments += [e for _, expt_path in pairs for e in read_expt(expt_path)]
+    if hdf5 and not use_serial(params, experiments) and mode != "true":
+        if all(e.is_still for e in experiments) and params.model in (None, "KB"):
+            return True  # HDF5 KB stills: the serial path whatever their number
+        raise InputError(hdf5[0], "HDF5 tables are read by the serial path only (KB stills)", field="compute.serial")
     return use_serial(params, experiments)

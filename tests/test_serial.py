@@ -169,3 +169,31 @@ def test_command_line_writes_dials_loadable_kb_models(tmp_path):
     rows = ids >= 0
     g_model = k[ids[rows]] * np.exp(b[ids[rows]] / (2.0 * np.asarray(t["d"])[rows] ** 2))
     np.testing.assert_allclose(np.asarray(t["inverse_scale_factor"])[rows], g_model, rtol=1e-10)
+
+
+def test_hdf5_table_input(tmp_path):
+    """A jaxscale HDF5 table (jaxscale.io.hdf5) of stills goes through the serial path and
+    gives the same scales as the .refl/.expt pair it was made from."""
+    from jaxscale.io.hdf5 import save_table
+    from jaxscale.params import ScaleParams, apply_overrides
+    from jaxscale.scale import run
+    from jaxscale.sim import simulate_stills, write_simulation
+
+    table, expts, truth = simulate_stills(n_stills=30, obs_per_still=60, seed=5, cell=(20.0, 25.0, 30.0, 90.0, 90.0, 90.0),
+                                          d_min=2.5)
+    paths = write_simulation(tmp_path, table, expts, truth)
+    from jaxscale.io.expt import read_expt
+    from jaxscale.io.refl import read_refl
+
+    save_table(tmp_path / "stills.h5", read_refl(paths["refl"]), read_expt(paths["expt"]))
+    out = {}
+    for name, inputs in (("pair", [str(paths["refl"]), str(paths["expt"])]), ("hdf5", [str(tmp_path / "stills.h5")])):
+        p = apply_overrides(ScaleParams(), {"output.reflections": str(tmp_path / f"{name}.refl"),
+                                             "output.experiments": str(tmp_path / f"{name}.expt"),
+                                             "output.html": None, "output.json": None, "output.log": None,
+                                             "compute.serial": "true" if name == "pair" else "auto"})
+        out[name] = run(p, inputs)  # auto: HDF5 stills take the serial path at any number
+    assert any("Serial scaling: 30 stills" in line for line in out["hdf5"].log)
+    np.testing.assert_allclose(out["hdf5"].x, out["pair"].x, rtol=1e-12)
+    with pytest.raises(InputError, match="serial path only"):
+        run(apply_overrides(ScaleParams(), {"compute.serial": "false"}), [str(tmp_path / "stills.h5")])
