@@ -29,7 +29,6 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxscale.target.objective import ScalingTarget, TargetData, n_reflections
 
@@ -259,10 +258,11 @@ def scale_by_more_thuente_linesearch(
     stpmin: float = 1e-20,
     stpmax: float = 1e20,
     maxfev: int = 20,
-) -> optax.GradientTransformationExtraArgs:
+) -> "optax.GradientTransformationExtraArgs":
     """optax line search (for `optax.lbfgs(linesearch=...)`) with scitbx's More-Thuente
     search; the trial step starts at 1 (optax scales the first L-BFGS direction by 1/|g|,
     which is scitbx's first step)."""
+    import optax  # only here: the scaling runs never import optax (import time)
 
     def init_fn(params):
         return MoreThuenteState(
