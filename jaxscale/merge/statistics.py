@@ -304,6 +304,19 @@ class _Groups:
     gid: np.ndarray         # (n,) group of each observation (original order)
 
 
+def stable_order(ids: np.ndarray, n_ids: int) -> np.ndarray:
+    """`np.argsort(ids, kind="stable")` for integer ids in [0, n_ids): LSD radix sort in
+    16-bit digits (numpy sorts uint16 keys by radix), 3-10x faster than a merge sort."""
+    ids = np.asarray(ids)
+    if n_ids <= 1 << 16:
+        return np.argsort(ids.astype(np.uint16), kind="stable")
+    order = np.arange(ids.size)
+    for shift in range(0, max(int(n_ids - 1).bit_length(), 1), 16):  # digits, least significant first
+        digit = ((ids[order] >> shift) & 0xFFFF).astype(np.uint16)
+        order = order[np.argsort(digit, kind="stable")]
+    return order
+
+
 def _group(keys: np.ndarray, shell_obs: np.ndarray) -> _Groups:
     unique, gid = group_by_index(keys)
     G = unique.shape[0]
@@ -313,7 +326,7 @@ def _group(keys: np.ndarray, shell_obs: np.ndarray) -> _Groups:
     rank = np.empty(G, dtype=np.int64)
     rank[g_order] = np.arange(G)
     gid = rank[gid]
-    order = np.argsort(gid, kind="stable")
+    order = stable_order(gid, G)
     n = np.bincount(gid, minlength=G)
     start = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
     return _Groups(order, start, n, g_shell[g_order], unique[g_order], gid)
