@@ -61,6 +61,24 @@ def apply_exp(params: jax.Array, basis: Basis) -> jax.Array:
     return jnp.exp(linear_form(params, basis))
 
 
+def _linear_form_host(params: np.ndarray, basis: dict) -> np.ndarray:
+    return np.sum(basis["w"] * params[basis["idx"]], axis=1)
+
+
+_HOST_APPLY: dict[Callable, Callable] = {
+    apply_grid: lambda p, b: _linear_form_host(p, b) + b["absent"],
+    apply_b_factor: lambda p, b: np.exp(_linear_form_host(p, b) * b["inv_two_d_sq"]),
+    apply_one_plus: lambda p, b: 1.0 + _linear_form_host(p, b),
+    apply_exp: lambda p, b: np.exp(_linear_form_host(p, b)),
+}
+
+
+def host_apply(apply: Callable) -> Callable[[np.ndarray, dict], np.ndarray] | None:
+    """numpy twin of one of this module's link functions (same formula on host arrays, for
+    evaluating a model on a small grid without compiling), or None for any other apply."""
+    return _HOST_APPLY.get(apply)
+
+
 def _padded(a: np.ndarray, k: int, dtype, offset: int = 0) -> np.ndarray:
     """a [n, k_a] as dtype, plus offset, zero-padded to k columns (no copy beyond one)."""
     a = np.asarray(a)
