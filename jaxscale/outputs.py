@@ -23,6 +23,7 @@ from jaxscale.data.table import ReflectionTable
 from jaxscale.errors.error_model import ErrorModelResult
 from jaxscale.merge.merging import ScaledObservations
 from jaxscale.models.build import DatasetInput, ScalingModel, build_model
+from jaxscale.models.linear import host_apply
 
 N_GRID = 200  # points of the scale / B curves per data set
 MAX_PLOT_POINTS = 5000  # normal-plot points kept in the HTML
@@ -89,10 +90,17 @@ def model_curves(model: ScalingModel, params: Mapping[str, Any], experiments: Se
     grids = [_grid_input(experiments[pos], k) for pos, k in enumerate(indices)]
     grid_model = build_model([g for g, _ in grids], options, states=[states[k] for k in indices],
                              exact_harmonics=True)
-    # one jitted program for all components (eager jnp calls would compile one program each)
-    factors = jax.device_get(jax.jit(lambda p, b: {key: comp.apply(p[key], b[key])
-                                                   for key, comp in grid_model.components.items()})(
-        grid_model.params, grid_model.bases))
+    # numpy twins of the link functions where there are (nothing compiled), else one jitted
+    # program for all components (eager jnp calls would compile one program per operation)
+    host = {key: host_apply(comp.apply) for key, comp in grid_model.components.items()}
+    if all(f is not None for f in host.values()):
+        factors = {key: f(np.asarray(grid_model.params[key]),
+                          {k: np.asarray(v) for k, v in grid_model.bases[key].items()})
+                   for key, f in host.items()}
+    else:
+        factors = jax.device_get(jax.jit(lambda p, b: {key: comp.apply(p[key], b[key])
+                                                       for key, comp in grid_model.components.items()})(
+            grid_model.params, grid_model.bases))
     out = []
     for pos, (k, (_, rotation)) in enumerate(zip(indices, grids)):  # loop over data sets
         state = states[k]
