@@ -148,14 +148,19 @@ def test_array_lcys20_agrees_within_the_lbfgs_stopping_noise(scale_case):
     """model=array on lcys_20: the L-BFGS rounds stop on the RMSD criterion long before
     convergence (DIALS itself moves g by 74 % RMS when rmsd_tolerance goes 1e-4 -> 1e-6) and
     the full-matrix round is skipped by both ("a parameter has no data"), so g agrees to the
-    stopping noise (measured 1.35 % RMS), statistics to printed precision."""
+    stopping noise (measured 1.35 % RMS). Where a round stops is chaotic in the last bit: moving
+    the start point by one ulp moves merged I/sigma over 88.55-88.81 (DIALS 88.8) and the
+    error-model a over 0.4-1.35 % from DIALS' (measured with the traced and the host L-BFGS
+    loops), so a and I/sigma are held to that band and the other statistics to printed
+    precision."""
     case = REFERENCE["array_lcys20"]
     res = scale_case("array_lcys20")
     assert g_rel_rms(res, case, min_scaled=0.99) < 0.02
     assert abs(n_outliers(res) - case["n_outliers"]) <= 2
-    assert abs(res.error_model[0] / case["error_model"][0] - 1) < 0.01
+    assert abs(res.error_model[0] / case["error_model"][0] - 1) < 0.02
     ours = overall(res)
-    assert_printed_equal(ours, {**case["summary"], "n_obs": ours["n_obs"]})
+    assert_printed_equal(ours, {**case["summary"], "n_obs": ours["n_obs"]}, skip=("i_over_sigma_mean",))
+    assert abs(ours["i_over_sigma_mean"] / case["summary"]["i_over_sigma"] - 1) < 0.005
     assert abs(ours["n_obs"] - case["summary"]["n_obs"]) <= 2
 
 

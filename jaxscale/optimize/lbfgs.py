@@ -15,9 +15,9 @@ point is not journalled, so the earliest stop is after two steps), when
 search fails (scitbx restores the best point and ends the round).
 
 `minimise_lbfgs` runs the iterations and the line search as a host loop around the target's
-one compiled `value_and_grad`: the search logic is plain numpy on scalars
-(`more_thuente_search_host`) and the direction is optax's L-BFGS recursion on host vectors
-(`lbfgs_direction`), so nothing besides the objective is traced or compiled per problem. `scale_by_more_thuente_linesearch` is the same search
+one compiled `value_and_grad` plus a small jitted optax direction update: the search logic
+is plain numpy on scalars (`more_thuente_search_host`), so nothing besides the objective is
+traced or compiled per problem. `scale_by_more_thuente_linesearch` is the same search
 (shared code, `xp=jax.numpy`) as a traceable optax transformation.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxscale.target.objective import ScalingTarget, TargetData, n_reflections
 
@@ -258,11 +259,10 @@ def scale_by_more_thuente_linesearch(
     stpmin: float = 1e-20,
     stpmax: float = 1e20,
     maxfev: int = 20,
-) -> "optax.GradientTransformationExtraArgs":
+) -> optax.GradientTransformationExtraArgs:
     """optax line search (for `optax.lbfgs(linesearch=...)`) with scitbx's More-Thuente
     search; the trial step starts at 1 (optax scales the first L-BFGS direction by 1/|g|,
     which is scitbx's first step)."""
-    import optax  # only here: the scaling runs never import optax (import time)
 
     def init_fn(params):
         return MoreThuenteState(
@@ -303,52 +303,32 @@ class OptimisationResult:
     n_iterations: int
 
 
-class LbfgsMemory(NamedTuple):
-    """Host L-BFGS memory, laid out as `optax.ScaleByLBFGSState` (ring buffers of m pairs)."""
-
-    count: int  # directions computed so far
-    params: np.ndarray  # f[n] x at the last direction
-    updates: np.ndarray  # f[n] gradient at the last direction
-    diff_params: np.ndarray  # f[m, n] s_k = x_{k+1} - x_k
-    diff_updates: np.ndarray  # f[m, n] y_k = g_{k+1} - g_k
-    weights: np.ndarray  # f[m] rho_k = 1 / (y_k . s_k), 0 where undefined
+_DIRECTION_CACHE: dict[int, Callable] = {}
 
 
-def lbfgs_memory(x: np.ndarray, memory_size: int) -> LbfgsMemory:
-    """Empty memory (as `optax.scale_by_lbfgs(memory_size).init(x)`)."""
+def _lbfgs_direction(memory_size: int) -> Callable:
+    """Jitted optax L-BFGS direction: (grad, state, x) -> (-P grad, state), the memory
+    updated with (x - x_prev, grad - grad_prev) first (`optax.lbfgs` without its line
+    search: `scale_by_lbfgs` then the sign flip). Small (parameter-sized) program, one per
+    memory size and parameter count."""
+    if memory_size not in _DIRECTION_CACHE:
+        precondition = optax.scale_by_lbfgs(memory_size=memory_size)
+
+        @jax.jit
+        def direction(grad: jax.Array, state, x: jax.Array):
+            updates, state = precondition.update(grad, state, x)
+            return -1.0 * updates, state
+
+        _DIRECTION_CACHE[memory_size] = direction
+    return _DIRECTION_CACHE[memory_size]
+
+
+def _lbfgs_state(x: np.ndarray, memory_size: int) -> optax.ScaleByLBFGSState:
+    """`optax.scale_by_lbfgs(memory_size).init(x)` built on the host (no compilation)."""
     zeros = np.zeros((memory_size, x.size))
-    return LbfgsMemory(0, np.zeros_like(x), np.zeros_like(x), zeros, zeros.copy(), np.zeros(memory_size))
-
-
-def lbfgs_direction(grad: np.ndarray, memory: LbfgsMemory, x: np.ndarray) -> tuple[np.ndarray, LbfgsMemory]:
-    """-H grad by the two-loop recursion, after storing (x - x_prev, grad - grad_prev):
-    `optax.lbfgs`' direction (`scale_by_lbfgs` with its initial scaling s.y / y.y, and
-    min(1, 1/|g|) on the first call, then the sign flip), step for step on the host; a few
-    dot products on parameter-sized vectors, so nothing is compiled."""
-    m = memory.weights.size
-    memory_idx, prev_idx = memory.count % m, (memory.count - 1) % m
-    s_mem, y_mem, rho = memory.diff_params.copy(), memory.diff_updates.copy(), memory.weights.copy()
-    if memory.count > 0:
-        ds, dy = x - memory.params, grad - memory.updates
-        sy = float(np.dot(dy, ds))
-        s_mem[prev_idx], y_mem[prev_idx], rho[prev_idx] = ds, dy, 0.0 if sy == 0.0 else 1.0 / sy
-        yy = float(np.dot(dy, dy))
-        identity_scale = sy / yy if yy > 0.0 else 1.0
-    else:
-        s_mem[prev_idx], y_mem[prev_idx], rho[prev_idx] = 0.0, 0.0, 0.0
-        g_norm = float(np.linalg.norm(grad))
-        identity_scale = min(1.0, 1.0 / g_norm) if g_norm > 0.0 else 1.0
-    order = (memory_idx + np.arange(m)) % m  # oldest first
-    q = np.array(grad, dtype=np.float64)
-    alphas = np.zeros(m)
-    for k in order[::-1]:  # loop over the memory (m = 5), newest first
-        alphas[k] = rho[k] * float(np.dot(s_mem[k], q))
-        q = q + (-alphas[k]) * y_mem[k]
-    q = identity_scale * q
-    for k in order:  # oldest first
-        beta = rho[k] * float(np.dot(y_mem[k], q))
-        q = q + (alphas[k] - beta) * s_mem[k]
-    return -1.0 * q, LbfgsMemory(memory.count + 1, np.array(x), np.array(grad), s_mem, y_mem, rho)
+    return optax.ScaleByLBFGSState(count=np.asarray(0, np.int32), params=np.zeros_like(x), updates=np.zeros_like(x),
+                                   diff_params_memory=zeros, diff_updates_memory=zeros.copy(),
+                                   weights_memory=np.zeros(memory_size))
 
 
 def lbfgs_steps(
@@ -364,10 +344,12 @@ def lbfgs_steps(
     x = np.array(x, dtype=np.float64)
     if value is None or grad is None:
         value, grad = value_and_grad(x)
-    memory = lbfgs_memory(x, memory_size)
+    direction_of = _lbfgs_direction(memory_size)
+    state = _lbfgs_state(x, memory_size)
     first = True
     while True:
-        direction, memory = lbfgs_direction(grad, memory, x)
+        direction, state = direction_of(grad, state, x)
+        direction = np.asarray(direction)
         # optax's first direction is -g min(1, 1/|g|); scitbx's first step is 1/|g| along -g
         step0 = 1.0
         if first:

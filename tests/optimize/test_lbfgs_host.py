@@ -49,24 +49,3 @@ def test_host_equals_traced_with_failure():
         np.testing.assert_allclose(xh, xt, rtol=1e-10, atol=1e-12)
         assert failed_h == failed_t
     assert host[-1][3]
-
-
-def test_host_direction_equals_optax():
-    """`lbfgs_direction` = optax.lbfgs' direction (scale_by_lbfgs, sign flip) over a
-    sequence of points longer than the memory, on planted random vectors."""
-    import optax
-
-    from jaxscale.optimize.lbfgs import lbfgs_direction, lbfgs_memory
-
-    rng = np.random.default_rng(3)
-    n, m = 7, 5
-    opt = optax.scale_by_lbfgs(memory_size=m)
-    state = opt.init(np.zeros(n))
-    memory = lbfgs_memory(np.zeros(n), m)
-    x = rng.normal(size=n)
-    for _ in range(9):
-        g = rng.normal(size=n) * 3.0
-        ours, memory = lbfgs_direction(g, memory, x)
-        ref, state = opt.update(g, state, x)
-        np.testing.assert_allclose(ours, -np.asarray(ref), rtol=1e-12, atol=1e-14)
-        x = x + 0.1 * ours
