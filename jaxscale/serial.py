@@ -39,7 +39,13 @@ from jaxscale.errors import determine_outliers, refine_error_model
 from jaxscale.errors.outliers import group_order
 from jaxscale.exceptions import InputError
 from jaxscale.optimize.structured import StructuredSolver, minimise_structured, variance_diagonal
-from jaxscale.target.sharding import KBStillsTarget, StillObservations, make_observations, observation_mesh, still_layout
+from jaxscale.target.sharding import (
+    KBStillsTarget,
+    StillObservations,
+    make_observations,
+    observation_mesh,
+    still_layout,
+)
 
 RMSD_CONVERGED = "RMSD no longer decreasing"
 GRADIENT_SMALL = "gradient norm below tolerance"
@@ -307,7 +313,8 @@ def scale_stills(
         "experiment_index": np.asarray(experiment_index).astype(np.int64, copy=False),
     }
     n_obs = _validate(arrays, n_experiments, n_groups)
-    gid, e, i_obs, v_obs, d = (arrays[k] for k in ("miller_asu_group_id", "experiment_index", "intensity", "variance", "d"))
+    gid, e, i_obs, v_obs, d = (arrays[k] for k in ("miller_asu_group_id", "experiment_index", "intensity",
+                                                   "variance", "d"))
     if dtype is None:
         dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
     mesh = observation_mesh(n_devices) if (n_devices or len(jax.devices())) > 1 else None
@@ -628,7 +635,9 @@ def run_serial(params, inputs, progress=None):
     miller = np.concatenate([np.asarray(t["miller_index"])[m] for (t, _), m in zip(prepared, suitable)])
     asu, _ = map_to_asu(miller, experiments[0].space_group, anomalous=bool(params.anomalous))
     gid, uniq = group_ids(asu)
-    cat = lambda col: np.concatenate([np.asarray(t[col], dtype=np.float64)[m] for (t, _), m in zip(prepared, suitable)])  # noqa: E731
+    def cat(col: str) -> np.ndarray:  # suitable rows of every input file, concatenated
+        return np.concatenate([np.asarray(t[col], dtype=np.float64)[m] for (t, _), m in zip(prepared, suitable)])
+
     e_all = np.concatenate([e[m] for (_, e), m in zip(prepared, suitable)])
     decay = bool(params.KB.decay_correction)
     opts = params.scaling_options

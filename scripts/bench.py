@@ -14,8 +14,9 @@ removed). With --dials, for the smallest size only: dials.scale on the same stil
 limit; the ratio is dials wall / jaxscale wall on that input (null where DIALS was not run or
 gave up): dials_ratio for scale_stills alone (read + prepare + scale, in-process wall),
 dials_ratio_cli_cold / _warm for the whole `jaxscale scale` process (outputs and merging
-statistics included) with an empty / a warm compilation cache. Set JAXSCALE_X64=0 for float32 throughout; --float32-eval adds a float32 timing of the
-evaluation (child process) to each float64 row.
+statistics included) with an empty / a warm compilation cache. Set JAXSCALE_X64=0 for float32
+throughout; --float32-eval adds a float32 timing of the evaluation (child process) to each
+float64 row.
 """
 from __future__ import annotations
 
@@ -156,7 +157,8 @@ def dials_compare(n_obs: int, timeout: float, seed: int) -> dict:
         ok = proc.returncode == 0
         note = "finished" if ok else f"dials.scale failed: {proc.stderr.strip()[-300:] or proc.stdout.strip()[-300:]}"
     except subprocess.TimeoutExpired:
-        dials_s, ok, note = time.perf_counter() - t0, False, f"dials.scale did not finish {n_stills} stills in {timeout:.0f} s"
+        dials_s, ok = time.perf_counter() - t0, False
+        note = f"dials.scale did not finish {n_stills} stills in {timeout:.0f} s"
     ours_s = ours["wall_s"] if ours else None
     ratio = lambda t: (dials_s / t) if ok and t else None  # noqa: E731
     return {"dials_ratio": ratio(ours_s), "dials_s": dials_s if ok else None,

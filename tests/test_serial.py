@@ -146,7 +146,8 @@ def test_command_line_writes_dials_loadable_kb_models(tmp_path):
     from jaxscale.scale import run
     from jaxscale.sim import simulate_stills, write_simulation
 
-    table, expts, truth = simulate_stills(n_stills=40, obs_per_still=80, seed=3, cell=(20.0, 25.0, 30.0, 90.0, 90.0, 90.0),
+    table, expts, truth = simulate_stills(n_stills=40, obs_per_still=80, seed=3,
+                                          cell=(20.0, 25.0, 30.0, 90.0, 90.0, 90.0),
                                           d_min=3.0)
     paths = write_simulation(tmp_path, table, expts, truth)
     out = {k: str(tmp_path / f"scaled.{k}") for k in ("refl", "expt")}
@@ -179,7 +180,8 @@ def test_hdf5_table_input(tmp_path):
     from jaxscale.scale import run
     from jaxscale.sim import simulate_stills, write_simulation
 
-    table, expts, truth = simulate_stills(n_stills=30, obs_per_still=60, seed=5, cell=(20.0, 25.0, 30.0, 90.0, 90.0, 90.0),
+    table, expts, truth = simulate_stills(n_stills=30, obs_per_still=60, seed=5,
+                                          cell=(20.0, 25.0, 30.0, 90.0, 90.0, 90.0),
                                           d_min=2.5)
     paths = write_simulation(tmp_path, table, expts, truth)
     from jaxscale.io.expt import read_expt

@@ -37,7 +37,8 @@ def group_order(group_id: np.ndarray) -> GroupOrder:
     gid_sorted = np.cumsum(change, dtype=np.int64)
     gid = np.empty_like(gid_sorted)
     gid[order] = gid_sorted
-    return GroupOrder(order=order, gid_sorted=gid_sorted, gid=gid, n_groups=int(gid_sorted[-1]) + 1 if order.size else 0)
+    n_groups = int(gid_sorted[-1]) + 1 if order.size else 0
+    return GroupOrder(order=order, gid_sorted=gid_sorted, gid=gid, n_groups=n_groups)
 
 
 def _resolve_order(group_id: np.ndarray, order: GroupOrder | None) -> GroupOrder:
