@@ -389,7 +389,8 @@ def shell_statistics(obs: ScaledObservations, shell: np.ndarray, n_shells: int,
     with np.errstate(divide="ignore"):
         lo_dstar = np.where(d_max > 0, 1.0 / d_max, 0.0)[:, None]
     hi_dstar = (1.0 / d_min)[:, None]
-    d_data_min = 1.0 / np.sqrt(data_ds2_max)[:, None]
+    with np.errstate(invalid="ignore"):  # a shell without data: NaN, so nothing counts as possible there
+        d_data_min = 1.0 / np.sqrt(data_ds2_max)[:, None]
     in_shell = (cs_dstar >= lo_dstar) & (cs_dstar <= hi_dstar)
     in_data = in_shell & ((1.0 / cs_dstar) >= d_data_min * (1 - FP_EPS))      # (S, M)
     mult_anom = np.where(cs_centric, 1, 2) if anomalous else np.ones_like(cs_ds2, dtype=int)
