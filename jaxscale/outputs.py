@@ -251,18 +251,9 @@ def output_jobs(params: Any, table: ReflectionTable, experiments: list, stats: A
         jobs.append(("reflections", out.reflections, lambda p: write_refl(table, p)))
     if out.experiments:
         jobs.append(("experiments", out.experiments, lambda p: write_expt(experiments, p)))
-    if out.unmerged_mtz:
-        from jaxscale.io.mtz import write_unmerged_mtz
+    from jaxscale.export import mtz_jobs
 
-        jobs.append(("unmerged_mtz", out.unmerged_mtz, lambda p: write_unmerged_mtz(
-            p, table, experiments, crystal_name=out.crystal_name, project_name=out.project_name,
-            partiality_threshold=params.cut_data.partiality_cutoff)))
-    if out.merged_mtz:
-        from jaxscale.export import write_merged_mtz_from_scaled
-
-        jobs.append(("merged_mtz", out.merged_mtz, lambda p: write_merged_mtz_from_scaled(
-            p, table, experiments, anomalous=True, crystal_name=out.crystal_name or "XTAL",
-            project_name=out.project_name or "AUTOMATIC", use_internal_variance=out.use_internal_variance)))
+    jobs += mtz_jobs(params, table, experiments)
     if out.html and report is not None:
         from jaxscale.report.html import write_report
 
