@@ -163,6 +163,16 @@ def _normal_equations(target: ScalingTarget) -> NormalEquations:
     return ne
 
 
+def damping_update(mu: float, nu: float, rho: float) -> tuple[float, float, bool]:
+    """dials.refinement's Levenberg-Marquardt damping rule for gain ratio rho:
+    (new mu, new nu, give up: too many rejected trials)."""
+    if rho > 0:
+        return mu * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), 2.0, False
+    if nu >= 8192:
+        return mu, nu, True
+    return mu * nu, nu * 2.0, False
+
+
 def minimise_full_matrix(
     target: ScalingTarget,
     data: TargetData,
@@ -234,15 +244,11 @@ def minimise_full_matrix(
         f_new = 0.5 * s_new
         if engine == "LevMar":
             rho = (f - f_new) / expected
-            if rho > 0:
-                mu *= max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
-                nu = 2.0
-            else:
-                if nu >= 8192:
-                    reason = MAX_TRIAL_ITERATIONS
-                    break
-                mu *= nu
-                nu *= 2.0
+            mu, nu, give_up = damping_update(mu, nu, rho)
+            if give_up:
+                reason = MAX_TRIAL_ITERATIONS
+                break
+            if rho <= 0:
                 continue  # same point: N and gradient unchanged
         elif not f_new <= f:
             reason = OBJECTIVE_INCREASE

@@ -35,11 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-RMSD_CONVERGED = "RMSD no longer decreasing"
-MAX_ITERATIONS = "Reached maximum number of iterations"
-MAX_TRIAL_ITERATIONS = "Reached maximum number of consecutive unsuccessful trial steps"
-OBJECTIVE_FLAT = "objective flat"
-OBJECTIVE_INCREASE = "Refinement failure: objective increased"
+from jaxscale.optimize.lbfgs import MAX_ITERATIONS, RMSD_CONVERGED
+from jaxscale.optimize.levmar import MAX_TRIAL_ITERATIONS, OBJECTIVE_FLAT, OBJECTIVE_INCREASE, damping_update
 
 ResidualFn = Callable[[jax.Array, Any], jax.Array]  # (x f[n_blocks, b], data) -> r f[n_rows]
 BlockFn = Callable[[jax.Array, Any], jax.Array]  # (x, data) -> f[n_blocks, b, b] diag blocks of J^T J
@@ -227,16 +224,13 @@ def minimise_structured(
         s_new = float(solver.sum_sq(x_try, data))
         if engine == "LevMar":
             rho = 0.5 * (s - s_new) / expected_f
+            mu, nu, give_up = damping_update(mu, nu, rho)
+            if give_up:
+                reason = MAX_TRIAL_ITERATIONS
+                break
             if rho > 0:
                 x = x_try
-                mu *= max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
-                nu = 2.0
             else:
-                if nu >= 8192:
-                    reason = MAX_TRIAL_ITERATIONS
-                    break
-                mu *= nu
-                nu *= 2.0
                 h, _, expected, its, _, _ = solver.step(x, data, free_j, mu, tol, max_cg=max_cg_iterations)
                 cg_its.append(int(its))
                 continue
