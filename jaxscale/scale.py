@@ -149,22 +149,20 @@ def _read_sources(params: Any, inputs: Sequence[str], log: "_Log") -> list[tuple
                 log(f"Warning: {warning}")
         assign_identifiers(table, expts, refl_path)
         sources.append((refl_path, expts, table))
+    readers = []
     if mtzs:
         from jaxscale.io.mtz import read_unmerged_mtz
 
-        for path in mtzs:
-            table, expts = read_unmerged_mtz(path)
-            check(table, path)
-            assign_identifiers(table, expts, path)
-            sources.append((path, expts, table))
+        readers += [(read_unmerged_mtz, path) for path in mtzs]
     if xdss:
         from jaxscale.io.xds import read_xds
 
-        for path in xdss:
-            table, expts = read_xds(path)
-            check(table, path)
-            assign_identifiers(table, expts, path)
-            sources.append((path, expts, table))
+        readers += [(read_xds, path) for path in xdss]
+    for reader, path in readers:  # one table + experiments per file
+        table, expts = reader(path)
+        check(table, path)
+        assign_identifiers(table, expts, path)
+        sources.append((path, expts, table))
     return sources
 
 
