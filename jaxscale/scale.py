@@ -41,6 +41,27 @@ from jaxscale.target.objective import make_problem, select_rows
 TEMPORARY_COLUMNS = ("intensity", "variance", "prescaling_correction", "s0c", "s1c", "Esq", "batch", "shoebox")
 
 
+def set_scaled_columns(t: ReflectionTable, g: np.ndarray, var_g: np.ndarray, intensity: np.ndarray,
+                       variance: np.ndarray, outlier: np.ndarray, small_scale_cutoff: float,
+                       excluded: np.ndarray | None = None) -> None:
+    """Write a data set's scaling result into its output table as dials.scale does: flags
+    (outliers, excluded incl. g < small_scale_cutoff, scaled = not bad), inverse scale and
+    its variance, unscaled intensity.scale.value/variance; temporary columns removed."""
+    flags = F.clear_bits(np.asarray(t["flags"]), F.OUTLIER_IN_SCALING | F.SCALED)
+    flags = F.set_bits(flags, outlier, F.OUTLIER_IN_SCALING)
+    if excluded is not None:
+        flags = F.set_bits(flags, excluded, F.EXCLUDED_FOR_SCALING)
+    flags = F.set_bits(flags, g < small_scale_cutoff, F.EXCLUDED_FOR_SCALING)
+    t["flags"] = F.set_bits(flags, ~F.has_any(flags, F.BAD_FOR_SCALING), F.SCALED)
+    t["inverse_scale_factor"] = g
+    t["inverse_scale_factor_variance"] = var_g
+    t["intensity.scale.value"] = intensity
+    t["intensity.scale.variance"] = variance
+    for col in TEMPORARY_COLUMNS:
+        if col in t:
+            del t[col]
+
+
 # ------------------------------------------------------------------------- progress/log
 class _Log:
     """Collects log lines and forwards phases/messages to an optional progress object."""
@@ -1217,22 +1238,11 @@ def _output_tables(scaler: _Scaler, experiments: list, prepared: list, params: A
         variance[rows] = o.variance[sel]
         has_cov = getattr(scaler, "covariance", None) is not None
         variance = propagate_variance(variance, intensity, g, var_g if has_cov else None, scaler.output_error_model(k))
-        flags = F.clear_bits(np.asarray(t["flags"]), F.OUTLIER_IN_SCALING | F.SCALED)
         out_rows = np.zeros(n, dtype=bool)
         out_rows[rows] = scaler.outlier[sel]
-        flags = F.set_bits(flags, out_rows, F.OUTLIER_IN_SCALING)
-        flags = F.set_bits(flags, g < cutoff, F.EXCLUDED_FOR_SCALING)
-        flags = F.set_bits(flags, ~F.has_any(flags, F.BAD_FOR_SCALING), F.SCALED)
-        t["flags"] = flags
-        t["inverse_scale_factor"] = g
-        t["inverse_scale_factor_variance"] = var_g
-        t["intensity.scale.value"] = intensity
-        t["intensity.scale.variance"] = variance
+        set_scaled_columns(t, g, var_g, intensity, variance, out_rows, cutoff)
         t["id"] = np.full(n, pos, dtype=np.int32)
         t.identifiers = {pos: expt.identifier}
-        for col in TEMPORARY_COLUMNS:
-            if col in t:
-                del t[col]
         out_tables.append(t)
         new = dataclasses.replace(expt)
         new.scaling_model = scaler.model.to_dials_json(

@@ -590,7 +590,6 @@ def run_serial(params, inputs, progress=None):
     import dataclasses as _dc
 
     from jaxscale import scale as S
-    from jaxscale.data import flags as F
     from jaxscale.data.prepare import UnusableDatasetError, prepare_dataset
     from jaxscale.data.symmetry import best_unit_cell, group_ids, map_to_asu
     from jaxscale.data.table import ReflectionTable
@@ -675,21 +674,8 @@ def run_serial(params, inputs, progress=None):
         intensity = np.asarray(t["intensity"], dtype=np.float64)
         variance = propagate_variance(np.asarray(t["variance"], dtype=np.float64), intensity, g,
                                       var_g if res.scale_sigma is not None else None, res.error_model)
-        flags = F.clear_bits(np.asarray(t["flags"]), F.OUTLIER_IN_SCALING | F.SCALED)
-        flags = F.set_bits(flags, outlier, F.OUTLIER_IN_SCALING)
-        flags = F.set_bits(flags, ~ok, F.EXCLUDED_FOR_SCALING)
-        cutoff = cut.small_scale_cutoff or 0.0
-        flags = F.set_bits(flags, g < cutoff, F.EXCLUDED_FOR_SCALING)
-        flags = F.set_bits(flags, ~F.has_any(flags, F.BAD_FOR_SCALING), F.SCALED)
-        t["flags"] = flags
-        t["inverse_scale_factor"] = g
-        t["inverse_scale_factor_variance"] = var_g
-        t["intensity.scale.value"] = intensity
-        t["intensity.scale.variance"] = variance
+        S.set_scaled_columns(t, g, var_g, intensity, variance, outlier, cut.small_scale_cutoff or 0.0, excluded=~ok)
         t["id"] = np.where(e >= 0, e, -1).astype(np.int32)
-        for col in S.TEMPORARY_COLUMNS:
-            if col in t:
-                del t[col]
         out_tables.append(t)
     table = ReflectionTable.concatenate(out_tables)
     table.identifiers = {i: ex.identifier for i, ex in enumerate(experiments)}
