@@ -199,11 +199,100 @@ def report_data(stats: Any, table: ReflectionTable, experiments: Sequence[Any], 
     return data
 
 
+# ------------------------------------------------------------------------- serial (many stills)
+MAX_SERIES_POINTS = 2000  # per-still / per-batch series of the serial report: at most this many points
+
+
+def binned_series(values: Mapping[str, np.ndarray], max_points: int = MAX_SERIES_POINTS) -> dict:
+    """Series over consecutive items (stills, batches), aggregated to at most max_points points:
+    items split into max_points runs of (nearly) equal length; per run the mean index ("index",
+    0-based), the mean and standard deviation of each series over its finite values (name,
+    name + "_sd") and the run length ("n"). With n <= max_points every item is one point (sd 0).
+    O(n) (bincount)."""
+    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in values.items()}
+    n = len(next(iter(arrays.values()))) if arrays else 0
+    run = np.arange(n, dtype=np.int64) * max(min(max_points, n), 1) // max(n, 1)
+    n_runs = int(run[-1]) + 1 if n else 0
+    count = np.bincount(run, minlength=n_runs)
+    out: dict[str, Any] = {"index": np.bincount(run, np.arange(n, dtype=np.float64), minlength=n_runs)
+                           / np.maximum(count, 1), "n": count}
+    for name, v in arrays.items():  # a few series
+        finite = np.isfinite(v)
+        vf = np.where(finite, v, 0.0)
+        m = np.bincount(run, finite, minlength=n_runs)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.bincount(run, vf, minlength=n_runs) / m
+            var = np.bincount(run, vf * vf, minlength=n_runs) / m - mean * mean
+        out[name] = mean
+        out[name + "_sd"] = np.sqrt(np.maximum(var, 0.0))
+    return out
+
+
+def _histogram(v: np.ndarray, n_bins: int = 60) -> dict:
+    v = np.asarray(v, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {"centre": np.zeros(0), "count": np.zeros(0, dtype=np.int64)}
+    count, edges = np.histogram(v, bins=n_bins)
+    return {"centre": 0.5 * (edges[:-1] + edges[1:]), "count": count}
+
+
+def _every_kth(n: int, max_points: int) -> np.ndarray:
+    """At most max_points indices spread evenly over 0..n-1."""
+    return np.unique(np.linspace(0, n - 1, min(n, max_points)).astype(np.int64)) if n else np.zeros(0, np.int64)
+
+
+def serial_report_data(stats: Any, table: ReflectionTable, experiments: Sequence[Any], x: np.ndarray,
+                       x_sigma: np.ndarray | None, error_model: ErrorModelResult | None, options: Any,
+                       combination: Any = None, title: str = "jaxscale scaling report (serial stills)",
+                       max_points: int = MAX_SERIES_POINTS) -> dict:
+    """The HTML/JSON report data of the serial path (many stills, one KB model each): merging
+    statistics, per-still k and B vs still index and their histograms, statistics per still
+    (batch), error model, outliers, intensity distribution, Imid choice. Every per-still or
+    per-outlier series is aggregated or thinned to at most max_points points (the per-still
+    values themselves are in scaled.expt), so the report stays light for 10^5-10^6 stills.
+    x f[n_stills, 2] (k, B); x_sigma their esds (or None)."""
+    from jaxscale.merge.merging import scaled_observations
+    from jaxscale.merge.statistics import batch_statistics
+
+    obs = scaled_observations(table, experiments, anomalous=False)
+    g = np.asarray(table["inverse_scale_factor"], dtype=np.float64)[obs.rows]
+    merged, anomalous = merged_intensities(obs, options.output.use_internal_variance)
+    bt = batch_statistics(obs, obs.dataset + 1, g)  # one batch per still (MTZ batch = still index + 1)
+    batches = binned_series({"batch": bt.batch, "r_merge": bt.r_merge, "i_over_sigma": bt.i_over_sigma,
+                             "scale": bt.scale, "n_obs": bt.n_obs}, max_points)
+    series = {"k": x[:, 0], "b": x[:, 1]}
+    if x_sigma is not None:
+        series.update(k_esd=x_sigma[:, 0], b_esd=x_sigma[:, 1])
+    stills = {"n_stills": int(len(x)), **binned_series(series, max_points),
+              "k_histogram": _histogram(x[:, 0]), "b_histogram": _histogram(x[:, 1])}
+    ids = np.asarray(table["id"])
+    rows = np.flatnonzero(F.has_any(np.asarray(table["flags"]), F.OUTLIER_IN_SCALING))
+    n_outliers = rows.size
+    rows = rows[_every_kth(rows.size, MAX_PLOT_POINTS)]
+    xyz = np.asarray(table["xyzobs.px.value"])[rows]
+    outliers = {"x_px": xyz[:, 0], "y_px": xyz[:, 1], "image": ids[rows] + 1, "n_total": n_outliers,
+                "image_label": "still"}
+    data = {"title": title, "statistics": stats, "batches": batches, "stills": stills, "outliers": outliers,
+            "merged": merged}
+    em = error_model_plots(error_model)
+    if em is not None:
+        data["error_model"] = em
+    if anomalous is not None and (options.anomalous or stats.anomalous_bins is not None):
+        delta = np.sort(np.asarray(anomalous["delta_i_over_sigma"]))
+        data["anomalous"] = {"delta_i_over_sigma": delta[_every_kth(delta.size, MAX_PLOT_POINTS)]}
+    if combination is not None:
+        data["combination"] = {"imid": [combination.label(c) for c in combination.imids],
+                               "rmeas": combination.rmeas, "cc_half": combination.cc_half,
+                               "chosen": combination.label(combination.imid), "n_test": combination.n_test}
+    return data
+
+
 def json_sections(data: dict, run_info: dict) -> dict:
     """The JSON report's extra sections: everything of the HTML data but the statistics
     (written as merging_statistics) and the per-reflection merged intensities."""
     out = {"run": run_info}
-    for key in ("batches", "model", "error_model", "outliers", "anomalous"):
+    for key in ("batches", "model", "stills", "combination", "error_model", "outliers", "anomalous"):
         if data.get(key) is not None:
             out[key] = data[key]
     return out
@@ -267,4 +356,5 @@ def output_jobs(params: Any, table: ReflectionTable, experiments: list, stats: A
 
 
 __all__ = ["batch_numbers", "model_curves", "absorption_surface", "error_model_plots", "outlier_positions",
-           "merged_intensities", "report_data", "json_sections", "write_all", "output_jobs"]
+           "merged_intensities", "report_data", "serial_report_data", "binned_series", "json_sections", "write_all",
+           "output_jobs"]

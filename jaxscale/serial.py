@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 from jaxscale.errors import determine_outliers, refine_error_model
-from jaxscale.errors.outliers import group_order
+from jaxscale.errors.outliers import group_order, normalised_intensity_outliers
 from jaxscale.exceptions import InputError
 from jaxscale.optimize.structured import StructuredSolver, minimise_structured, variance_diagonal
 from jaxscale.target.sharding import (
@@ -72,6 +72,149 @@ class SerialResult:
     rounds: list[dict]  # per minimisation round: name, reason, iterations, rmsd history
     log: list[str]
     timings: dict[str, float]
+    intensity: np.ndarray | None = None  # f[n_obs] the intensities scaled (after the combination, if any)
+    variance: np.ndarray | None = None  # f[n_obs] their variances (before the error model)
+    imid: float | None = None  # chosen profile/summation combination (0 prf, 1 sum, else Imid); None: not run
+    combination: "ImidChoice | None" = None  # the candidates' Rmeas / CC1/2 (None: not run)
+    error_model_result: object | None = None  # the final refine_error_model result (report plots)
+
+
+# ------------------------------------------------------------------ profile/summation combination
+@dataclasses.dataclass
+class IntensityCandidates:
+    """Per observation (n_obs,), what the profile/summation combination needs (spec overview.md §6,
+    as jaxscale.data.combine does it on tables): raw profile and summation values (the summation
+    ones divided by p, p^2; 1/p = 1 where p <= 0), conv = lp/qe, which integrations each row has,
+    rows eligible for the Imid test (integrated by both, both variances > 0, p > 0) and the
+    non-anomalous group of each row (Rmeas is merged non-anomalously)."""
+
+    i_prf: np.ndarray
+    v_prf: np.ndarray
+    i_sum: np.ndarray
+    v_sum: np.ndarray
+    conv: np.ndarray
+    has_prf: np.ndarray  # bool: integrated_prf
+    has_sum: np.ndarray  # bool: integrated_sum
+    testable: np.ndarray  # bool
+    group: np.ndarray  # int, 0..n_groups-1 (dense)
+
+    @classmethod
+    def from_table(cls, table, rows: np.ndarray, group: np.ndarray) -> "IntensityCandidates | None":
+        """From a prepared table's `rows` (None without profile and summation columns)."""
+        from jaxscale.data import flags as F
+        from jaxscale.data.prepare import inverse_partiality
+
+        if "intensity.prf.value" not in table or "intensity.sum.value" not in table:
+            return None
+        col = lambda name: np.asarray(table[name], dtype=np.float64)[rows]  # noqa: E731
+        inv_p = inverse_partiality(table)[rows]
+        flags = np.asarray(table["flags"])[rows]
+        v_prf, v_sum = col("intensity.prf.variance"), col("intensity.sum.variance")
+        testable = F.has_all(flags, F.INTEGRATED) & (v_prf > 0) & (v_sum > 0)
+        if "partiality" in table:
+            testable &= col("partiality") > 0
+        return cls(col("intensity.prf.value"), v_prf, col("intensity.sum.value") * inv_p, v_sum * inv_p * inv_p,
+                   col("prescaling_correction"), F.has_all(flags, F.INTEGRATED_PRF),
+                   F.has_all(flags, F.INTEGRATED_SUM), testable, np.asarray(group, dtype=np.int64))
+
+    @classmethod
+    def concatenate(cls, parts: list) -> "IntensityCandidates":
+        return cls(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(cls)))
+
+
+def apply_imid_flat(c: IntensityCandidates, imid: float) -> tuple[np.ndarray, np.ndarray]:
+    """Scaling (I, V) (n_obs,) for a chosen Imid: jaxscale.data.combine.apply_imid on flat arrays."""
+    from jaxscale.data.combine import PROFILE, SUMMATION, blend
+
+    if imid == SUMMATION:
+        intensity = np.where(c.has_sum, c.i_sum, c.i_prf) * c.conv
+        variance = np.where(c.has_sum, c.v_sum, c.v_prf) * c.conv * c.conv
+        return intensity, variance
+    intensity = np.where(c.has_prf, c.i_prf, c.i_sum)
+    variance = np.where(c.has_prf, c.v_prf, c.v_sum)
+    if imid != PROFILE:
+        both = c.has_prf & c.has_sum
+        i_c, v_c = blend(c.i_prf, c.i_sum, c.v_prf, c.v_sum, imid)
+        intensity, variance = np.where(both, i_c, intensity), np.where(both, v_c, variance)
+    return intensity * c.conv, variance * c.conv * c.conv
+
+
+def rmeas_dense(intensity: np.ndarray, sigma: np.ndarray, group: np.ndarray, n_groups: int) -> float:
+    """jaxscale.data.combine.rmeas with dense group ids (bincount, no sort): O(n)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        keep = (sigma > 0) & (intensity / sigma > 1.0)
+    if not keep.any():
+        return -1.0
+    i, s, g = intensity[keep], sigma[keep], group[keep]
+    w = 1.0 / (s * s)
+    n = np.bincount(g, minlength=n_groups)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.bincount(g, w * i, minlength=n_groups) / np.bincount(g, w, minlength=n_groups)
+    dev = np.bincount(g, np.abs(i - mean[g]), minlength=n_groups)
+    multi = n > 1
+    den = np.bincount(g, i, minlength=n_groups)[multi].sum()
+    if den == 0:
+        return 0.0
+    return float((np.sqrt(n[multi] / (n[multi] - 1.0)) * dev[multi]).sum() / den)
+
+
+def _cc_half_dense(intensity: np.ndarray, sigma: np.ndarray, group: np.ndarray, first: np.ndarray,
+                   n_groups: int) -> float:
+    """CC1/2 of sigma-weighted half means (display only) with a fixed random split `first`."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        keep = (sigma > 0) & (intensity / sigma > 1.0)
+    i, g, h = intensity[keep], group[keep], first[keep]
+    w = 1.0 / sigma[keep] ** 2
+    n1 = np.bincount(g, h, minlength=n_groups)
+    n2 = np.bincount(g, ~h, minlength=n_groups)
+    use = (n1 > 0) & (n2 > 0)
+    if use.sum() < 2:
+        return 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m1 = np.bincount(g, w * i * h, minlength=n_groups) / np.bincount(g, w * h, minlength=n_groups)
+        m2 = np.bincount(g, w * i * ~h, minlength=n_groups) / np.bincount(g, w * ~h, minlength=n_groups)
+    return float(np.corrcoef(m1[use], m2[use])[0, 1])
+
+
+def choose_imid_flat(c: IntensityCandidates, g: np.ndarray, outlier: np.ndarray, imids=None,
+                     seed: int = 0) -> "ImidChoice":
+    """The Imid of lowest Rmeas (jaxscale.data.combine.choose_imid, all stills jointly: DIALS'
+    combine.joint_analysis) on flat arrays: test rows = testable, not outliers, g > 0; scaled
+    I conv/g, sigma sqrt(V) conv/g merged by the non-anomalous group with dense bincounts.
+    CC1/2 (display only) uses one random half split of the test rows (balanced within each
+    group) for every candidate."""
+    from jaxscale.data.combine import PROFILE, ImidChoice, blend, candidate_imids
+
+    test = c.testable & ~outlier & (g > 0)
+    rows = np.flatnonzero(test)
+    if rows.size == 0 and not imids:
+        return ImidChoice(PROFILE, [], [], [], 0)  # nothing to test: profile (as DIALS)
+    dense = c.group[rows]
+    n_groups = int(c.group.max()) + 1
+    rng = np.random.default_rng(seed)
+    order = np.argsort(dense + rng.random(rows.size), kind="stable")  # by group, random within each
+    counts = np.bincount(dense, minlength=n_groups)
+    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.empty(rows.size, dtype=np.int64)
+    rank[order] = np.arange(rows.size) - start[dense[order]]
+    first = rank < (counts // 2 + ((counts % 2 == 1) & (rng.random(n_groups) < 0.5)))[dense]
+    i_prf, v_prf, i_sum, v_sum = c.i_prf[rows], c.v_prf[rows], c.i_sum[rows], c.v_sum[rows]
+    scale = c.conv[rows] / g[rows]
+    candidates = list(imids) if imids else candidate_imids(i_sum)
+    r_list, cc_list = [], []
+    for imid in candidates:  # a handful of candidates
+        if imid == PROFILE:
+            i, v = i_prf, v_prf
+        elif imid == 1.0:
+            i, v = i_sum, v_sum
+        else:
+            i, v = blend(i_prf, i_sum, v_prf, v_sum, imid)
+        i, s = i * scale, np.sqrt(v) * scale
+        r_list.append(rmeas_dense(i, s, dense, n_groups))
+        cc_list.append(_cc_half_dense(i, s, dense, first, n_groups))
+    valid = [k for k, r in enumerate(r_list) if r >= 0]
+    best = PROFILE if not valid else candidates[min(valid, key=lambda k: r_list[k])]
+    return ImidChoice(best, candidates, r_list, cc_list, int(rows.size))
 
 
 # ------------------------------------------------------------------ L-BFGS on the sharded target
@@ -287,6 +430,11 @@ def scale_stills(
     dtype=None,
     seed: int = 0,
     initial_scales: str = "estimate",
+    emax: float = 0.0,
+    d_star_sq: np.ndarray | None = None,
+    epsilon: np.ndarray | None = None,
+    intensity_candidates: IntensityCandidates | None = None,
+    imids: list[float] | None = None,
 ) -> SerialResult:
     """Scale still shots with one KB model each (g = k_e exp(B_e / (2 d^2))).
 
@@ -301,6 +449,13 @@ def scale_stills(
     cg_tolerance: relative residual of the PCG solve of each LM step (an inexact step is
     re-linearised next iteration; 1e-6 gives the same solution as 1e-10 with ~30 % fewer
     CG iterations at 10^4 stills); None = the solver's default (1e-10 in float64).
+    emax: also flag observations whose normalised intensity E^2 = (I/g)/<I/(g eps)>_shell exceeds
+    emax^2 in every outlier rejection (DIALS' default 10 on `jaxscale scale`; 0 = off, the default
+    here); d_star_sq (default 1/d^2) and epsilon (default 1) per observation.
+    intensity_candidates: profile and summation values of every observation (IntensityCandidates):
+    after the outlier rejection of round 1 the Imid of lowest Rmeas is chosen for all stills
+    jointly (from `imids`, default DIALS' candidate list), the observations take the chosen
+    intensities and outliers are rejected again (DIALS' order; overview.md §5, §6).
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -363,6 +518,9 @@ def scale_stills(
         obs = make_observations(i_obs, weights(ab), d, gid, e, n_groups, n_experiments, mesh=mesh, dtype=dtype,
                                 layout=layout)
 
+    dss = 1.0 / (d * d) if d_star_sq is None else np.asarray(d_star_sq, dtype=np.float64)
+    eps = np.ones(n_obs) if epsilon is None else np.asarray(epsilon, dtype=np.float64)
+
     def reject(label: str):
         nonlocal outlier
         if not outlier_rejection:
@@ -372,8 +530,14 @@ def scale_stills(
         w_all = 1.0 / (ab[0] ** 2 * (v_obs + (ab[1] * i_obs) ** 2))
         outlier = determine_outliers(i_obs, w_all, g, gid, zmax=outlier_zmax, method=outlier_rejection,
                                      order=by_group)
+        n_e2 = 0
+        if emax and emax > 0:  # DIALS: the E^2 test after the deviation test in every rejection
+            e2 = normalised_intensity_outliers(i_obs / g, dss, eps, emax)
+            n_e2 = int(np.count_nonzero(e2 & ~outlier))
+            outlier |= e2
         set_weights()
-        log.append(f"Outlier rejection ({label}): {int(outlier.sum())} outliers")
+        log.append(f"Outlier rejection ({label}): {int(outlier.sum())} outliers"
+                   + (f" ({n_e2} more by E^2 > {emax:g}^2)" if n_e2 else ""))
         timings["outliers"] = timings.get("outliers", 0.0) + time.perf_counter() - t0
 
     def n_refl() -> int:
@@ -392,8 +556,10 @@ def scale_stills(
         log.append(f"{label}: L-BFGS {its} iterations, RMSD {hist[0]:.5g} -> {hist[-1]:.5g} ({reason})")
         timings["lbfgs"] = timings.get("lbfgs", 0.0) + time.perf_counter() - t0
 
+    em_result = None
+
     def refine_ab(label: str):
-        nonlocal ab
+        nonlocal ab, em_result
         if not error_model:
             return
         t0 = time.perf_counter()
@@ -406,15 +572,34 @@ def scale_stills(
         res = refine_error_model(i_obs[keep], v_obs[keep], g[keep], gid[keep])
         if res.refined:
             ab = (res.a, res.b)
+            em_result = res
             set_weights()
             log.append(f"Error model ({label}): a = {res.a:.5f}, b = {res.b:.5f} from {res.n_reflections} reflections")
         else:
             log.append(f"Error model ({label}) not refined: {res.message}")
         timings["error_model"] = timings.get("error_model", 0.0) + time.perf_counter() - t0
 
+    choice = None
+
+    def combine():
+        nonlocal i_obs, v_obs, choice
+        t0 = time.perf_counter()
+        choice = choose_imid_flat(intensity_candidates, kb_inverse_scale(x, e, d), outlier, imids, seed=seed)
+        i_obs, v_obs = apply_imid_flat(intensity_candidates, choice.imid)
+        set_weights()
+        log.append(f"Intensity combination (all stills, {choice.n_test} test reflections):")
+        log.append("  Imid              Rmeas    CC1/2")
+        for c, r, cc in zip(choice.imids, choice.rmeas, choice.cc_half):
+            log.append(f"  {choice.label(c):16s} {r:7.5f}  {cc:7.5f}")
+        log.append(f"Combined intensities chosen: {choice.label(choice.imid)}")
+        timings["combination"] = time.perf_counter() - t0
+
     reject("initial")
     lbfgs("Round 1")
     reject("after round 1")
+    if intensity_candidates is not None:
+        combine()
+        reject("after intensity combination")
     lbfgs("Round 2")
     reject("after round 2")
     refine_ab("after round 2")
@@ -461,7 +646,8 @@ def scale_stills(
         scale=x[:, 0].copy(), b_factor=x[:, 1].copy(), scale_sigma=scale_sigma, b_factor_sigma=b_sigma,
         bound_sigma=bound_sigma,
         inverse_scale=g, outlier=outlier, ih=ih, ih_sigma=ih_sigma, error_model=ab, fixed_experiment=ref,
-        rounds=rounds, log=log, timings=timings,
+        rounds=rounds, log=log, timings=timings, intensity=i_obs, variance=v_obs,
+        imid=None if choice is None else choice.imid, combination=choice, error_model_result=em_result,
     )
 
 
@@ -565,7 +751,7 @@ def use_serial(params, experiments: list) -> bool:
 
 
 def _kb_json(k: float, b: float, k_esd: float | None, b_esd: float | None, decay: bool,
-             error_model: tuple[float, float]) -> dict:
+             error_model: tuple[float, float], imid: float | None = None) -> dict:
     """One experiment's `scaling_model` (dials.algorithms.scaling.model KBScalingModel JSON)."""
     from jaxscale.models import kb
 
@@ -580,6 +766,8 @@ def _kb_json(k: float, b: float, k_esd: float | None, b_esd: float | None, decay
         out[name] = entry
     out["configuration_parameters"] = {"corrections": corrections, "error_model_type": "BasicErrorModel",
                                        "error_model_parameters": [float(error_model[0]), float(error_model[1])]}
+    if imid is not None:
+        out["configuration_parameters"]["Imid"] = float(imid) if imid not in (0, 1) else int(imid)
     return out
 
 
@@ -591,7 +779,7 @@ def run_serial(params, inputs, progress=None):
 
     from jaxscale import scale as S
     from jaxscale.data.prepare import UnusableDatasetError, prepare_dataset
-    from jaxscale.data.symmetry import best_unit_cell, group_ids, map_to_asu
+    from jaxscale.data.symmetry import best_unit_cell, d_star_sq, epsilon, group_ids, map_to_asu
     from jaxscale.data.table import ReflectionTable
     from jaxscale.optimize.levmar import propagate_variance
 
@@ -605,6 +793,14 @@ def run_serial(params, inputs, progress=None):
     experiments = [e for _, expts, _ in sources for e in expts]
     if not experiments:
         raise InputError(None, "no data sets to scale")
+    keep, lines = still_selection(params, experiments)
+    for line in lines:
+        log(line)
+    if not keep.all():
+        sources = _select_stills(sources, keep)
+        experiments = [e for _, expts, _ in sources for e in expts]
+        if not experiments:
+            raise InputError(None, "every still is excluded (dataset_selection / exclude_images)")
     sgs = {e.space_group.number for e in experiments}
     if len(sgs) > 1:
         raise InputError(None, f"experiments have different space groups {sorted(sgs)}")
@@ -641,12 +837,28 @@ def run_serial(params, inputs, progress=None):
     decay = bool(params.KB.decay_correction)
     opts = params.scaling_options
     dtype = jnp.float32 if params.compute.precision == "float32" else None
+    sg = experiments[0].space_group
+    # E^2 test inputs as the rotation path: d*^2 with the first experiment's cell, symmetry epsilon
+    emax = float(opts.emax or 0.0)
+    dss = d_star_sq(miller, experiments[0].unit_cell) if emax > 0 else None
+    eps = epsilon(miller, sg).astype(np.float64) if emax > 0 else None
+    candidates = None
+    if params.reflection_selection.intensity_choice == "combine":
+        candidates = _intensity_candidates(prepared, suitable, miller, gid, sg, bool(params.anomalous))
+        if candidates is None:
+            log("No profile intensities found, skipping profile/summation intensity combination.")
+        elif not params.reflection_selection.combine.joint_analysis:
+            log("reflection_selection.combine.joint_analysis=False: the serial path chooses one Imid for "
+                "all stills jointly")
     timings["prepare"] = time.perf_counter() - t_start - timings["read"]
     t0 = time.perf_counter()
     res = scale_stills(gid, cat("intensity"), cat("variance"), cat("d"), e_all, len(experiments), len(uniq),
                        decay_correction=decay, outlier_rejection=opts.outlier_rejection,
                        outlier_zmax=opts.outlier_zmax or 6.0, full_matrix=bool(opts.full_matrix),
-                       n_devices=params.compute.n_devices, dtype=dtype)
+                       n_devices=params.compute.n_devices, dtype=dtype, emax=emax, d_star_sq=dss, epsilon=eps,
+                       intensity_candidates=candidates,
+                       imids=params.reflection_selection.combine.Imid or None)
+    del candidates, dss, eps
     for line in res.log:
         log(line)
     timings["scaling"] = time.perf_counter() - t0
@@ -670,9 +882,12 @@ def run_serial(params, inputs, progress=None):
         rows = np.flatnonzero(m)
         outlier = np.zeros(n, dtype=bool)
         outlier[rows] = res.outlier[start:start + rows.size]
+        intensity = np.asarray(t["intensity"], dtype=np.float64).copy()
+        variance = np.asarray(t["variance"], dtype=np.float64).copy()
+        intensity[rows] = res.intensity[start:start + rows.size]  # the combined intensities, if chosen
+        variance[rows] = res.variance[start:start + rows.size]
         start += rows.size
-        intensity = np.asarray(t["intensity"], dtype=np.float64)
-        variance = propagate_variance(np.asarray(t["variance"], dtype=np.float64), intensity, g,
+        variance = propagate_variance(variance, intensity, g,
                                       var_g if res.scale_sigma is not None else None, res.error_model)
         S.set_scaled_columns(t, g, var_g, intensity, variance, outlier, cut.small_scale_cutoff or 0.0, excluded=~ok)
         t["id"] = np.where(e >= 0, e, -1).astype(np.int32)
@@ -680,17 +895,120 @@ def run_serial(params, inputs, progress=None):
     table = ReflectionTable.concatenate(out_tables)
     table.identifiers = {i: ex.identifier for i, ex in enumerate(experiments)}
     out_experiments = []
+    # DIALS stores Imid whenever intensity_choice=combine (1, summation, when there are no profiles)
+    imid = (res.imid if res.imid is not None else 1.0) \
+        if params.reflection_selection.intensity_choice == "combine" else None
     for i, ex in enumerate(experiments):  # loop over experiments: the .expt is one JSON object per still
         new = _dc.replace(ex)
         new.scaling_model = _kb_json(x[i, 0], x[i, 1], None if res.scale_sigma is None else sk[i],
-                                     None if res.b_factor_sigma is None else sb[i], decay, res.error_model)
+                                     None if res.b_factor_sigma is None else sb[i], decay, res.error_model, imid)
         out_experiments.append(new)
     stats = S._merging_stats(params, table, out_experiments, log)
     timings["statistics"] = time.perf_counter() - t0
-    run_info_scaler = _SerialRunInfo(error_model=res.error_model, outlier=res.outlier)
-    outputs = S._write_outputs(params, table, out_experiments, stats, None, run_info_scaler, log, timings, t_start)
-    return S.ScaleResult(table, out_experiments, None, x, res.error_model, None, stats, log.lines, timings, None,
-                         outputs)
+    t0 = time.perf_counter()
+    report = None
+    if stats is not None and (params.output.html or params.output.json):
+        from jaxscale.outputs import serial_report_data
+
+        report = serial_report_data(stats, table, out_experiments, x, None if res.scale_sigma is None else
+                                    np.stack([sk, sb], 1), res.error_model_result, params, combination=res.combination)
+    timings["report"] = time.perf_counter() - t0
+    run_info_scaler = _SerialRunInfo(error_model=res.error_model, outlier=res.outlier, imid=res.imid)
+    outputs = S._write_outputs(params, table, out_experiments, stats, report, run_info_scaler, log, timings,
+                               t_start)
+    return S.ScaleResult(table, out_experiments, None, x, res.error_model, res.error_model_result, stats, log.lines,
+                         timings, res.imid, outputs)
+
+
+def _intensity_candidates(prepared: list, suitable: list, miller: np.ndarray, gid: np.ndarray, space_group,
+                          anomalous: bool) -> IntensityCandidates | None:
+    """IntensityCandidates of the suitable rows of every input file (None when no file has profile
+    and summation values; files without profiles take part as summation-only rows)."""
+    if not any("intensity.prf.value" in t and "intensity.sum.value" in t for t, _ in prepared):
+        return None
+    from jaxscale.data.symmetry import group_ids, map_to_asu
+
+    if anomalous:  # Rmeas of the combination test merges non-anomalously
+        group, _ = group_ids(map_to_asu(miller, space_group, anomalous=False)[0])
+    else:
+        group = gid
+    parts, start = [], 0
+    for (t, _), m in zip(prepared, suitable):  # loop over input files
+        rows = np.flatnonzero(m)
+        grp = group[start:start + rows.size]
+        start += rows.size
+        part = IntensityCandidates.from_table(t, rows, grp)
+        if part is None:  # summation only: never tested, summation whatever the Imid
+            i_sum = np.asarray(t["intensity"], dtype=np.float64)[rows]
+            v_sum = np.asarray(t["variance"], dtype=np.float64)[rows]
+            no = np.zeros(rows.size, dtype=bool)
+            part = IntensityCandidates(i_sum, v_sum, i_sum, v_sum, np.ones(rows.size), no, ~no, no,
+                                       np.asarray(grp, dtype=np.int64))
+        parts.append(part)
+    return IntensityCandidates.concatenate(parts)
+
+
+def still_selection(params, experiments: list) -> tuple[np.ndarray, list[str]]:
+    """Stills kept (bool[n_experiments], positions in the input) by dataset_selection.use_datasets /
+    exclude_datasets and exclude_images, with log lines.
+
+    exclude_images on stills: each still is one image (its scan's image range, image 1 without a
+    scan); `exp:start:end` leaves out still `exp` when its image lies in start..end, and a still
+    without images left is removed as the rotation path removes a data set whose images are all
+    excluded. (dials.scale 3.12 refuses exclude_images on scanless stills: "Trying to exclude a
+    scanless experiment".)"""
+    from jaxscale.exceptions import ParameterError
+    from jaxscale.params import image_ranges
+
+    n = len(experiments)
+    keep = np.ones(n, dtype=bool)
+    lines = []
+    ds = params.dataset_selection
+    for name, ids, inside in (("use_datasets", ds.use_datasets, True), ("exclude_datasets", ds.exclude_datasets,
+                                                                         False)):
+        if ids is None:
+            continue
+        ids = np.asarray(ids, dtype=np.int64)
+        listed = np.zeros(n, dtype=bool)
+        listed[ids[(ids >= 0) & (ids < n)]] = True
+        keep &= listed if inside else ~listed
+        lines.append(f"dataset_selection.{name}: {int(np.count_nonzero(~keep))} of {n} stills left out")
+    if params.exclude_images:
+        ranges = image_ranges(params.exclude_images)  # one tuple per range given
+        exp = np.array([0 if r[0] is None else r[0] for r in ranges], dtype=np.int64)
+        if any(r[0] is None for r in ranges) and n != 1:
+            raise ParameterError("exclude_images must be exp:start:end when there are several experiments")
+        bad = (exp < 0) | (exp >= n)
+        if bad.any():
+            raise ParameterError(f"exclude_images: no experiment with dataset id {int(exp[bad][0])}")
+        start = np.array([r[1] for r in ranges], dtype=np.int64)
+        end = np.array([r[2] for r in ranges], dtype=np.int64)
+        image = np.array([e.image_range if e.scan else (1, 1) for e in experiments], dtype=np.int64)  # (n, 2)
+        hit = (image[exp, 0] <= end) & (image[exp, 1] >= start)
+        excluded = np.zeros(n, dtype=bool)
+        excluded[exp[hit]] = True
+        lines.append(f"exclude_images: {int(np.count_nonzero(excluded & keep))} stills excluded (one image each)")
+        keep &= ~excluded
+    return keep, lines
+
+
+def _select_stills(sources: list, keep: np.ndarray) -> list:
+    """The input files' (path, experiments, table) with only the kept stills and their rows."""
+    out, start = [], 0
+    for path, expts, table in sources:  # loop over input files
+        mine = keep[start:start + len(expts)]
+        start += len(expts)
+        kept_ids = {e.identifier for e, k in zip(expts, mine) if k}
+        ids = np.asarray(table["id"])
+        lookup = np.zeros(max(table.identifiers or {0: ""}) + 2, dtype=bool)
+        for k, ident in table.identifiers.items():  # loop over the identifiers map (rows vectorised below)
+            if k >= 0:
+                lookup[k] = ident in kept_ids
+        rows = np.flatnonzero((ids < 0) | lookup[np.clip(ids, 0, lookup.size - 1)])  # unindexed rows stay
+        sub = table.select(rows)
+        sub.identifiers = {k: v for k, v in table.identifiers.items() if v in kept_ids}
+        out.append((path, [e for e, k in zip(expts, mine) if k], sub))
+    return out
 
 
 @dataclasses.dataclass

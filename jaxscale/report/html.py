@@ -16,10 +16,18 @@ m = unique reflections, B = batches; arrays may be numpy arrays or lists):
                           "decay":  {"rotation_deg": (k,), "b": (k,)},
                           "absorption": {"theta_deg": (t,), "phi_deg": (p,), "correction": (t, p)}
                          }, ...]}                         each component optional
+    stills: serial path, per-still KB parameters (jaxscale.outputs.serial_report_data), runs of
+            consecutive stills aggregated to at most ~2000 points:
+            {"n_stills": int, "index": (r,), "n": (r,), "k", "k_sd", "b", "b_sd"[, "k_esd", "b_esd", ...]: (r,),
+             "k_histogram", "b_histogram": {"centre": (h,), "count": (h,)}}
+            -> k and B vs still index (mean ± sd band), esds, histograms
+    combination: {"imid": [str], "rmeas": [float], "cc_half": [float], "chosen": str, "n_test": int}
+            -> table of the profile/summation Imid candidates
     error_model: {"a": float, "b": float,
                   "normal_plot": {"expected": (k,), "observed": (k,)},   sorted δ vs normal quantiles
                   "bins": {"i_mean": (k,), "variance_before": (k,), "variance_after": (k,)}}
-    outliers: {"x_px": (o,), "y_px": (o,), "image": (o,)[, "dataset": (o,)]}
+    outliers: {"x_px": (o,), "y_px": (o,), "image": (o,)[, "dataset": (o,), "n_total": int (o shown of it),
+               "image_label": str (x axis of the histogram, default "image")]}
     merged: {"intensity": (m,), "sigma": (m,), "d_star_sq": (m,), "centric": (m,) bool}
             -> Wilson plot, cumulative intensity distribution N(z), <I²>/<I>² vs resolution
     anomalous: {"delta_i_over_sigma": (k,)}  ΔI/σ(ΔI) of Bijvoet pairs -> normal probability
@@ -198,6 +206,50 @@ def _batch_figures(bt) -> list[Figure]:
     return figs
 
 
+def _band_traces(x, mean, sd, name: str) -> list[dict]:
+    """Mean line with a ±1 sd band (the band only where sd > 0 somewhere)."""
+    traces = []
+    if np.any(sd > 0):
+        traces += [_trace("scatter", x=x, y=mean + sd, mode="lines", line=dict(width=0), showlegend=False,
+                          hoverinfo="skip"),
+                   _trace("scatter", x=x, y=mean - sd, mode="lines", line=dict(width=0), fill="tonexty",
+                          fillcolor="rgba(44,127,184,0.25)", name="±1 sd within the run", hoverinfo="skip")]
+    traces.append(_trace("scatter", x=x, y=mean, mode="lines" if x.size > 200 else "lines+markers", name=name,
+                         line=dict(color="#2c7fb8")))
+    return traces
+
+
+def _stills_figures(st: dict) -> list[Figure]:
+    """Per-still KB parameters (serial path): k and B vs still index (runs of consecutive stills
+    averaged when there are many) and their histograms."""
+    x = _a(st["index"])
+    n = np.asarray(st["n"])
+    per = f" (mean of {int(n.max())} consecutive stills per point)" if n.size and n.max() > 1 else ""
+    figs = [_fig(_band_traces(x, _a(st["k"]), _a(st["k_sd"]), "k"), "Scale k per still" + per, "still index",
+                 "k"),
+            _fig(_band_traces(x, _a(st["b"]), _a(st["b_sd"]), "B"), "B per still" + per, "still index", "B (Å²)")]
+    if "k_esd" in st:
+        figs.append(_fig([_trace("scatter", x=x, y=_a(st["k_esd"]) / np.where(_a(st["k"]) != 0, _a(st["k"]), np.nan),
+                                 mode="lines", name="σ(k)/k"),
+                          _trace("scatter", x=x, y=_a(st["b_esd"]), mode="lines", name="σ(B)", yaxis="y2")],
+                         "Parameter esds per still" + per, "still index", "σ(k)/k",
+                         yaxis2=dict(title="σ(B) (Å²)", overlaying="y", side="right")))
+    for key, label in (("k_histogram", "k"), ("b_histogram", "B (Å²)")):
+        h = st.get(key)
+        if h is not None and len(h["centre"]):
+            figs.append(_fig([_trace("bar", x=_a(h["centre"]), y=_a(h["count"]), name=label)],
+                             f"Distribution of {label.split()[0]} over {int(st.get('n_stills', 0))} stills", label,
+                             "stills"))
+    return figs
+
+
+def _combination_html(cb: dict) -> str:
+    rows = "".join(f"<tr><td>{_html.escape(str(name))}</td><td>{float(r):.5f}</td><td>{float(c):.5f}</td></tr>"
+                   for name, r, c in zip(cb["imid"], cb["rmeas"], cb["cc_half"]))
+    return (f"<table><tr><th>Imid</th><th>Rmeas</th><th>CC½</th></tr>{rows}</table>"
+            f"<p>{int(cb.get('n_test', 0))} test reflections; chosen: {_html.escape(str(cb['chosen']))}</p>")
+
+
 def _model_figures(model: dict) -> list[Figure]:
     figs = []
     sets = model.get("datasets", [])
@@ -243,11 +295,14 @@ def _error_model_figures(em: dict) -> list[Figure]:
 def _outlier_figures(out: dict) -> list[Figure]:
     color = _a(out["dataset"]) if "dataset" in out else None
     marker = dict(size=4, color=color) if color is not None else dict(size=4)
+    label = out.get("image_label", "image")
+    shown = len(out["x_px"])
+    note = f" ({shown} of {int(out['n_total'])} shown)" if int(out.get("n_total", shown)) > shown else ""
     return [
         _fig([_trace("scattergl", x=_a(out["x_px"]), y=_a(out["y_px"]), mode="markers", marker=marker, name="outliers")],
-             "Outliers on the detector", "x (px)", "y (px)", yaxis_autorange="reversed"),
+             "Outliers on the detector" + note, "x (px)", "y (px)", yaxis_autorange="reversed"),
         _fig([_trace("histogram", x=_a(out["image"]), nbinsx=100, name="outliers")],
-             "Outliers vs image", "image", "count"),
+             f"Outliers vs {label}" + note, label, "count"),
     ]
 
 
@@ -407,6 +462,10 @@ def build_html(data: dict) -> str:
         sections.append(("Statistics vs batch", _batch_figures(data["batches"]), ""))
     if data.get("model"):
         sections.append(("Scaling model", _model_figures(data["model"]), ""))
+    if data.get("stills"):
+        sections.append(("Scaling model (one KB model per still)", _stills_figures(data["stills"]), ""))
+    if data.get("combination"):
+        sections.append(("Profile/summation intensity combination", [], _combination_html(data["combination"])))
     if data.get("error_model"):
         sections.append(("Error model", _error_model_figures(data["error_model"]), ""))
     if data.get("outliers"):
