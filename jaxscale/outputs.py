@@ -200,7 +200,7 @@ def report_data(stats: Any, table: ReflectionTable, experiments: Sequence[Any], 
 
 
 # ------------------------------------------------------------------------- serial (many stills)
-MAX_SERIES_POINTS = 2000  # per-still / per-batch series of the serial report: at most this many points
+MAX_SERIES_POINTS = 1000  # per-still / per-batch series of the serial report: at most this many points
 
 
 def binned_series(values: Mapping[str, np.ndarray], max_points: int = MAX_SERIES_POINTS) -> dict:

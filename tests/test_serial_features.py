@@ -136,3 +136,177 @@ def test_serial_combination_agrees_with_dials(profile_stills, tmp_path):
         cc[name] = float(st.cc_half[0])
     print("CC1/2 combine vs sum", cc)
     assert cc["combine"] > cc["sum"]
+
+
+# ------------------------------------------------------------------ 2. E^2 outlier test
+def _stills_with_planted_singletons(out_dir):
+    """150 simulated stills (summation only) with 6 observations of singly observed reflections
+    raised to 300x the mean |I|: only the E^2 test can find them (the deviation test needs >= 3
+    equivalents)."""
+    import gemmi
+
+    from jaxscale.data.symmetry import group_ids, map_to_asu
+    from jaxscale.sim import simulate_stills, write_simulation
+
+    table, expts, truth = simulate_stills(n_stills=150, obs_per_still=80, seed=4,
+                                          cell=(40.0, 50.0, 60.0, 90.0, 90.0, 90.0), d_min=2.0)
+    hkl = np.asarray(table["miller_index"])
+    gid, _ = group_ids(map_to_asu(hkl, gemmi.SpaceGroup("P 21 21 21"), anomalous=False)[0])
+    single = np.bincount(gid)[gid] == 1
+    candidates = np.flatnonzero(single & (np.asarray(table["partiality"]) > 0.6) & (truth["i_true"] > 0))
+    rows = np.sort(np.random.default_rng(0).choice(candidates, 6, replace=False))
+    i = np.asarray(table["intensity.sum.value"]).copy()
+    v = np.asarray(table["intensity.sum.variance"]).copy()
+    i[rows] = 300 * np.mean(np.abs(i))
+    v[rows] = i[rows] + 100
+    table["intensity.sum.value"], table["intensity.sum.variance"] = i, v
+    return write_simulation(out_dir, table, expts, truth), hkl[rows]
+
+
+# dials.scale 3.12 on _stills_with_planted_singletons (defaults, emax=10; 37 s): final outliers
+# (miller_index, id); 4 of them are planted rows (ids 44, 74, 90, 126), found by E^2.
+DIALS_E2_OUTLIERS = {((4, -5, -23), 1), ((-4, -16, 6), 37), ((-12, -3, -9), 44), ((-6, 17, 14), 72),
+                     ((-12, 18, 6), 74), ((3, 10, 13), 90), ((7, -14, -19), 119), ((0, 21, 9), 126)}
+
+
+def test_e2_outliers_as_dials(tmp_path):
+    """With DIALS' default emax = 10 the serial path flags exactly dials.scale's 8 final outliers;
+    with emax = 0 the 4 planted rows DIALS finds by E^2 stay in."""
+    from jaxscale.io.refl import read_refl
+
+    paths, planted = _stills_with_planted_singletons(tmp_path)
+    found = {}
+    for emax in (10, 0):
+        out = tmp_path / f"e{emax}.refl"
+        res = _run(tmp_path, [paths["refl"], paths["expt"]], emax=emax, **{"output.reflections": str(out)})
+        t = read_refl(out)
+        rows = np.flatnonzero(F.has_any(t["flags"], F.OUTLIER_IN_SCALING))
+        found[emax] = {(tuple(int(v) for v in t["miller_index"][r]), int(t["id"][r])) for r in rows}
+        assert any(("more by E^2" in line) == (emax > 0) for line in res.log if line.startswith("Outlier rejection (final"))
+    assert found[10] == DIALS_E2_OUTLIERS
+    by_e2 = {o for o in DIALS_E2_OUTLIERS if o[1] in (44, 74, 90, 126)}
+    assert found[0] == DIALS_E2_OUTLIERS - by_e2
+    assert {o[0] for o in by_e2} <= {tuple(h) for h in planted.tolist()}
+
+
+def test_e2_in_scale_stills_flags_planted_singletons():
+    """scale_stills(emax=...) on flat arrays: gross outliers of singly observed groups (which the
+    deviation test cannot see) are flagged by E^2 only, and nothing else is added."""
+    from jaxscale.serial import scale_stills, simulate_flat_stills
+
+    sim = simulate_flat_stills(200, 40, 4000, seed=5, outlier_fraction=0.0)
+    gid = sim["group_id"]
+    single = np.flatnonzero(np.bincount(gid, minlength=4000)[gid] == 1)
+    planted = np.random.default_rng(1).choice(single, 10, replace=False)
+    intensity = sim["intensity"].copy()
+    intensity[planted] = 500 * np.mean(np.abs(intensity))
+    args = (gid, intensity, np.maximum(intensity, 0) + 50.0, sim["d"], sim["experiment_index"], 200, 4000)
+    off = scale_stills(*args, full_matrix=False)
+    on = scale_stills(*args, full_matrix=False, emax=10.0)
+    assert not off.outlier[planted].any()
+    assert on.outlier[planted].all()
+    assert np.array_equal(on.outlier & ~off.outlier, np.isin(np.arange(gid.size), planted))
+
+
+# ------------------------------------------------------------------ 3. exclude_images / dataset selection
+def test_still_selection_semantics():
+    """One image per still: the scan's image (image 1 without a scan); a range on still i that
+    covers its image removes it; use_datasets / exclude_datasets by input position."""
+    from types import SimpleNamespace as NS
+
+    from jaxscale.exceptions import ParameterError
+    from jaxscale.params import ScaleParams, apply_overrides
+    from jaxscale.serial import still_selection
+
+    expts = [NS(scan=None, image_range=None) for _ in range(6)]
+    expts[4] = NS(scan={"image_range": [7, 7]}, image_range=(7, 7))
+    p = apply_overrides(ScaleParams(), {"exclude_images": ["0:1:1,2:1:5", "3:2:9", "4:1:6", "5:7:7"]})
+    keep, _ = still_selection(p, expts)
+    assert keep.tolist() == [False, True, False, True, True, True]
+    p = apply_overrides(ScaleParams(), {"exclude_images": ["4:7:7"], "dataset_selection.exclude_datasets": [1]})
+    assert still_selection(p, expts)[0].tolist() == [True, False, True, True, False, True]
+    p = apply_overrides(ScaleParams(), {"dataset_selection.use_datasets": [2, 5, 9]})
+    assert still_selection(p, expts)[0].tolist() == [False, False, True, False, False, True]
+    with pytest.raises(ParameterError, match="dataset id 6"):
+        still_selection(apply_overrides(ScaleParams(), {"exclude_images": ["6:1:1"]}), expts)
+
+
+def test_exclude_images_equals_input_without_those_stills(profile_stills, tmp_path):
+    """exclude_images=0:1:1,7:1:1 (dials.scale 3.12 refuses it on scanless stills: "Trying to
+    exclude a scanless experiment") gives the scales of the same input with stills 0 and 7
+    removed from the files, and no models for them."""
+    from jaxscale.io.expt import ExperimentList, read_expt, write_expt
+    from jaxscale.io.refl import read_refl, write_refl
+
+    _, (refl, expt), _ = profile_stills
+    excluded = _run(tmp_path, [refl, expt], exclude_images=["0:1:1,7:1:1"],
+                    **{"reflection_selection.intensity_choice": "sum"})
+    table, experiments = read_refl(refl), read_expt(expt)
+    ids = np.asarray(table["id"])
+    sub = table.select(np.flatnonzero((ids != 0) & (ids != 7)))
+    sub.identifiers = {k: v for k, v in table.identifiers.items() if k not in (0, 7)}
+    write_refl(sub, tmp_path / "sub.refl")
+    write_expt(ExperimentList([e for i, e in enumerate(experiments) if i not in (0, 7)]), tmp_path / "sub.expt")
+    removed = _run(tmp_path, [tmp_path / "sub.refl", tmp_path / "sub.expt"],
+                   **{"reflection_selection.intensity_choice": "sum", "output.reflections": str(tmp_path / "b.refl"),
+                      "output.experiments": str(tmp_path / "b.expt")})
+    assert any("exclude_images: 2 stills excluded" in line for line in excluded.log)
+    assert len(excluded.experiments) == 148
+    assert [e.identifier for e in excluded.experiments] == [e.identifier for e in removed.experiments]
+    np.testing.assert_allclose(excluded.x, removed.x, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------ 4. report
+def test_binned_series_means_and_sds():
+    from jaxscale.outputs import binned_series
+
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=10_000)
+    v[[3, 17]] = np.nan
+    out = binned_series({"v": v}, max_points=2000)  # runs of 5 consecutive items
+    runs = v.reshape(2000, 5)
+    np.testing.assert_allclose(out["v"], np.nanmean(runs, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(out["v_sd"], np.nanstd(runs, axis=1), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(out["index"], np.arange(10_000).reshape(2000, 5).mean(axis=1))
+    assert out["n"].tolist() == [5] * 2000
+    small = binned_series({"v": v[20:120]}, max_points=2000)  # fewer items than points: one each
+    np.testing.assert_array_equal(small["v"], v[20:120])
+    assert np.all(small["v_sd"] == 0)
+
+
+def test_serial_html_and_json_report(profile_stills, tmp_path):
+    """The serial path writes the HTML and JSON reports: merging statistics, k and B per still (the
+    values of scaled.expt), error model, Imid table; the per-still series stay short for 10^5
+    stills (aggregated to 1000 points: the HTML grows < 0.5 MB beyond plotly.js)."""
+    from jaxscale.io.expt import read_expt
+    from jaxscale.outputs import binned_series
+    from jaxscale.report.html import _plotly_assets, build_html
+
+    _, inputs, _ = profile_stills
+    html, js = tmp_path / "r.html", tmp_path / "r.json"
+    res = _run(tmp_path, inputs, **{"output.html": str(html), "output.json": str(js)})
+    page = html.read_text()
+    for title in ("Merging statistics", "Statistics vs batch", "Scaling model (one KB model per still)",
+                  "Profile/summation intensity combination", "Error model", "Outliers", "Intensity distribution"):
+        assert f"<h2>{title}</h2>" in page, title
+    doc = json.loads(js.read_text())
+    models = read_expt(tmp_path / "scaled.expt")
+    k = [m.scaling_model["scale"]["parameters"][0] for m in models]
+    b = [m.scaling_model["decay"]["parameters"][0] for m in models]
+    assert doc["stills"]["n_stills"] == 150
+    np.testing.assert_allclose(doc["stills"]["k"], k, rtol=1e-12)
+    np.testing.assert_allclose(doc["stills"]["b"], b, rtol=1e-12, atol=1e-12)
+    assert doc["combination"]["chosen"] == "Imid = 808.75"
+    assert doc["run"]["imid"] == pytest.approx(808.75, abs=0.01)
+    assert len(doc["batches"]["batch"]) == 150 and "normal_plot" in doc["error_model"]
+    # 10^5 stills: the per-still sections of the page stay small
+    plotly_size = len(_plotly_assets()[0])
+    rng = np.random.default_rng(0)
+    n = 100_000
+    kb = {"k": np.exp(rng.normal(0, 0.3, n)), "b": rng.normal(0, 5, n)}
+    data = {"statistics": res.statistics,
+            "stills": {"n_stills": n, **binned_series(kb), "k_histogram": {"centre": np.arange(60.0),
+                                                                           "count": np.ones(60)}},
+            "batches": binned_series({"batch": np.arange(1, n + 1), "r_merge": rng.random(n),
+                                      "i_over_sigma": rng.random(n), "scale": rng.random(n)})}
+    assert len(build_html(data)) - plotly_size < 500_000

@@ -17,7 +17,7 @@ m = unique reflections, B = batches; arrays may be numpy arrays or lists):
                           "absorption": {"theta_deg": (t,), "phi_deg": (p,), "correction": (t, p)}
                          }, ...]}                         each component optional
     stills: serial path, per-still KB parameters (jaxscale.outputs.serial_report_data), runs of
-            consecutive stills aggregated to at most ~2000 points:
+            consecutive stills aggregated to at most ~1000 points:
             {"n_stills": int, "index": (r,), "n": (r,), "k", "k_sd", "b", "b_sd"[, "k_esd", "b_esd", ...]: (r,),
              "k_histogram", "b_histogram": {"centre": (h,), "count": (h,)}}
             -> k and B vs still index (mean ± sd band), esds, histograms
