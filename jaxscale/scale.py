@@ -28,11 +28,14 @@ from jaxscale.errors.error_model import ErrorModelResult, refine_error_model
 from jaxscale.errors.outliers import determine_outliers, normalised_intensity_outliers
 from jaxscale.exceptions import InputError, ParameterError
 from jaxscale.models.build import DatasetInput, ScalingModel, build_model
-from jaxscale.optimize.lbfgs import minimise_lbfgs
+from jaxscale.merge.statistics import MIN_GROUPS_PAD, precompile_split_halves
+from jaxscale.optimize.lbfgs import minimise_lbfgs, precompile_direction
 from jaxscale.optimize.levmar import (
     inverse_scale_variance,
     minimise_full_matrix,
     parameter_covariance,
+    precompile_full_matrix,
+    precompile_variance,
     propagate_variance,
 )
 from jaxscale.target.robust import make_target
@@ -322,6 +325,13 @@ class _Scaler:
         self._subset: np.ndarray | None = None
         self.free_set = np.zeros(self.obs.n, dtype=bool)  # rows of free-set groups (use_free_set)
         self.free_set_asu = np.zeros((0, 3), dtype=np.int32)
+        # what the run will compile later (set by scale_datasets): queued for background
+        # compilation once the minimisation shapes are known (`_precompile`)
+        self.full_matrix_planned = False
+        self.statistics_planned = False
+        self._precompiled = False
+        if params.scaling_refinery.engine == "SimpleLBFGS":
+            precompile_direction(self.target.n_params)
         self._apply_stored_imids()
         self.g = np.asarray(self.target.inverse_scale(jax.device_put(self.x), model.bases))
 
@@ -521,7 +531,25 @@ class _Scaler:
             ih_ref = np.zeros(g_size)
             ih_ref[gid] = ih_of_group[o.group[idx]]
         problem = make_problem(inten, w, gid_p, n_groups=g_size, ih_reference=ih_ref)
-        return problem, select_rows(self.model.bases, idx_p)
+        bases = select_rows(self.model.bases, idx_p)
+        if ih_of_group is None:
+            self._precompile(problem, bases)
+        return problem, bases
+
+    def _precompile(self, problem, bases) -> None:
+        """Once, on the first minimisation problem: compile in the background what the run
+        needs later with these shapes (later rounds pad to the same sizes): the full-matrix
+        normal equations, the variance propagation and the merging statistics' half split,
+        so that they compile while the L-BFGS rounds run."""
+        if self._precompiled:
+            return
+        self._precompiled = True
+        if self.full_matrix_planned or self.p.scaling_refinery.engine != "SimpleLBFGS":
+            precompile_full_matrix(self.target, self.target.data(problem, bases, anchor=self.x, free=self.free))
+        if self.full_matrix_planned:
+            precompile_variance(self.target, self.model.bases, self.obs.n)
+        if self.statistics_planned and self.obs.n and np.unique(self.obs.group_anom).size <= MIN_GROUPS_PAD:
+            precompile_split_halves()
 
     def _cycles(self, free: np.ndarray) -> list[tuple[str, np.ndarray]]:
         """(label suffix, free mask) of each minimisation of a round: one for concurrent
@@ -1015,6 +1043,7 @@ def scale_datasets(params: Any, experiments: list, tables: list[ReflectionTable]
     timings["model"] = timings.get("model", 0.0) + time.perf_counter() - t0
     t0 = time.perf_counter()
     full = params.scaling_options.full_matrix if full_matrix is None else full_matrix
+    scaler.full_matrix_planned, scaler.statistics_planned = bool(full), bool(statistics)
     out_datasets = list(range(len(experiments)))
     if plan.active:
         go_on, out_datasets = targeted.targeted_scaling(scaler, params, plan, tables, full, log)

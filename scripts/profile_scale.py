@@ -7,7 +7,9 @@ Runs the same code path as the CLI (`jaxscale.scale.run` with the CLI's paramete
 process, with `jax.monitoring` listeners on tracing, lowering and XLA compilation. Prints
 the import time of jaxscale, the run's own phase timings, the number of compilations and
 their time per jitted function (`--where`: also the jaxscale source line that triggered
-each compilation), persistent-cache hits, CPU time and peak RSS. Outputs go to a
+each compilation, or "background" for those compiled ahead by jaxscale.compilation), the
+part of trace + lower + compile spent on the main thread (the rest overlapped the run),
+persistent-cache hits, CPU time and peak RSS. Outputs go to a
 temporary directory (`--keep DIR`: to DIR). The machine may be shared: compare CPU seconds and repeated runs.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -50,6 +53,7 @@ class CompileLog:
         self.sites: collections.Counter = collections.Counter()
         self.cache_hits = 0
         self.cache_misses = 0
+        self.main_thread_s = 0.0  # trace + lower + compile seconds spent on the main thread
 
     def on_duration(self, event: str, duration: float, **kw) -> None:
         if event not in self.count:
@@ -57,6 +61,8 @@ class CompileLog:
         name = str(kw.get("fun_name", "?"))
         self.count[event][name] += 1
         self.seconds[event][name] += duration
+        if threading.current_thread() is threading.main_thread():
+            self.main_thread_s += duration
         if event == COMPILE and self.where:
             self.sites[(name, _caller())] += 1
 
@@ -69,8 +75,10 @@ class CompileLog:
 
 def _caller() -> str:
     """Innermost jaxscale frame (file:line function) of the current stack."""
+    if threading.current_thread() is not threading.main_thread():
+        return f"background ({threading.current_thread().name})"
     for frame in reversed(traceback.extract_stack()):
-        if "/jaxscale/" in frame.filename and "profile_scale" not in frame.filename:
+        if "/jaxscale/" in frame.filename and not frame.filename.endswith(("profile_scale.py", "compilation.py")):
             return f"{Path(frame.filename).relative_to(REPO)}:{frame.lineno} {frame.name}"
     return "?"
 
@@ -120,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "compile_s": sum(log.seconds[COMPILE].values()),
         "trace_s": sum(log.seconds[TRACE].values()),
         "lower_s": sum(log.seconds[LOWER].values()),
+        "main_thread_compile_s": log.main_thread_s,
         "cache_hits": log.cache_hits,
         "cache_misses": log.cache_misses,
         "per_function": {
@@ -132,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
           f"run {t_run:.2f} s; total {t_total:.2f} s; CPU {out['cpu_s']:.2f} s; peak RSS {out['peak_rss_mb']:.0f} MB")
     print("phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items()))
     print(f"{n_compile} compilations: compile {out['compile_s']:.2f} s, trace {out['trace_s']:.2f} s, "
-          f"lower {out['lower_s']:.2f} s; persistent cache hits {log.cache_hits}, misses {log.cache_misses}")
+          f"lower {out['lower_s']:.2f} s (on the main thread: {log.main_thread_s:.2f} s of these); "
+          f"persistent cache hits {log.cache_hits}, misses {log.cache_misses}")
     print(f"{'function':40s} {'n':>3s} {'compile s':>9s} {'trace s':>8s} {'lower s':>8s}")
     for k, v in out["per_function"].items():
         print(f"{k[:40]:40s} {v['n']:3d} {v['compile_s']:9.3f} {v['trace_s']:8.3f} {v['lower_s']:8.3f}")

@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from jaxscale.compilation import Program, precompile
 from jaxscale.errors.error_model import normal_quantile
 
 from jaxscale.merge.merging import ScaledObservations, group_by_index, group_rows, weighted_merge
@@ -128,8 +129,7 @@ def _d_from_d_star_sq(x: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # half-dataset split (merging_stats.md §9)
 
-@jax.jit
-def _draw_positions(n: jnp.ndarray, reset: jnp.ndarray, u: jnp.ndarray):
+def _draw_positions_scan(n: jnp.ndarray, reset: jnp.ndarray, u: jnp.ndarray):
     """Position in the uniform stream of each group's first draw, and its half size.
 
     The chain is sequential (an odd group draws one extra number to decide its half
@@ -148,8 +148,25 @@ def _draw_positions(n: jnp.ndarray, reset: jnp.ndarray, u: jnp.ndarray):
     return out
 
 
+# jitted; up to FAST_COMPILE_MAX_ROWS groups compile with the fast options
+_draw_positions = Program(_draw_positions_scan, rows=lambda n, reset, u: n.shape[0])
+
+
 def _pow2(n: int) -> int:
     return 1 << max(int(n - 1).bit_length(), 4)
+
+
+# the draw chain is padded to at least these sizes, so that every split of a small data set
+# (non-anomalous and anomalous groups, each resolution cut) runs one compiled program,
+# which `precompile_split_halves` can compile ahead of need (a scan this long takes < 1 ms)
+MIN_GROUPS_PAD = 1 << 14
+MIN_DRAWS_PAD = 1 << 15
+
+
+def precompile_split_halves() -> None:
+    """Compile the draw chain of `split_halves` for small data sets in the background."""
+    precompile(_draw_positions, jax.ShapeDtypeStruct((MIN_GROUPS_PAD,), np.int64),
+               jax.ShapeDtypeStruct((MIN_GROUPS_PAD,), np.bool_), jax.ShapeDtypeStruct((MIN_DRAWS_PAD,), np.float64))
 
 
 def split_halves(group_start: np.ndarray, group_n: np.ndarray, group_reset: np.ndarray,
@@ -164,8 +181,9 @@ def split_halves(group_start: np.ndarray, group_n: np.ndarray, group_reset: np.n
     if G == 0:
         return np.zeros(0), np.zeros(0)
     n_draws = int(np.sum(np.where(group_n >= 2, group_n // 2 + 1, 0))) + 1
-    u = np.random.RandomState(1).random_sample(_pow2(n_draws))      # genrand_res53 doubles
-    pad = _pow2(G)
+    # genrand_res53 doubles; a longer stream has the same first n_draws numbers
+    u = np.random.RandomState(1).random_sample(max(_pow2(n_draws), MIN_DRAWS_PAD))
+    pad = max(_pow2(G), MIN_GROUPS_PAD)
     n_pad = np.zeros(pad, dtype=np.int64)
     n_pad[:G] = group_n
     reset_pad = np.zeros(pad, dtype=bool)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxscale.compilation import Program, precompile
 from jaxscale.target.objective import ScalingTarget, TargetData, n_reflections
 
 RMSD_CONVERGED = "RMSD no longer decreasing"
@@ -314,12 +315,12 @@ def _lbfgs_direction(memory_size: int) -> Callable:
     if memory_size not in _DIRECTION_CACHE:
         precondition = optax.scale_by_lbfgs(memory_size=memory_size)
 
-        @jax.jit
         def direction(grad: jax.Array, state, x: jax.Array):
             updates, state = precondition.update(grad, state, x)
             return -1.0 * updates, state
 
-        _DIRECTION_CACHE[memory_size] = direction
+        # parameter-sized: XLA's optimisation would cost compile time and save nothing
+        _DIRECTION_CACHE[memory_size] = Program(direction, fast=True)
     return _DIRECTION_CACHE[memory_size]
 
 
@@ -329,6 +330,14 @@ def _lbfgs_state(x: np.ndarray, memory_size: int) -> optax.ScaleByLBFGSState:
     return optax.ScaleByLBFGSState(count=np.asarray(0, np.int32), params=np.zeros_like(x), updates=np.zeros_like(x),
                                    diff_params_memory=zeros, diff_updates_memory=zeros.copy(),
                                    weights_memory=np.zeros(memory_size))
+
+
+def precompile_direction(n_params: int, memory_size: int = 5) -> None:
+    """Compile the L-BFGS direction for n_params parameters in the background."""
+    x = jax.ShapeDtypeStruct((n_params,), np.float64)
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype),
+                         _lbfgs_state(np.zeros(n_params), memory_size))
+    precompile(_lbfgs_direction(memory_size), x, state, x)
 
 
 def lbfgs_steps(

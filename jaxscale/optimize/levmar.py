@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxscale.compilation import Program, precompile
 from jaxscale.optimize.lbfgs import MAX_ITERATIONS, RMSD_CONVERGED, OptimisationResult
 from jaxscale.target.objective import (
     ChunkData,
@@ -98,7 +99,7 @@ class NormalEquations:
 
     def __init__(self, target: ScalingTarget):
         self.target = target
-        self.build = jax.jit(self._build)
+        self.build = Program(self._build, rows=_chunk_rows)  # small problems compile fast
 
     def _chunk_jacobian(self, x: jax.Array, chunk: ChunkData) -> tuple[jax.Array, jax.Array]:
         t = self.target
@@ -151,6 +152,11 @@ class NormalEquations:
         return nm, grad, s
 
 
+def _chunk_rows(x: Any, chunks: ChunkData, free: Any) -> int:
+    """Observation rows of a `NormalEquations.build` call (all chunks, padding included)."""
+    return int(np.prod(np.shape(chunks.target.problem.weight)))
+
+
 _NE_CACHE: dict[int, tuple] = {}
 
 
@@ -161,6 +167,16 @@ def _normal_equations(target: ScalingTarget) -> NormalEquations:
     ne = NormalEquations(target)
     _NE_CACHE[id(target)] = (target, ne)
     return ne
+
+
+def precompile_full_matrix(target: ScalingTarget, data: TargetData, chunk_size: int = 4096) -> None:
+    """Compile the normal equations of `minimise_full_matrix(target, data)` in the background
+    (the chunk layout of `data`; a later problem padded to the same sizes shares it)."""
+    free = np.asarray(data.free, dtype=bool)
+    chunks = chunk_by_groups(data.problem, data.bases, np.asarray(data.anchor), free, chunk_size=chunk_size)
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), chunks)  # holds no data
+    precompile(_normal_equations(target).build, jax.ShapeDtypeStruct(free.shape, np.float64), shapes,
+               jax.ShapeDtypeStruct(free.shape, np.bool_))
 
 
 def damping_update(mu: float, nu: float, rho: float) -> tuple[float, float, bool]:
@@ -337,8 +353,17 @@ def inverse_scale_variance(
         rows = np.minimum(np.arange(start, start + size), n_obs - 1)
         chunk = jax.tree.map(lambda a: jax.device_put(a[rows]), host)
         stop = min(start + size, n_obs)
-        out[start:stop] = np.asarray(fn(x_d, cov_d, chunk))[: stop - start]
+        out[start:stop] = np.asarray(fn.call((x_d, cov_d, chunk), rows=n_obs))[: stop - start]
     return out
+
+
+def precompile_variance(target: ScalingTarget, bases: Any, n_obs: int, chunk_size: int = 8192) -> None:
+    """Compile `inverse_scale_variance(target, x, covariance, bases, n_obs)` in the background."""
+    size = int(min(chunk_size, max(n_obs, 1)))
+    n = target.n_params
+    chunk = jax.tree.map(lambda a: jax.ShapeDtypeStruct((size, *np.shape(a)[1:]), a.dtype), bases)
+    precompile(_variance_function(target, bases), jax.ShapeDtypeStruct((n,), np.float64),
+               jax.ShapeDtypeStruct((n, n), np.float64), chunk, rows=n_obs)
 
 
 def _variance_function(target: ScalingTarget, bases: Any):
@@ -351,7 +376,6 @@ def _variance_function(target: ScalingTarget, bases: Any):
     # dense rows D (C x n) cost C n^2 BLAS flops, slot pairs C S^2 gathers (~50x dearer each)
     dense = target.n_params <= 8 * n_slots
 
-    @jax.jit
     def run(x, cov, chunk_bases):
         if not slots:
             d = jax.jacfwd(target._inverse_scale)(x, chunk_bases)  # f[C, n]
@@ -363,8 +387,9 @@ def _variance_function(target: ScalingTarget, bases: Any):
         sigma = cov[cols[:, :, None], cols[:, None, :]]  # f[C, S, S]
         return jnp.einsum("ia,iab,ib->i", d, sigma, d)
 
-    _VAR_CACHE[id(target)] = (target, run)
-    return run
+    program = Program(run)  # called with the job's total rows, which choose the compile options
+    _VAR_CACHE[id(target)] = (target, program)
+    return program
 
 
 _VAR_CACHE: dict[int, tuple] = {}

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxscale.compilation import Program
 from jaxscale.models.component import Component, inverse_scale
 from jaxscale.target.losses import Loss, least_squares
 
@@ -118,6 +119,17 @@ class TargetData:
     free: jax.Array  # bool[n_params] True where the parameter is refined
 
 
+def _data_rows(x: Any, data: TargetData) -> int:
+    """Observation rows of a (x, TargetData) call (decides the compile options)."""
+    return int(np.shape(data.problem.weight)[0])
+
+
+def _basis_rows(x: Any, bases: Any) -> int:
+    """Observation rows of an (x, bases) call: the leading axis of the bases."""
+    leaves = jax.tree.leaves(bases)
+    return int(np.shape(leaves[0])[0]) if leaves and np.ndim(leaves[0]) else 0
+
+
 class ScalingTarget:
     """Jitted objective, gradient and RMSD of one scaling model over flat parameters.
 
@@ -147,10 +159,11 @@ class ScalingTarget:
             else np.broadcast_to(np.asarray(comp.restraint_weights, dtype=np.float64), self.shapes[k])
             for k, comp in self.components.items()
         })
-        self.value = jax.jit(self._value)
-        self.value_and_grad = jax.jit(jax.value_and_grad(self._value))
-        self.rmsd = jax.jit(self._rmsd)
-        self.inverse_scale = jax.jit(self._inverse_scale)
+        # jitted; small problems compile with fast options (jaxscale.compilation)
+        self.value = Program(self._value, rows=_data_rows)
+        self.value_and_grad = Program(jax.value_and_grad(self._value), rows=_data_rows)
+        self.rmsd = Program(self._rmsd, rows=_data_rows)
+        self.inverse_scale = Program(self._inverse_scale, rows=_basis_rows)
 
     # ------------------------------------------------------------------ helpers
     def _flat(self, tree: Mapping[str, Any]) -> np.ndarray:
