@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from math import ceil, floor
+from typing import TYPE_CHECKING
 
 import gemmi
 import numpy as np
-import scipy.sparse as sp
 
 from jaxscale.data.symmetry import d_star_sq as _d_star_sq
 from jaxscale.data.symmetry import epsilon
+
+if TYPE_CHECKING:  # scipy.sparse (0.1 s to import) only when several data sets are selected
+    import scipy.sparse as sp
 
 METHODS = ("auto", "quasi_random", "random", "use_all", "intensity_ranges")
 
@@ -195,6 +198,8 @@ def select_connected_across_datasets(
     _, classes = np.unique(np.where(pool, dataset_id, -1), return_inverse=True)
     classes = classes.reshape(-1) - (1 if (~pool).any() else 0)
     chosen_group = np.zeros(int(group_id.max()) + 1, dtype=bool)
+    import scipy.sparse as sp
+
     for b in range(n_bins):  # <= 20 resolution bins
         in_bin = pool & (res_bin == b)
         if not in_bin.any():
