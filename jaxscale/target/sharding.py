@@ -37,6 +37,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AXIS = "obs"
+# Chunks (of 8 rows) per block of the evaluation loop on CPU: 16,384 rows, whose temporaries
+# (~0.5 MB) stay in L2. 1,024-8,192 measured within noise of each other (scripts/bench_eval.py).
+CPU_BLOCK_CHUNKS = 2048
 
 
 @jax.tree_util.register_dataclass
@@ -198,18 +201,95 @@ def _group_sums(g: jax.Array, obs: StillObservations, axis: str | None) -> jax.A
     return _psum(jnp.stack([s1, s2], axis=1), axis)
 
 
-def _local_value_and_grad(x: jax.Array, obs: StillObservations, axis: str | None):
-    """(f, df/dx f[n_exp, 2], I_h f[n_groups]) with f = sum w r^2 over all devices."""
-    g, decay = _scales(x, obs)
-    sums = _group_sums(g, obs, axis)
+def _take(table: jax.Array, index: jax.Array) -> jax.Array:
+    """table[index] along axis 0 for indices known to be in range (no negative-index fix-up,
+    which XLA would otherwise materialise as an extra index array)."""
+    dnums = jax.lax.GatherDimensionNumbers(offset_dims=tuple(range(1, table.ndim)), collapsed_slice_dims=(0,),
+                                           start_index_map=(0,))
+    return jax.lax.gather(table, index[:, None], dnums, (1, *table.shape[1:]),
+                          mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+def _scatter_add(target: jax.Array, index: jax.Array, updates: jax.Array, sorted_index: bool = False) -> jax.Array:
+    """target.at[index].add(updates) along axis 0 for in-range indices (see `_take`)."""
+    dnums = jax.lax.ScatterDimensionNumbers(update_window_dims=tuple(range(1, target.ndim)),
+                                            inserted_window_dims=(0,), scatter_dims_to_operand_dims=(0,))
+    return jax.lax.scatter_add(target, index[:, None], updates, dnums, indices_are_sorted=sorted_index,
+                               mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+def _block(obs: StillObservations, first_chunk, n_chunks: int) -> StillObservations:
+    """The chunks first_chunk .. first_chunk + n_chunks - 1 (first_chunk may be traced)."""
+    rows = lambda a: jax.lax.dynamic_slice_in_dim(a, first_chunk * obs.chunk, n_chunks * obs.chunk)  # noqa: E731
+    return dataclasses.replace(
+        obs, intensity=rows(obs.intensity), weight=rows(obs.weight), inv_two_d_sq=rows(obs.inv_two_d_sq),
+        group_id=rows(obs.group_id),
+        chunk_experiment=jax.lax.dynamic_slice_in_dim(obs.chunk_experiment, first_chunk, n_chunks),
+    )
+
+
+def _fold_blocks(step, carry, obs: StillObservations, block_chunks: int | None):
+    """carry = step(carry, block) over consecutive blocks of `block_chunks` chunks (a loop),
+    then over the remaining chunks; one step over everything when block_chunks is None."""
+    n_chunks = obs.chunk_experiment.shape[0]
+    if block_chunks is None or block_chunks >= n_chunks:
+        return step(carry, obs)
+    n_full, tail = divmod(n_chunks, block_chunks)
+    carry = jax.lax.fori_loop(0, n_full, lambda i, c: step(c, _block(obs, i * block_chunks, block_chunks)), carry)
+    return step(carry, _block(obs, n_full * block_chunks, tail)) if tail else carry
+
+
+def _block_scales(x: jax.Array, blk: StillObservations):
+    """(g, exp(B s)) as f[n_chunks, chunk]; k and B gathered per chunk as separate vectors
+    (slicing them out of a gathered [n_chunks, 2] array makes XLA CPU's loops strided)."""
+    k = _take(x[:, 0], blk.chunk_experiment)[:, None]
+    decay = jnp.exp(_take(x[:, 1], blk.chunk_experiment)[:, None] * blk.inv_two_d_sq.reshape(-1, blk.chunk))
+    return k * decay, decay
+
+
+def _group_sums_step(x: jax.Array):
+    """Block step adding (sum w g I, sum w g^2) of the block to f[n_groups, 2]: one scatter of
+    both columns (the (n, 2) updates are built by a select, which XLA CPU vectorises; a stack
+    or concatenate there is scalar code)."""
+    def step(sums, blk):
+        g, _ = _block_scales(x, blk)
+        g = g.reshape(-1)
+        wg = blk.weight * g
+        updates = wg[:, None] * jnp.where(jnp.arange(2) == 0, blk.intensity[:, None], g[:, None])
+        return _scatter_add(sums, blk.group_id, updates)
+    return step
+
+
+def _value_and_grad_step(x: jax.Array, ih: jax.Array):
+    """Block step adding each still's (sum w r^2, df/dk, df/dB) to f[n_exp, 3]: the three
+    per-chunk sums in one variadic reduce (one pass over the block), then a sorted scatter."""
+    def step(acc, blk):
+        g, decay = _block_scales(x, blk)
+        shape = g.shape
+        s = blk.inv_two_d_sq.reshape(shape)
+        ih_obs = _take(ih, blk.group_id).reshape(shape)
+        r = blk.intensity.reshape(shape) - g * ih_obs
+        wr = blk.weight.reshape(shape) * r
+        df_dg = -2.0 * wr * ih_obs  # the dI_h/dp term is zero at the closed-form I_h
+        zero = jnp.zeros((), g.dtype)
+        per_chunk = jax.lax.reduce((wr * r, df_dg * decay, df_dg * g * s), (zero,) * 3,
+                                   lambda a, b: tuple(u + v for u, v in zip(a, b)), (1,))
+        return _scatter_add(acc, blk.chunk_experiment, jnp.stack(per_chunk, axis=1), sorted_index=True)
+    return step
+
+
+def _local_value_and_grad(x: jax.Array, obs: StillObservations, axis: str | None, block_chunks: int | None = None):
+    """(f, df/dx f[n_exp, 2], I_h f[n_groups]) with f = sum w r^2 over all devices.
+
+    Two passes over the local rows, each a loop over blocks of `block_chunks` chunks (None:
+    one block): group sums, then value and gradient. On CPU, blocks keep every temporary
+    (exp, the scatter updates) in cache; whole-array temporaries would be fresh memory on
+    each call, faulted in page by page (docs/serial.md)."""
+    zeros = jnp.zeros((obs.n_groups, 2), x.dtype)
+    sums = _psum(_fold_blocks(_group_sums_step(x), zeros, obs, block_chunks), axis)
     ih = _safe_divide(sums[:, 0], sums[:, 1])
-    ih_obs = ih[obs.group_id]
-    r = obs.intensity - g * ih_obs
-    wr = obs.weight * r
-    value = _psum(jnp.sum(wr * r), axis)
-    df_dg = -2.0 * wr * ih_obs  # the dI_h/dp term is zero at the closed-form I_h
-    grad = _psum(_per_still(obs, df_dg * decay, df_dg * g * obs.inv_two_d_sq), axis)
-    return value, grad, ih
+    acc = _fold_blocks(_value_and_grad_step(x, ih), jnp.zeros((obs.n_experiments, 3), x.dtype), obs, block_chunks)
+    return _psum(jnp.sum(acc[:, 0]), axis), _psum(acc[:, 1:], axis), ih
 
 
 def _local_residuals(x: jax.Array, obs: StillObservations, axis: str | None) -> jax.Array:
@@ -254,10 +334,17 @@ class KBStillsTarget:
     `mesh=None` runs on one device; otherwise every function is a `shard_map` over the
     mesh's "obs" axis (observations must come from `make_observations(..., mesh=mesh)`).
     `free` (bool[n_exp, 2]) and `anchor` hold fixed parameters: x_eff = where(free, x, anchor).
+    `block_chunks`: chunks of rows per block of the evaluation loop (`_local_value_and_grad`);
+    "auto" = `CPU_BLOCK_CHUNKS` on CPU, None (one block: no loop) on accelerators, where a
+    loop of small kernels would cost launches and whole-array temporaries cost nothing.
     """
 
-    def __init__(self, mesh: Mesh | None = None):
+    def __init__(self, mesh: Mesh | None = None, block_chunks: int | None | str = "auto"):
         self.mesh = mesh
+        if block_chunks == "auto":
+            device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+            block_chunks = CPU_BLOCK_CHUNKS if device.platform == "cpu" else None
+        self.block_chunks = block_chunks
         self.value_and_grad = jax.jit(self._value_and_grad)
         self.value = jax.jit(self._value)
         self.group_mean = jax.jit(self._group_mean)
@@ -282,7 +369,7 @@ class KBStillsTarget:
     # raw (unmasked) pieces -------------------------------------------------
     def raw_value_and_grad(self, x: jax.Array, obs: StillObservations):
         """(f, df/dx, I_h) at x (no fixed-parameter handling)."""
-        return self._wrap(_local_value_and_grad, (P(), P(), P()))(x, obs)
+        return self._wrap(partial(_local_value_and_grad, block_chunks=self.block_chunks), (P(), P(), P()))(x, obs)
 
     def residual_fn(self, x: jax.Array, obs: StillObservations) -> jax.Array:
         """sqrt(w) r f[n_rows] (sharded like the observations); differentiable by jvp/vjp."""

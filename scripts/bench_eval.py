@@ -1,0 +1,532 @@
+#!/usr/bin/env python
+"""Time variants of one KB-stills target+gradient evaluation against a numpy streaming pass.
+
+    python scripts/bench_eval.py --sizes 1000000,10000000 [--variants a,b] [--rounds 20] [--json]
+    JAXSCALE_X64=0 python scripts/bench_eval.py ...            # float32 throughout
+
+Data: `simulate_flat_stills` (100 observations per still, 14,000 groups), laid out by
+`make_observations` (one device). Every variant is a function (x, obs) -> (value, gradient);
+all are checked against the current `KBStillsTarget.value_and_grad` (relative difference
+printed). Timing: `rounds` interleaved rounds (each variant once per round, the baseline
+too), minimum and median over rounds, CPU seconds per call (`time.process_time`) and minor
+page faults per call (fresh temporary buffers are faulted in by the kernel on every call).
+The baseline is the one in scripts/bench.py: numpy `sum` of each array the evaluation reads
+(I, w, 1/(2d^2), group id, still of each chunk), i.e. one streaming pass over those bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import sys
+import time
+
+os.environ.setdefault("JAXSCALE_CACHE_DIR", "")  # time compiled code, not the cache
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxscale  # noqa: E402,F401
+from jaxscale.serial import simulate_flat_stills  # noqa: E402
+from jaxscale.target import sharding  # noqa: E402
+
+OBS_PER_STILL = 100
+
+
+# ----------------------------------------------------------------------------- variants
+def _chunk_views(obs):
+    c = obs.chunk
+    return (obs.intensity.reshape(-1, c), obs.weight.reshape(-1, c), obs.inv_two_d_sq.reshape(-1, c))
+
+
+def session1(x, obs):
+    """The session-1 evaluation (kept here for comparison): chunk gather of k, B, exp
+    materialised, two scatters, separate chunk reductions (three passes) for value and gradient."""
+    c = obs.chunk
+    kb = x[obs.chunk_experiment]
+    decay = jnp.exp(kb[:, 1:2] * obs.inv_two_d_sq.reshape(-1, c))
+    g, decay = (kb[:, 0:1] * decay).reshape(-1), decay.reshape(-1)
+    wg = obs.weight * g
+    s1 = jax.ops.segment_sum(wg * obs.intensity, obs.group_id, num_segments=obs.n_groups)
+    s2 = jax.ops.segment_sum(wg * g, obs.group_id, num_segments=obs.n_groups)
+    ih = sharding._safe_divide(s1, s2)
+    ih_obs = ih[obs.group_id]
+    r = obs.intensity - g * ih_obs
+    wr = obs.weight * r
+    value = jnp.sum(wr * r)
+    df_dg = -2.0 * wr * ih_obs
+    grad = jnp.stack([
+        jax.ops.segment_sum(v.reshape(-1, c).sum(axis=1), obs.chunk_experiment, num_segments=obs.n_experiments,
+                            indices_are_sorted=True)
+        for v in (df_dg * decay, df_dg * g * obs.inv_two_d_sq)], axis=1)
+    return value, grad
+
+
+def _second_pass(x, obs, ih, g, decay):
+    """Value and gradient from I_h in one fused pass: a variadic reduce over each chunk."""
+    intensity, weight, s = _chunk_views(obs)
+    ih_obs = ih[obs.group_id].reshape(-1, obs.chunk)
+    r = intensity - g * ih_obs
+    wr = weight * r
+    df_dg = -2.0 * wr * ih_obs
+    z = jnp.zeros((), x.dtype)
+    a, b, d = jax.lax.reduce((wr * r, df_dg * decay, df_dg * g * s), (z, z, z),
+                             lambda p, q: (p[0] + q[0], p[1] + q[1], p[2] + q[2]), (1,))
+    grad = jax.ops.segment_sum(jnp.stack([b, d], 1), obs.chunk_experiment, num_segments=obs.n_experiments,
+                               indices_are_sorted=True)
+    return a.sum(), grad
+
+
+def two_scatters_variadic(x, obs):
+    """Two scatters; value and gradient chunk sums in one variadic reduce (exp materialised)."""
+    intensity, weight, s = _chunk_views(obs)
+    kb = x[obs.chunk_experiment]
+    decay = jnp.exp(kb[:, 1:2] * s)
+    g = kb[:, 0:1] * decay
+    wg = weight * g
+    s1 = jax.ops.segment_sum((wg * intensity).reshape(-1), obs.group_id, num_segments=obs.n_groups)
+    s2 = jax.ops.segment_sum((wg * g).reshape(-1), obs.group_id, num_segments=obs.n_groups)
+    return _second_pass(x, obs, sharding._safe_divide(s1, s2), g, decay)
+
+
+def stacked_scatter_variadic(x, obs):
+    """One scatter of the stacked (w g I, w g^2) rows + the variadic reduce."""
+    intensity, weight, s = _chunk_views(obs)
+    kb = x[obs.chunk_experiment]
+    decay = jnp.exp(kb[:, 1:2] * s)
+    g = kb[:, 0:1] * decay
+    wg = weight * g
+    sums = jax.ops.segment_sum(jnp.stack([wg * intensity, wg * g], -1).reshape(-1, 2), obs.group_id,
+                               num_segments=obs.n_groups)
+    return _second_pass(x, obs, sharding._safe_divide(sums[:, 0], sums[:, 1]), g, decay)
+
+
+def _second_pass_fused(x, obs, ih, kb):
+    """Value and gradient from I_h in one fused pass (variadic reduce over each chunk), g
+    recomputed from k, B (no materialised n-row temporaries); value through the per-still sums."""
+    intensity, weight, s = _chunk_views(obs)
+    decay = jnp.exp(kb[:, 1:2] * s)
+    g = kb[:, 0:1] * decay
+    ih_obs = ih[obs.group_id].reshape(-1, obs.chunk)
+    r = intensity - g * ih_obs
+    wr = weight * r
+    df_dg = -2.0 * wr * ih_obs
+    z = jnp.zeros((), x.dtype)
+    a, b, d = jax.lax.reduce((wr * r, df_dg * decay, df_dg * g * s), (z, z, z),
+                             lambda p, q: (p[0] + q[0], p[1] + q[1], p[2] + q[2]), (1,))
+    sums = jax.ops.segment_sum(jnp.stack([a, b, d], 1), obs.chunk_experiment, num_segments=obs.n_experiments,
+                               indices_are_sorted=True)
+    return sums[:, 0].sum(), sums[:, 1:]
+
+
+def stacked_scatter_barrier(x, obs):
+    """One scatter of stacked (w g I, w g^2) computed in one fusion; the second pass
+    recomputes exp (an optimization barrier on the per-chunk k, B stops CSE from sharing it,
+    which would materialise exp for all rows)."""
+    intensity, weight, s = _chunk_views(obs)
+    kb = x[obs.chunk_experiment]
+    decay = jnp.exp(kb[:, 1:2] * s)
+    g = kb[:, 0:1] * decay
+    wg = weight * g
+    sums = jax.ops.segment_sum(jnp.stack([wg * intensity, wg * g], -1).reshape(-1, 2), obs.group_id,
+                               num_segments=obs.n_groups)
+    ih = sharding._safe_divide(sums[:, 0], sums[:, 1])
+    return _second_pass_fused(x, obs, ih, jax.lax.optimization_barrier(kb))
+
+
+def two_scatters_barrier(x, obs):
+    """As stacked_scatter_barrier with two scatters (one per quantity)."""
+    intensity, weight, s = _chunk_views(obs)
+    kb = x[obs.chunk_experiment]
+    decay = jnp.exp(kb[:, 1:2] * s)
+    g = kb[:, 0:1] * decay
+    wg = weight * g
+    s1 = jax.ops.segment_sum((wg * intensity).reshape(-1), obs.group_id, num_segments=obs.n_groups)
+    s2 = jax.ops.segment_sum((wg * g).reshape(-1), obs.group_id, num_segments=obs.n_groups)
+    return _second_pass_fused(x, obs, sharding._safe_divide(s1, s2), jax.lax.optimization_barrier(kb))
+
+
+# --- transposed chunk layout: row j of chunk c at j * n_chunks + c (one device), so the
+# per-chunk reductions run over the major axis and XLA CPU vectorises them (exp included)
+def transpose_chunks(obs):
+    """The same observations with each array reordered (n_chunks, chunk) -> (chunk, n_chunks)."""
+    t = lambda a: a.reshape(-1, obs.chunk).T.reshape(-1)  # noqa: E731
+    return dataclasses.replace(obs, intensity=t(obs.intensity), weight=t(obs.weight),
+                               inv_two_d_sq=t(obs.inv_two_d_sq), group_id=t(obs.group_id))
+
+
+def _t_views(obs):
+    c = obs.chunk
+    return (obs.intensity.reshape(c, -1), obs.weight.reshape(c, -1), obs.inv_two_d_sq.reshape(c, -1))
+
+
+def _t_scales(kb, s):
+    decay = jnp.exp(kb[None, :, 1] * s)
+    return kb[None, :, 0] * decay, decay
+
+
+def _t_second_pass(x, obs, ih, kb):
+    intensity, weight, s = _t_views(obs)
+    g, decay = _t_scales(kb, s)
+    ih_obs = ih[obs.group_id].reshape(obs.chunk, -1)
+    r = intensity - g * ih_obs
+    wr = weight * r
+    df_dg = -2.0 * wr * ih_obs
+    z = jnp.zeros((), x.dtype)
+    a, b, d = jax.lax.reduce((wr * r, df_dg * decay, df_dg * g * s), (z, z, z),
+                             lambda p, q: (p[0] + q[0], p[1] + q[1], p[2] + q[2]), (0,))
+    sums = jax.ops.segment_sum(jnp.stack([a, b, d], 1), obs.chunk_experiment, num_segments=obs.n_experiments,
+                               indices_are_sorted=True)
+    return sums[:, 0].sum(), sums[:, 1:]
+
+
+def t_shared_exp(x, obs):
+    """Transposed layout; exp computed once (materialised) and shared by both passes."""
+    intensity, weight, s = _t_views(obs)
+    kb = x[obs.chunk_experiment]
+    g, decay = _t_scales(kb, s)
+    wg = weight * g
+    s1 = jax.ops.segment_sum((wg * intensity).reshape(-1), obs.group_id, num_segments=obs.n_groups)
+    s2 = jax.ops.segment_sum((wg * g).reshape(-1), obs.group_id, num_segments=obs.n_groups)
+    ih = sharding._safe_divide(s1, s2)
+    ih_obs = ih[obs.group_id].reshape(obs.chunk, -1)
+    r = intensity - g * ih_obs
+    wr = weight * r
+    df_dg = -2.0 * wr * ih_obs
+    z = jnp.zeros((), x.dtype)
+    a, b, d = jax.lax.reduce((wr * r, df_dg * decay, df_dg * g * s), (z, z, z),
+                             lambda p, q: (p[0] + q[0], p[1] + q[1], p[2] + q[2]), (0,))
+    sums = jax.ops.segment_sum(jnp.stack([a, b, d], 1), obs.chunk_experiment, num_segments=obs.n_experiments,
+                               indices_are_sorted=True)
+    return sums[:, 0].sum(), sums[:, 1:]
+
+
+def t_pass1_shared(x, obs):
+    """Transposed; exp materialised for the two scatter updates, recomputed in pass 2."""
+    intensity, weight, s = _t_views(obs)
+    kb = x[obs.chunk_experiment]
+    g, decay = _t_scales(kb, s)
+    wg = weight * g
+    s1 = jax.ops.segment_sum((wg * intensity).reshape(-1), obs.group_id, num_segments=obs.n_groups)
+    s2 = jax.ops.segment_sum((wg * g).reshape(-1), obs.group_id, num_segments=obs.n_groups)
+    return _t_second_pass(x, obs, sharding._safe_divide(s1, s2), jax.lax.optimization_barrier(kb))
+
+
+def t_recompute(x, obs):
+    """Transposed; exp recomputed in each of the three fusions (no n-row exp temporary)."""
+    intensity, weight, s = _t_views(obs)
+    kb = x[obs.chunk_experiment]
+    g1, _ = _t_scales(kb, s)
+    g2, _ = _t_scales(jax.lax.optimization_barrier(kb), s)
+    s1 = jax.ops.segment_sum((weight * g1 * intensity).reshape(-1), obs.group_id, num_segments=obs.n_groups)
+    s2 = jax.ops.segment_sum((weight * g2 * g2).reshape(-1), obs.group_id, num_segments=obs.n_groups)
+    kb3 = jax.lax.optimization_barrier(jax.lax.optimization_barrier(kb))
+    return _t_second_pass(x, obs, sharding._safe_divide(s1, s2), kb3)
+
+
+TRANSPOSED = {"t_shared_exp", "t_pass1_shared", "t_recompute"}
+
+
+# --- blocked: both passes as loops over blocks of rows, so the n-row temporaries (exp, the
+# scatter updates) are block-sized: they stay in cache and are reused without page faults
+def _block_slices(obs, start_chunk, n_chunks):
+    c = obs.chunk
+    rows = lambda a: jax.lax.dynamic_slice_in_dim(a, start_chunk * c, n_chunks * c)  # noqa: E731
+    return dataclasses.replace(obs, intensity=rows(obs.intensity), weight=rows(obs.weight),
+                               inv_two_d_sq=rows(obs.inv_two_d_sq), group_id=rows(obs.group_id),
+                               chunk_experiment=jax.lax.dynamic_slice_in_dim(obs.chunk_experiment, start_chunk,
+                                                                             n_chunks))
+
+
+def _fold_blocks(step, carry, obs, block_chunks):
+    """carry = step(carry, block) over consecutive blocks of `block_chunks` chunks, then the tail."""
+    n_chunks = obs.chunk_experiment.shape[0]
+    n_full, tail = divmod(n_chunks, block_chunks)
+    if n_full:
+        carry = jax.lax.fori_loop(0, n_full, lambda i, c: step(c, _block_slices(obs, i * block_chunks, block_chunks)),
+                                  carry)
+    if tail:
+        carry = step(carry, _block_slices(obs, n_full * block_chunks, tail))
+    return carry
+
+
+def _pass1_step(x, carry):
+    def step(sums, blk):
+        intensity, weight, s = _chunk_views(blk)
+        kb = x[blk.chunk_experiment]
+        g = kb[:, 0:1] * jnp.exp(kb[:, 1:2] * s)
+        wg = weight * g
+        s1 = sums[0].at[blk.group_id].add((wg * intensity).reshape(-1))
+        s2 = sums[1].at[blk.group_id].add((wg * g).reshape(-1))
+        return s1, s2
+    return step
+
+
+def _pass2_step(x, ih, materialise_exp=False):
+    def step(acc, blk):
+        intensity, weight, s = _chunk_views(blk)
+        kb = x[blk.chunk_experiment]
+        decay = jnp.exp(kb[:, 1:2] * s)
+        if materialise_exp:  # exp in its own (vectorised) loop; XLA CPU does not vectorise it inside the reduce
+            decay = jax.lax.optimization_barrier(decay)
+        g = kb[:, 0:1] * decay
+        ih_obs = ih[blk.group_id].reshape(-1, blk.chunk)
+        r = intensity - g * ih_obs
+        wr = weight * r
+        df_dg = -2.0 * wr * ih_obs
+        z = jnp.zeros((), x.dtype)
+        a, b, d = jax.lax.reduce((wr * r, df_dg * decay, df_dg * g * s), (z, z, z),
+                                 lambda p, q: (p[0] + q[0], p[1] + q[1], p[2] + q[2]), (1,))
+        return acc.at[blk.chunk_experiment].add(jnp.stack([a, b, d], 1), indices_are_sorted=True)
+    return step
+
+
+def blocked(x, obs, block_chunks=None):
+    block_chunks = block_chunks or int(os.environ.get("BLOCK_CHUNKS", 4096))
+    z = jnp.zeros(obs.n_groups, x.dtype)
+    s1, s2 = _fold_blocks(_pass1_step(x, None), (z, z), obs, block_chunks)
+    ih = sharding._safe_divide(s1, s2)
+    acc = _fold_blocks(_pass2_step(x, ih), jnp.zeros((obs.n_experiments, 3), x.dtype), obs, block_chunks)
+    return acc[:, 0].sum(), acc[:, 1:]
+
+
+def blocked_exp(x, obs, block_chunks=None):
+    """blocked, with exp materialised per block in pass 2 (optimization barrier)."""
+    block_chunks = block_chunks or int(os.environ.get("BLOCK_CHUNKS", 4096))
+    z = jnp.zeros(obs.n_groups, x.dtype)
+    s1, s2 = _fold_blocks(_pass1_step(x, None), (z, z), obs, block_chunks)
+    ih = sharding._safe_divide(s1, s2)
+    acc = _fold_blocks(_pass2_step(x, ih, True), jnp.zeros((obs.n_experiments, 3), x.dtype), obs, block_chunks)
+    return acc[:, 0].sum(), acc[:, 1:]
+
+
+# --- blocked_t: blocks of rows stored transposed, (chunk, block_chunks) each, so every
+# per-row expression broadcasts k, B along the minor axis and the chunk sums reduce the
+# major axis: XLA CPU vectorises both (exp included)
+def transpose_blocks(obs, block_chunks):
+    """Reorder rows so that each block of `block_chunks` chunks (and the tail) is (chunk, n) row-major."""
+    n_chunks = obs.chunk_experiment.shape[0]
+    c = obs.chunk
+    idx = np.arange(n_chunks * c).reshape(n_chunks, c)
+    parts = [idx[b:b + block_chunks].T.reshape(-1) for b in range(0, n_chunks, block_chunks)]
+    perm = jnp.asarray(np.concatenate(parts))
+    t = lambda a: a[perm]  # noqa: E731
+    return dataclasses.replace(obs, intensity=t(obs.intensity), weight=t(obs.weight),
+                               inv_two_d_sq=t(obs.inv_two_d_sq), group_id=t(obs.group_id))
+
+
+def _tb_views(blk):
+    c = blk.chunk
+    return (blk.intensity.reshape(c, -1), blk.weight.reshape(c, -1), blk.inv_two_d_sq.reshape(c, -1))
+
+
+def _tb_pass1_step(x):
+    def step(sums, blk):
+        intensity, weight, s = _tb_views(blk)
+        kb = x[blk.chunk_experiment]
+        g = kb[None, :, 0] * jnp.exp(kb[None, :, 1] * s)
+        wg = weight * g
+        return (sums[0].at[blk.group_id].add((wg * intensity).reshape(-1)),
+                sums[1].at[blk.group_id].add((wg * g).reshape(-1)))
+    return step
+
+
+def _tb_pass2_step(x, ih):
+    def step(acc, blk):
+        intensity, weight, s = _tb_views(blk)
+        kb = x[blk.chunk_experiment]
+        decay = jnp.exp(kb[None, :, 1] * s)
+        g = kb[None, :, 0] * decay
+        ih_obs = ih[blk.group_id].reshape(blk.chunk, -1)
+        r = intensity - g * ih_obs
+        wr = weight * r
+        df_dg = -2.0 * wr * ih_obs
+        z = jnp.zeros((), x.dtype)
+        a, b, d = jax.lax.reduce((wr * r, df_dg * decay, df_dg * g * s), (z, z, z),
+                                 lambda p, q: (p[0] + q[0], p[1] + q[1], p[2] + q[2]), (0,))
+        return acc.at[blk.chunk_experiment].add(jnp.stack([a, b, d], 1), indices_are_sorted=True)
+    return step
+
+
+def blocked_t(x, obs, block_chunks=None):
+    block_chunks = block_chunks or int(os.environ.get("BLOCK_CHUNKS", 4096))
+    z = jnp.zeros(obs.n_groups, x.dtype)
+    s1, s2 = _fold_blocks(_tb_pass1_step(x), (z, z), obs, block_chunks)
+    ih = sharding._safe_divide(s1, s2)
+    acc = _fold_blocks(_tb_pass2_step(x, ih), jnp.zeros((obs.n_experiments, 3), x.dtype), obs, block_chunks)
+    return acc[:, 0].sum(), acc[:, 1:]
+
+
+# --- full blocked variants with k and B gathered as separate contiguous vectors, and the two
+# group sums as one complex scatter (real part sum w g I, imaginary part sum w g^2)
+def _kb_rows(x, blk, transposed):
+    k = x[:, 0][blk.chunk_experiment]
+    b = x[:, 1][blk.chunk_experiment]
+    return (k[None, :], b[None, :]) if transposed else (k[:, None], b[:, None])
+
+
+def _p1_complex_step(x, transposed):
+    def step(sums, blk):
+        intensity, weight, s = (_tb_views if transposed else _chunk_views)(blk)
+        k, b = _kb_rows(x, blk, transposed)
+        g = k * jnp.exp(b * s)
+        wg = weight * g
+        return sums.at[blk.group_id].add(jax.lax.complex(wg * intensity, wg * g).reshape(-1))
+    return step
+
+
+def _p1_where_step(x, transposed):
+    def step(sums, blk):
+        intensity, weight, s = (_tb_views if transposed else _chunk_views)(blk)
+        k, b = _kb_rows(x, blk, transposed)
+        g = (k * jnp.exp(b * s)).reshape(-1)
+        wg = weight.reshape(-1) * g
+        u = wg[:, None] * jnp.where(jnp.arange(2)[None, :] == 0, intensity.reshape(-1)[:, None], g[:, None])
+        return sums.at[blk.group_id].add(u)
+    return step
+
+
+def _p2_step(x, ih, transposed):
+    def step(acc, blk):
+        intensity, weight, s = (_tb_views if transposed else _chunk_views)(blk)
+        k, b = _kb_rows(x, blk, transposed)
+        decay = jnp.exp(b * s)
+        g = k * decay
+        ih_obs = ih[blk.group_id].reshape(intensity.shape)
+        r = intensity - g * ih_obs
+        wr = weight * r
+        df_dg = -2.0 * wr * ih_obs
+        z = jnp.zeros((), x.dtype)
+        a, bb, d = jax.lax.reduce((wr * r, df_dg * decay, df_dg * g * s), (z, z, z),
+                                  lambda p, q: (p[0] + q[0], p[1] + q[1], p[2] + q[2]), (0 if transposed else 1,))
+        return acc.at[blk.chunk_experiment].add(jnp.stack([a, bb, d], 1), indices_are_sorted=True)
+    return step
+
+
+def _bc():
+    return int(os.environ.get("BLOCK_CHUNKS", 4096))
+
+
+def blk_complex_nt(x, obs):
+    cdt = jnp.complex128 if x.dtype == jnp.float64 else jnp.complex64
+    sums = _fold_blocks(_p1_complex_step(x, False), jnp.zeros(obs.n_groups, cdt), obs, _bc())
+    ih = sharding._safe_divide(sums.real, sums.imag)
+    acc = _fold_blocks(_p2_step(x, ih, False), jnp.zeros((obs.n_experiments, 3), x.dtype), obs, _bc())
+    return acc[:, 0].sum(), acc[:, 1:]
+
+
+def blk_complex_t(x, obs):
+    cdt = jnp.complex128 if x.dtype == jnp.float64 else jnp.complex64
+    sums = _fold_blocks(_p1_complex_step(x, True), jnp.zeros(obs.n_groups, cdt), obs, _bc())
+    ih = sharding._safe_divide(sums.real, sums.imag)
+    acc = _fold_blocks(_p2_step(x, ih, True), jnp.zeros((obs.n_experiments, 3), x.dtype), obs, _bc())
+    return acc[:, 0].sum(), acc[:, 1:]
+
+
+def blk_where_t(x, obs):
+    sums = _fold_blocks(_p1_where_step(x, True), jnp.zeros((obs.n_groups, 2), x.dtype), obs, _bc())
+    ih = sharding._safe_divide(sums[:, 0], sums[:, 1])
+    acc = _fold_blocks(_p2_step(x, ih, True), jnp.zeros((obs.n_experiments, 3), x.dtype), obs, _bc())
+    return acc[:, 0].sum(), acc[:, 1:]
+
+
+def blk_where_nt(x, obs):
+    sums = _fold_blocks(_p1_where_step(x, False), jnp.zeros((obs.n_groups, 2), x.dtype), obs, _bc())
+    ih = sharding._safe_divide(sums[:, 0], sums[:, 1])
+    acc = _fold_blocks(_p2_step(x, ih, False), jnp.zeros((obs.n_experiments, 3), x.dtype), obs, _bc())
+    return acc[:, 0].sum(), acc[:, 1:]
+
+
+BLOCK_TRANSPOSED = {"blocked_t", "blk_complex_t", "blk_where_t"}
+
+
+def current(x, obs):
+    """What KBStillsTarget evaluates now (sharding._local_value_and_grad, one device)."""
+    value, grad, _ = sharding._local_value_and_grad(x, obs, None)
+    return value, grad
+
+
+VARIANTS = {f.__name__: f for f in (session1, two_scatters_variadic, stacked_scatter_variadic, stacked_scatter_barrier,
+                                    two_scatters_barrier, t_shared_exp, t_pass1_shared, t_recompute,
+                                    blocked, blocked_exp, blocked_t, blk_complex_nt,
+                                    blk_complex_t, blk_where_t, blk_where_nt, current)}
+
+
+# ----------------------------------------------------------------------------- timing
+def _baseline_arrays(obs):
+    return [np.asarray(a) for a in (obs.intensity, obs.weight, obs.inv_two_d_sq, obs.group_id, obs.chunk_experiment)]
+
+
+def measure(n_obs: int, names: list[str], rounds: int, seed: int) -> dict:
+    n_exp = max(n_obs // OBS_PER_STILL, 1)
+    sim = simulate_flat_stills(n_exp, OBS_PER_STILL, seed=seed)
+    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    obs = sharding.make_observations(sim["intensity"], 1.0 / sim["variance"], sim["d"], sim["group_id"],
+                                     sim["experiment_index"], int(sim["n_groups"]), n_exp, dtype=dtype)
+    rng = np.random.default_rng(seed + 1)
+    x = jnp.asarray(np.stack([np.exp(rng.normal(0, 0.2, n_exp)), rng.normal(0, 3, n_exp)], 1), dtype=dtype)
+    free = jnp.ones((n_exp, 2), bool)
+    target = sharding.KBStillsTarget()
+    ref_value, ref_grad = (np.asarray(a, dtype=np.float64) for a in target.value_and_grad(x, obs, free, x))
+    host = _baseline_arrays(obs)
+    calls = {"baseline": lambda: [a.sum() for a in host]}
+    diff = {}
+    for name in names:
+        fn = jax.jit(VARIANTS[name])
+        obs_v = transpose_chunks(obs) if name in TRANSPOSED else obs
+        if name in BLOCK_TRANSPOSED:
+            obs_v = transpose_blocks(obs, int(os.environ.get("BLOCK_CHUNKS", 4096)))
+        value, grad = fn(x, obs_v)
+        diff[name] = max(abs(float(value) - ref_value) / abs(ref_value),
+                         float(np.abs(np.asarray(grad, dtype=np.float64) - ref_grad).max() / np.abs(ref_grad).max()))
+        calls[name] = (lambda f, o: lambda: jax.block_until_ready(f(x, o)))(fn, obs_v)
+    wall = {k: [] for k in calls}
+    cpu = {k: [] for k in calls}
+    faults = {k: 0 for k in calls}
+    for fn in calls.values():  # warm up (compile, first-touch)
+        fn()
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+            faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    base = min(wall["baseline"])
+    out = {"n_obs": n_obs, "n_rows": int(obs.intensity.size), "dtype": jnp.dtype(dtype).name,
+           "baseline_ms": base * 1e3, "load": os.getloadavg()[0], "variants": {}}
+    for name in calls:
+        out["variants"][name] = {"min_ms": min(wall[name]) * 1e3, "median_ms": float(np.median(wall[name])) * 1e3,
+                                 "cpu_ms": float(np.median(cpu[name])) * 1e3,
+                                 "cpu_min_ms": min(cpu[name]) * 1e3, "faults": faults[name] / rounds,
+                                 "ratio": min(wall[name]) / base, "rel_diff": diff.get(name, 0.0)}
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1000000")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    names = args.variants.split(",")
+    for n_obs in (int(s) for s in args.sizes.split(",")):
+        res = measure(n_obs, names, args.rounds, args.seed)
+        if args.json:
+            print(json.dumps(res))
+            continue
+        print(f"n_obs {n_obs}  {res['dtype']}  baseline {res['baseline_ms']:.2f} ms  load(1 min) {res['load']:.2f}")
+        for name, v in res["variants"].items():
+            print(f"  {name:26s} min {v['min_ms']:7.2f} ms  median {v['median_ms']:7.2f}  cpu median {v['cpu_ms']:7.2f}  "
+                  f"cpu min {v['cpu_min_ms']:7.2f}  faults {v['faults']:6.0f}  x{v['ratio']:5.1f}  diff {v['rel_diff']:.1e}")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
