@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxscale.serial import simulate_flat_stills
 from jaxscale.target.objective import make_problem, residuals
-from jaxscale.target.sharding import KBStillsTarget, make_observations, padded_length
+from jaxscale.target.sharding import CPU_BLOCK_CHUNKS, KBStillsTarget, make_observations, padded_length
 
 
 def _problem(n_exp=40, per=25, n_groups=300, seed=0):
@@ -62,6 +62,34 @@ def test_fixed_parameters_have_zero_gradient_and_padding_is_inert():
     assert padded_length(10, None) == 10
 
 
+def test_blocked_evaluation_equals_one_block_and_numpy():
+    """The evaluation loop over blocks of chunks (3 full blocks of 7 chunks + a tail, and
+    blocks of 1 chunk) gives the one-block value, gradient and I_h; all equal a numpy
+    computation of f, I_h and the closed-form gradient."""
+    sim, w, x = _problem(n_exp=12, per=20, n_groups=90, seed=4)  # 12 stills x 3 chunks = 36 chunks
+    obs = make_observations(sim["intensity"], w, sim["d"], sim["group_id"], sim["experiment_index"], 90, 12)
+    assert obs.chunk_experiment.shape[0] == 36
+    xj, free = jnp.asarray(x), jnp.ones((12, 2), bool)
+    e, gid, d, i_obs = sim["experiment_index"], sim["group_id"], sim["d"], sim["intensity"]
+    g = x[e, 0] * np.exp(x[e, 1] / (2 * d * d))
+    den = np.bincount(gid, w * g * g, 90)
+    ih = np.bincount(gid, w * g * i_obs, 90) / np.where(den > 0, den, 1.0)  # 0 for groups not observed
+    r = i_obs - g * ih[gid]
+    df_dg = -2 * w * r * ih[gid]
+    grad = np.stack([np.bincount(e, df_dg * g / x[e, 0], 12), np.bincount(e, df_dg * g / (2 * d * d), 12)], 1)
+    for block_chunks in (None, 7, 1):
+        t = KBStillsTarget(block_chunks=block_chunks)
+        value, gradient = t.value_and_grad(xj, obs, free, xj)
+        assert np.isclose(float(value), np.sum(w * r * r), rtol=1e-12)
+        np.testing.assert_allclose(np.asarray(gradient), grad, rtol=1e-10, atol=1e-12 * np.abs(grad).max())
+        np.testing.assert_allclose(np.asarray(t.group_mean(xj, obs)), ih, rtol=1e-12)
+
+
+def test_block_size_is_chosen_by_platform():
+    assert KBStillsTarget().block_chunks == (CPU_BLOCK_CHUNKS if jax.devices()[0].platform == "cpu" else None)
+    assert KBStillsTarget(block_chunks=None).block_chunks is None
+
+
 def test_block_diagonal_equals_dense_jacobian_blocks():
     sim, w, x = _problem()  # each still sees distinct groups: the closed form is exact
     obs = make_observations(sim["intensity"], w, sim["d"], sim["group_id"], sim["experiment_index"], 300, 40)
@@ -96,6 +124,7 @@ _SHARDED = textwrap.dedent(
                                 sim["experiment_index"][sel], 400, 60, mesh=mesh)
         t = KBStillsTarget(mesh)
         v, g = t.value_and_grad(x, obs, free, x)
+        vb, gb = KBStillsTarget(mesh, block_chunks=5).value_and_grad(x, obs, free, x)  # loop + tail per device
         fixed = np.ones((60, 2), bool)
         fixed[0] = False
         x0 = jnp.asarray(np.stack([np.ones(60), np.zeros(60)], 1))
@@ -103,7 +132,8 @@ _SHARDED = textwrap.dedent(
                                   engine="GaussNewton", rmsd_tolerance=1e-13)
         out[name] = {"value": float(v), "grad": np.asarray(g).tolist(), "scale": res.x[:, 0].tolist(),
                      "B": res.x[:, 1].tolist(), "n_shards": len(obs.intensity.sharding.device_set),
-                     "n_devices": len(obs.intensity.sharding.device_set), "iterations": res.n_iterations}
+                     "n_devices": len(obs.intensity.sharding.device_set), "iterations": res.n_iterations,
+                     "value_blocked": float(vb), "grad_blocked": np.asarray(gb).tolist()}
     print(json.dumps(out))
     """
 )
@@ -119,5 +149,8 @@ def test_sharded_over_four_cpu_devices_equals_single_device():
     assert abs(one["value"] - four["value"]) <= 1e-10 * abs(one["value"])
     g1, g4 = np.asarray(one["grad"]), np.asarray(four["grad"])
     assert np.abs(g1 - g4).max() <= 1e-10 * np.abs(g1).max()
+    for run in (one, four):  # evaluation in blocks of 5 chunks (a loop on each device) == one block
+        assert abs(run["value_blocked"] - one["value"]) <= 1e-10 * abs(one["value"])
+        assert np.abs(np.asarray(run["grad_blocked"]) - g1).max() <= 1e-10 * np.abs(g1).max()
     np.testing.assert_allclose(four["scale"], one["scale"], rtol=1e-10)
     np.testing.assert_allclose(four["B"], one["B"], rtol=1e-10, atol=1e-10)
