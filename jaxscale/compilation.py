@@ -18,6 +18,7 @@ compiles on the calling thread, as without precompilation.
 """
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 from typing import Any, Callable
@@ -29,7 +30,7 @@ import numpy as np
 # problems are not measurably slower (their cost is dispatch, not arithmetic)
 FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 # largest problem (observation rows of one evaluation) compiled with the fast options
-FAST_COMPILE_MAX_ROWS = 1 << 15
+FAST_COMPILE_MAX_ROWS = 1 << 13
 
 
 def fast_compile(n_rows: int) -> bool:
@@ -127,19 +128,29 @@ class _Compiler:
         self.tasks: queue.Queue = queue.Queue()
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
+        self.closing = False
 
     def submit(self, task: _Once) -> None:
         with self.lock:
             if self.thread is None or not self.thread.is_alive():
+                self.closing = False
                 self.thread = threading.Thread(target=self._work, name="jaxscale-compile", daemon=True)
                 self.thread.start()
+                atexit.register(self.close)
         self.tasks.put(task)
 
     def _work(self) -> None:
         while True:
             task = self.tasks.get()
-            task.run()
+            if not self.closing:
+                task.run()
             self.tasks.task_done()
+
+    def close(self) -> None:
+        """At exit: skip what has not started, let a running compilation finish (a thread
+        killed inside XLA at interpreter shutdown could crash the process)."""
+        self.closing = True
+        self.tasks.join()
 
     def wait(self) -> None:
         """Block until every queued compilation is finished (tests, timing)."""
@@ -156,10 +167,21 @@ def precompile(program: Program, *args: Any, rows: int | None = None) -> None:
     _COMPILER.submit(program._task(args, rows))
 
 
+def _warm_up_program(x):
+    return x + 1.0
+
+
+def warm_up() -> None:
+    """Compile a trivial program in the background: the first compilation of a process pays
+    ~0.1 s of one-time set-up (JAX's lowering machinery, the MLIR context, the compile
+    cache), which this moves off the main thread while it parses parameters and reads files."""
+    precompile(Program(_warm_up_program, fast=True), jax.ShapeDtypeStruct((1,), np.float64))
+
+
 def wait_for_precompiled() -> None:
     """Block until every background compilation has finished."""
     _COMPILER.wait()
 
 
 __all__ = ["FAST_COMPILE_MAX_ROWS", "FAST_COMPILE_OPTIONS", "Program", "fast_compile", "precompile",
-           "wait_for_precompiled"]
+           "wait_for_precompiled", "warm_up"]

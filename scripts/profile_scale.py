@@ -59,6 +59,8 @@ class CompileLog:
         if event not in self.count:
             return
         name = str(kw.get("fun_name", "?"))
+        if name.startswith("jit(") and name.endswith(")"):  # compile/lower events say jit(f), tracing f
+            name = name[4:-1]
         self.count[event][name] += 1
         self.seconds[event][name] += duration
         if threading.current_thread() is threading.main_thread():
