@@ -24,6 +24,7 @@ from jaxscale.data import flags as F
 from jaxscale.data.prepare import prepare_dataset
 from jaxscale.data.symmetry import best_unit_cell, d_star_sq, epsilon, group_ids, map_to_asu
 from jaxscale.data.table import ReflectionTable
+from jaxscale.compilation import precompile
 from jaxscale.errors.error_model import ErrorModelResult, refine_error_model
 from jaxscale.errors.outliers import determine_outliers, normalised_intensity_outliers
 from jaxscale.exceptions import InputError, ParameterError
@@ -298,15 +299,18 @@ class _Scaler:
         self.log = log
         self.multi = len(experiments) > 1
         sg = experiments[0].space_group
+        w = params.weighting  # least squares (DIALS) or a robust loss with its IRLS I_h
+        self.target = make_target(model.components, model.params, w.likelihood, w.student_t_dof, w.huber_delta)
+        self.x = self.target.x0.copy()
+        # g over all rows is needed below: compile it while the observations are assembled
+        precompile(self.target.inverse_scale, jax.ShapeDtypeStruct(self.x.shape, np.float64),
+                   jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), model.bases))
         parts = []
         for k, prep in enumerate(prepared):
             t = prep.table
             rows = np.flatnonzero(_suitable(t))
             parts.append((k, rows, t))
         self.obs = self._observations(parts, sg)
-        w = params.weighting  # least squares (DIALS) or a robust loss with its IRLS I_h
-        self.target = make_target(model.components, model.params, w.likelihood, w.student_t_dof, w.huber_delta)
-        self.x = self.target.x0.copy()
         self.free = self.target.free_mask(model.fixed_mask)
         self.final_free = self.target.free_mask(model.final_fixed_mask)
         # error models: one (a, b) per error-model group (combined: one)
