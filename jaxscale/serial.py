@@ -774,14 +774,9 @@ def _kb_json(k: float, b: float, k_esd: float | None, b_esd: float | None, decay
 def run_serial(params, inputs, progress=None):
     """`jaxscale scale` on many KB stills: read, prepare (DIALS' cuts and intensity choice,
     one call per input file), scale_stills, scaled tables / experiments / statistics /
-    outputs as the rotation path writes them. Returns a jaxscale.scale.ScaleResult."""
-    import dataclasses as _dc
-
+    outputs as the rotation path writes them (ΔCC½ cycles first with filtering.method=deltacchalf).
+    Returns a jaxscale.scale.ScaleResult."""
     from jaxscale import scale as S
-    from jaxscale.data.prepare import UnusableDatasetError, prepare_dataset
-    from jaxscale.data.symmetry import best_unit_cell, d_star_sq, epsilon, group_ids, map_to_asu
-    from jaxscale.data.table import ReflectionTable
-    from jaxscale.optimize.levmar import propagate_variance
 
     log = S._Log(progress)
     timings: dict[str, float] = {}
@@ -805,6 +800,47 @@ def run_serial(params, inputs, progress=None):
     if len(sgs) > 1:
         raise InputError(None, f"experiments have different space groups {sorted(sgs)}")
     timings["read"] = time.perf_counter() - t_start
+    filtering_report = extra_jobs = None
+    if params.filtering.method == "deltacchalf":
+        table, out_experiments, res, x, x_sigma, stats, doc, filtering_report = _scale_and_filter_stills(
+            params, sources, log, timings)
+        from jaxscale.filtering import results_job
+
+        extra_jobs = [job for job in [results_job(params, doc)] if job is not None]
+    else:
+        table, out_experiments, res, x, x_sigma, stats = _serial_pass(params, sources, log, timings,
+                                                                     bool(params.scaling_options.full_matrix))
+    t0 = time.perf_counter()
+    report = None
+    if stats is not None and (params.output.html or params.output.json):
+        from jaxscale.outputs import serial_report_data
+
+        report = serial_report_data(stats, table, out_experiments, x, x_sigma, res.error_model_result, params,
+                                    combination=res.combination)
+        if filtering_report:
+            report["filtering"] = filtering_report
+    timings["report"] = time.perf_counter() - t0
+    run_info_scaler = _SerialRunInfo(error_model=res.error_model, outlier=res.outlier, imid=res.imid)
+    outputs = S._write_outputs(params, table, out_experiments, stats, report, run_info_scaler, log, timings,
+                               t_start, extra_jobs or ())
+    return S.ScaleResult(table, out_experiments, None, x, res.error_model, res.error_model_result, stats, log.lines,
+                         timings, res.imid, outputs, filtering=None if filtering_report is None else doc)
+
+
+def _serial_pass(params, sources: list, log, timings: dict[str, float], full_matrix: bool):
+    """One serial scaling run of the given input files (read, stills selected): prepare, scale_stills,
+    scaled table and experiments, merging statistics. Returns (table, experiments, SerialResult,
+    x f[n, 2], esds f[n, 2] or None, statistics)."""
+    import dataclasses as _dc
+
+    from jaxscale import scale as S
+    from jaxscale.data.prepare import UnusableDatasetError, prepare_dataset
+    from jaxscale.data.symmetry import best_unit_cell, d_star_sq, epsilon, group_ids, map_to_asu
+    from jaxscale.data.table import ReflectionTable
+    from jaxscale.optimize.levmar import propagate_variance
+
+    t_pass = time.perf_counter()
+    experiments = [e for _, expts, _ in sources for e in expts]
     log(f"Serial scaling: {len(experiments)} stills, one KB model each (jaxscale.serial)")
     cut = params.cut_data
     cell = best_unit_cell(experiments)
@@ -850,18 +886,18 @@ def run_serial(params, inputs, progress=None):
         elif not params.reflection_selection.combine.joint_analysis:
             log("reflection_selection.combine.joint_analysis=False: the serial path chooses one Imid for "
                 "all stills jointly")
-    timings["prepare"] = time.perf_counter() - t_start - timings["read"]
+    timings["prepare"] = timings.get("prepare", 0.0) + time.perf_counter() - t_pass
     t0 = time.perf_counter()
     res = scale_stills(gid, cat("intensity"), cat("variance"), cat("d"), e_all, len(experiments), len(uniq),
                        decay_correction=decay, outlier_rejection=opts.outlier_rejection,
-                       outlier_zmax=opts.outlier_zmax or 6.0, full_matrix=bool(opts.full_matrix),
+                       outlier_zmax=opts.outlier_zmax or 6.0, full_matrix=full_matrix,
                        n_devices=params.compute.n_devices, dtype=dtype, emax=emax, d_star_sq=dss, epsilon=eps,
                        intensity_candidates=candidates,
                        imids=params.reflection_selection.combine.Imid or None)
     del candidates, dss, eps
     for line in res.log:
         log(line)
-    timings["scaling"] = time.perf_counter() - t0
+    timings["scaling"] = timings.get("scaling", 0.0) + time.perf_counter() - t0
 
     # scaled tables: g for every indexed row with d > 0 (the KB model applies to all of them)
     t0 = time.perf_counter()
@@ -904,20 +940,93 @@ def run_serial(params, inputs, progress=None):
                                      None if res.b_factor_sigma is None else sb[i], decay, res.error_model, imid)
         out_experiments.append(new)
     stats = S._merging_stats(params, table, out_experiments, log)
-    timings["statistics"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    report = None
-    if stats is not None and (params.output.html or params.output.json):
-        from jaxscale.outputs import serial_report_data
+    timings["statistics"] = timings.get("statistics", 0.0) + time.perf_counter() - t0
+    return table, out_experiments, res, x, None if res.scale_sigma is None else np.stack([sk, sb], 1), stats
 
-        report = serial_report_data(stats, table, out_experiments, x, None if res.scale_sigma is None else
-                                    np.stack([sk, sb], 1), res.error_model_result, params, combination=res.combination)
-    timings["report"] = time.perf_counter() - t0
-    run_info_scaler = _SerialRunInfo(error_model=res.error_model, outlier=res.outlier, imid=res.imid)
-    outputs = S._write_outputs(params, table, out_experiments, stats, report, run_info_scaler, log, timings,
-                               t_start)
-    return S.ScaleResult(table, out_experiments, None, x, res.error_model, res.error_model_result, stats, log.lines,
-                         timings, res.imid, outputs)
+
+def _scale_and_filter_stills(params, sources: list, log, timings: dict[str, float]):
+    """ΔCC½ scale-and-filter cycles on stills (overview.md §5.3, merging_stats.md §8; the rotation
+    path's jaxscale.filtering with the serial scaler): each cycle scales without the full matrix,
+    computes ΔCC½ of every still (mode=dataset, as dials.scale: one data set per still) or of
+    groups of group_size consecutive stills (mode=image_group: one image per still), and removes
+    those below mean - stdcutoff sd; the stop rules are DIALS' (jaxscale.merge.delta_cchalf); a
+    final run with the full matrix follows. Returns the final pass, the results document and
+    the report's filtering section (the 100 lowest groups of each cycle)."""
+    from jaxscale.data import flags as F
+    from jaxscale.merge import delta_cchalf as D
+    from jaxscale.merge.merging import scaled_observations
+
+    dc = params.filtering.deltacchalf
+    max_cycles = dc.max_cycles or 6
+    group_size = max(int(dc.group_size or 10), 1) if dc.mode == "image_group" else 1
+    cycles, records, initial_n, initial_ranges = [], [], 0, []
+    reason, final, pass_ = "max_cycles", None, None
+    for cycle in range(1, max_cycles + 1):  # a few scale-and-filter cycles
+        log(f"\nScale and filter: cycle {cycle} (scaling without the full-matrix round)")
+        pass_ = _serial_pass(params, sources, log, timings, full_matrix=False)
+        table, experiments, stats = pass_[0], pass_[1], pass_[5]
+        n_exp = len(experiments)
+        if cycle == 1:
+            initial_ranges = [None] * n_exp
+            initial_n = scaled_observations(table, experiments, anomalous=False).rows.size
+        obs = D.delta_cchalf_observations(table, experiments)
+        n_groups = max(n_exp // group_size, 1)  # a last short run of stills joins the group before
+        group_of_still = np.minimum(np.arange(n_exp) // group_size, n_groups - 1)
+        groups = D.dataset_groups(group_of_still[obs.dataset_id])
+        result = D.delta_cchalf(obs, groups, stdcutoff=4.0 if dc.stdcutoff is None else dc.stdcutoff)
+        removed_groups = groups.dataset_id[result.below_cutoff]
+        drop = np.isin(group_of_still, removed_groups)
+        removal = D.Removal(result.below_cutoff, np.flatnonzero(result.below_cutoff), [], [], {},
+                            [int(i) for i in np.flatnonzero(drop)])
+        scaled = F.has_any(np.asarray(table["flags"]), F.SCALED)
+        ids = np.asarray(table["id"])
+        n_removed = int(np.count_nonzero(scaled & (ids >= 0) & drop[np.clip(ids, 0, None)]))
+        what = "still" if group_size == 1 else f"group of {group_size} stills"
+        log(f"ΔCC½ analysis: CC½ {result.cc_half:.5f}, mean ΔCC½ {result.mean:.6f}, sigma {result.sigma:.6f}, "
+            f"cutoff {result.cutoff:.6f}; {int(result.below_cutoff.sum())} {what}(s) below the cutoff, "
+            f"{int(drop.sum())} stills removed")
+        order, values = result.sorted_values()
+        lowest = order[:100]
+        label = (lambda g: f"still {int(g)}") if group_size == 1 else \
+            (lambda g: f"stills {int(g) * group_size}-{min((int(g) + 1) * group_size, n_exp) - 1}")  # noqa: E731
+        records.append({"cycle": cycle, "label": [label(groups.dataset_id[g]) for g in lowest],
+                        "delta_cc_half": result.delta[lowest], "below_cutoff": result.below_cutoff[lowest],
+                        "cutoff": float(result.cutoff)})
+        identifiers = _LazyIdentifiers(experiments)
+        cycles.append(D.cycle_results(stats, result, removal, groups, n_removed, identifiers, cycles, initial_n))
+        completeness = None if stats is None else 100.0 * float(stats.overall.completeness[0])
+        log(f"Cycle {cycle} of filtering, n_reflections removed this cycle: {n_removed}")
+        stop = D.termination_reason(cycle, n_removed, cycles[-1]["cumul_percent_removed"], completeness,
+                                    max_cycles=max_cycles, max_percent_removed=dc.max_percent_removed or 10.0,
+                                    min_completeness=dc.min_completeness)
+        if drop.any():
+            sources = _select_stills(sources, ~drop)  # each cycle prepares and scales the kept input anew
+        if not any(expts for _, expts, _ in sources):
+            raise InputError(None, "ΔCC½ filtering removed every still")
+        if stop is None:
+            continue
+        reason, final = stop, pass_
+        if stop != "no_more_removed" or params.scaling_options.full_matrix:
+            log(f"\nScale and filter finished ({stop}): final scaling run")
+            final = _serial_pass(params, sources, log, timings, bool(params.scaling_options.full_matrix))
+        break
+    experiments = final[1]
+    doc = D.scale_and_filter_results(cycles, reason, initial_n, initial_ranges, [None] * len(experiments),
+                                     final[5] if final is not pass_ else None)
+    from jaxscale.filtering import report_section, summary_text
+
+    log(summary_text(doc))
+    return (*final, doc, report_section(doc, records))
+
+
+class _LazyIdentifiers:
+    """table id -> identifier, for the few removed stills (no dict of 10^5 entries)."""
+
+    def __init__(self, experiments: list):
+        self.experiments = experiments
+
+    def __getitem__(self, k: int) -> str:
+        return self.experiments[k].identifier
 
 
 def _intensity_candidates(prepared: list, suitable: list, miller: np.ndarray, gid: np.ndarray, space_group,

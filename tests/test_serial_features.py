@@ -310,3 +310,59 @@ def test_serial_html_and_json_report(profile_stills, tmp_path):
             "batches": binned_series({"batch": np.arange(1, n + 1), "r_merge": rng.random(n),
                                       "i_over_sigma": rng.random(n), "scale": rng.random(n)})}
     assert len(build_html(data)) - plotly_size < 500_000
+
+
+# ------------------------------------------------------------------ 5. ΔCC½ filtering
+def _stills_with_scrambled(out_dir, n_stills=300, bad=(17, 123, 250)):
+    """Stills of full reflections (partiality 1: DIALS' ΔCC½ uses only p >= 0.99 rows) with the
+    intensities of the `bad` stills multiplied by log-normal noise (sd 1.2 in log) and their
+    variances raised to match: no outliers, little weight in scaling, but the unweighted
+    ΔCC½ sees them."""
+    from jaxscale.sim import simulate_stills, write_simulation
+
+    table, expts, truth = simulate_stills(n_stills=n_stills, obs_per_still=80, seed=2,
+                                          cell=(20.0, 25.0, 30.0, 90.0, 90.0, 90.0), d_min=2.5)
+    p = np.asarray(table["partiality"])
+    i = np.asarray(table["intensity.sum.value"]) / p
+    v = np.asarray(table["intensity.sum.variance"]) / p**2
+    rng = np.random.default_rng(5)
+    ids = np.asarray(table["id"])
+    noisy = np.isin(ids, bad)
+    v[noisy] += (1.2 * i[noisy]) ** 2  # their sigmas say so: not outliers, but down-weighted in scaling
+    i[noisy] *= np.exp(rng.normal(0.0, 1.2, int(noisy.sum())))
+    table["intensity.sum.value"], table["intensity.sum.variance"] = i, v
+    table["partiality"] = np.ones(len(table))
+    return write_simulation(out_dir, table, expts, truth)
+
+
+@pytest.fixture(scope="module")
+def noisy_stills(tmp_path_factory):
+    out = tmp_path_factory.mktemp("noisy_stills")
+    paths = _stills_with_scrambled(out)
+    return [paths["refl"], paths["expt"]]
+
+
+def test_delta_cchalf_removes_planted_stills(noisy_stills, tmp_path):
+    """filtering.method=deltacchalf on stills (mode=dataset: one group per still, as dials.scale)
+    removes exactly the 3 noisy stills in the first cycle, then the final full-matrix run on the
+    297 stills left. (Later cycles go on removing single stills of the lowest ΔCC½: with ~17
+    observations per still the estimator is noisy, as DIALS'.)"""
+    res = _run(tmp_path, noisy_stills, **{"filtering.method": "deltacchalf", "filtering.deltacchalf.max_cycles": 1,
+                                          "output.html": str(tmp_path / "f.html"),
+                                          "filtering.output.scale_and_filter_results": str(tmp_path / "f.json")})
+    doc = json.loads((tmp_path / "f.json").read_text())
+    assert doc["cycle_results"]["1"]["removed_ids"] == [17, 123, 250]
+    assert doc["termination_reason"] == "max_cycles"
+    assert len(res.experiments) == 297 and res.statistics is not None
+    assert "<h2>ΔCC½ filtering</h2>" in (tmp_path / "f.html").read_text()
+
+
+def test_delta_cchalf_groups_of_stills(noisy_stills, tmp_path):
+    """mode=image_group on stills: groups of group_size consecutive stills (one image each) are
+    removed whole; with pairs, the pair holding the noisiest still (250) goes."""
+    res = _run(tmp_path, noisy_stills, **{"filtering.method": "deltacchalf", "filtering.deltacchalf.max_cycles": 1,
+                                          "filtering.deltacchalf.mode": "image_group",
+                                          "filtering.deltacchalf.group_size": 2, "scaling_options.full_matrix": False})
+    gone = sorted(set(range(300)) - {int(e.imageset["images"][0][10:17]) for e in res.experiments})
+    assert gone and len(gone) % 2 == 0 and all(a // 2 == b // 2 for a, b in zip(gone[::2], gone[1::2]))
+    assert 250 in gone
