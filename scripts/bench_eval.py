@@ -104,132 +104,6 @@ def stacked_scatter_variadic(x, obs):
     return _second_pass(x, obs, sharding._safe_divide(sums[:, 0], sums[:, 1]), g, decay)
 
 
-def _second_pass_fused(x, obs, ih, kb):
-    """Value and gradient from I_h in one fused pass (variadic reduce over each chunk), g
-    recomputed from k, B (no materialised n-row temporaries); value through the per-still sums."""
-    intensity, weight, s = _chunk_views(obs)
-    decay = jnp.exp(kb[:, 1:2] * s)
-    g = kb[:, 0:1] * decay
-    ih_obs = ih[obs.group_id].reshape(-1, obs.chunk)
-    r = intensity - g * ih_obs
-    wr = weight * r
-    df_dg = -2.0 * wr * ih_obs
-    z = jnp.zeros((), x.dtype)
-    a, b, d = jax.lax.reduce((wr * r, df_dg * decay, df_dg * g * s), (z, z, z),
-                             lambda p, q: (p[0] + q[0], p[1] + q[1], p[2] + q[2]), (1,))
-    sums = jax.ops.segment_sum(jnp.stack([a, b, d], 1), obs.chunk_experiment, num_segments=obs.n_experiments,
-                               indices_are_sorted=True)
-    return sums[:, 0].sum(), sums[:, 1:]
-
-
-def stacked_scatter_barrier(x, obs):
-    """One scatter of stacked (w g I, w g^2) computed in one fusion; the second pass
-    recomputes exp (an optimization barrier on the per-chunk k, B stops CSE from sharing it,
-    which would materialise exp for all rows)."""
-    intensity, weight, s = _chunk_views(obs)
-    kb = x[obs.chunk_experiment]
-    decay = jnp.exp(kb[:, 1:2] * s)
-    g = kb[:, 0:1] * decay
-    wg = weight * g
-    sums = jax.ops.segment_sum(jnp.stack([wg * intensity, wg * g], -1).reshape(-1, 2), obs.group_id,
-                               num_segments=obs.n_groups)
-    ih = sharding._safe_divide(sums[:, 0], sums[:, 1])
-    return _second_pass_fused(x, obs, ih, jax.lax.optimization_barrier(kb))
-
-
-def two_scatters_barrier(x, obs):
-    """As stacked_scatter_barrier with two scatters (one per quantity)."""
-    intensity, weight, s = _chunk_views(obs)
-    kb = x[obs.chunk_experiment]
-    decay = jnp.exp(kb[:, 1:2] * s)
-    g = kb[:, 0:1] * decay
-    wg = weight * g
-    s1 = jax.ops.segment_sum((wg * intensity).reshape(-1), obs.group_id, num_segments=obs.n_groups)
-    s2 = jax.ops.segment_sum((wg * g).reshape(-1), obs.group_id, num_segments=obs.n_groups)
-    return _second_pass_fused(x, obs, sharding._safe_divide(s1, s2), jax.lax.optimization_barrier(kb))
-
-
-# --- transposed chunk layout: row j of chunk c at j * n_chunks + c (one device), so the
-# per-chunk reductions run over the major axis and XLA CPU vectorises them (exp included)
-def transpose_chunks(obs):
-    """The same observations with each array reordered (n_chunks, chunk) -> (chunk, n_chunks)."""
-    t = lambda a: a.reshape(-1, obs.chunk).T.reshape(-1)  # noqa: E731
-    return dataclasses.replace(obs, intensity=t(obs.intensity), weight=t(obs.weight),
-                               inv_two_d_sq=t(obs.inv_two_d_sq), group_id=t(obs.group_id))
-
-
-def _t_views(obs):
-    c = obs.chunk
-    return (obs.intensity.reshape(c, -1), obs.weight.reshape(c, -1), obs.inv_two_d_sq.reshape(c, -1))
-
-
-def _t_scales(kb, s):
-    decay = jnp.exp(kb[None, :, 1] * s)
-    return kb[None, :, 0] * decay, decay
-
-
-def _t_second_pass(x, obs, ih, kb):
-    intensity, weight, s = _t_views(obs)
-    g, decay = _t_scales(kb, s)
-    ih_obs = ih[obs.group_id].reshape(obs.chunk, -1)
-    r = intensity - g * ih_obs
-    wr = weight * r
-    df_dg = -2.0 * wr * ih_obs
-    z = jnp.zeros((), x.dtype)
-    a, b, d = jax.lax.reduce((wr * r, df_dg * decay, df_dg * g * s), (z, z, z),
-                             lambda p, q: (p[0] + q[0], p[1] + q[1], p[2] + q[2]), (0,))
-    sums = jax.ops.segment_sum(jnp.stack([a, b, d], 1), obs.chunk_experiment, num_segments=obs.n_experiments,
-                               indices_are_sorted=True)
-    return sums[:, 0].sum(), sums[:, 1:]
-
-
-def t_shared_exp(x, obs):
-    """Transposed layout; exp computed once (materialised) and shared by both passes."""
-    intensity, weight, s = _t_views(obs)
-    kb = x[obs.chunk_experiment]
-    g, decay = _t_scales(kb, s)
-    wg = weight * g
-    s1 = jax.ops.segment_sum((wg * intensity).reshape(-1), obs.group_id, num_segments=obs.n_groups)
-    s2 = jax.ops.segment_sum((wg * g).reshape(-1), obs.group_id, num_segments=obs.n_groups)
-    ih = sharding._safe_divide(s1, s2)
-    ih_obs = ih[obs.group_id].reshape(obs.chunk, -1)
-    r = intensity - g * ih_obs
-    wr = weight * r
-    df_dg = -2.0 * wr * ih_obs
-    z = jnp.zeros((), x.dtype)
-    a, b, d = jax.lax.reduce((wr * r, df_dg * decay, df_dg * g * s), (z, z, z),
-                             lambda p, q: (p[0] + q[0], p[1] + q[1], p[2] + q[2]), (0,))
-    sums = jax.ops.segment_sum(jnp.stack([a, b, d], 1), obs.chunk_experiment, num_segments=obs.n_experiments,
-                               indices_are_sorted=True)
-    return sums[:, 0].sum(), sums[:, 1:]
-
-
-def t_pass1_shared(x, obs):
-    """Transposed; exp materialised for the two scatter updates, recomputed in pass 2."""
-    intensity, weight, s = _t_views(obs)
-    kb = x[obs.chunk_experiment]
-    g, decay = _t_scales(kb, s)
-    wg = weight * g
-    s1 = jax.ops.segment_sum((wg * intensity).reshape(-1), obs.group_id, num_segments=obs.n_groups)
-    s2 = jax.ops.segment_sum((wg * g).reshape(-1), obs.group_id, num_segments=obs.n_groups)
-    return _t_second_pass(x, obs, sharding._safe_divide(s1, s2), jax.lax.optimization_barrier(kb))
-
-
-def t_recompute(x, obs):
-    """Transposed; exp recomputed in each of the three fusions (no n-row exp temporary)."""
-    intensity, weight, s = _t_views(obs)
-    kb = x[obs.chunk_experiment]
-    g1, _ = _t_scales(kb, s)
-    g2, _ = _t_scales(jax.lax.optimization_barrier(kb), s)
-    s1 = jax.ops.segment_sum((weight * g1 * intensity).reshape(-1), obs.group_id, num_segments=obs.n_groups)
-    s2 = jax.ops.segment_sum((weight * g2 * g2).reshape(-1), obs.group_id, num_segments=obs.n_groups)
-    kb3 = jax.lax.optimization_barrier(jax.lax.optimization_barrier(kb))
-    return _t_second_pass(x, obs, sharding._safe_divide(s1, s2), kb3)
-
-
-TRANSPOSED = {"t_shared_exp", "t_pass1_shared", "t_recompute"}
-
-
 # --- blocked: both passes as loops over blocks of rows, so the n-row temporaries (exp, the
 # scatter updates) are block-sized: they stay in cache and are reused without page faults
 def _block_slices(obs, start_chunk, n_chunks):
@@ -265,13 +139,11 @@ def _pass1_step(x, carry):
     return step
 
 
-def _pass2_step(x, ih, materialise_exp=False):
+def _pass2_step(x, ih):
     def step(acc, blk):
         intensity, weight, s = _chunk_views(blk)
         kb = x[blk.chunk_experiment]
         decay = jnp.exp(kb[:, 1:2] * s)
-        if materialise_exp:  # exp in its own (vectorised) loop; XLA CPU does not vectorise it inside the reduce
-            decay = jax.lax.optimization_barrier(decay)
         g = kb[:, 0:1] * decay
         ih_obs = ih[blk.group_id].reshape(-1, blk.chunk)
         r = intensity - g * ih_obs
@@ -285,7 +157,8 @@ def _pass2_step(x, ih, materialise_exp=False):
 
 
 def blocked(x, obs, block_chunks=None):
-    block_chunks = block_chunks or int(os.environ.get("BLOCK_CHUNKS", 4096))
+    """First blocked version: k, B sliced from a gathered [n_chunks, 2], two scatters."""
+    block_chunks = block_chunks or _bc()
     z = jnp.zeros(obs.n_groups, x.dtype)
     s1, s2 = _fold_blocks(_pass1_step(x, None), (z, z), obs, block_chunks)
     ih = sharding._safe_divide(s1, s2)
@@ -293,19 +166,9 @@ def blocked(x, obs, block_chunks=None):
     return acc[:, 0].sum(), acc[:, 1:]
 
 
-def blocked_exp(x, obs, block_chunks=None):
-    """blocked, with exp materialised per block in pass 2 (optimization barrier)."""
-    block_chunks = block_chunks or int(os.environ.get("BLOCK_CHUNKS", 4096))
-    z = jnp.zeros(obs.n_groups, x.dtype)
-    s1, s2 = _fold_blocks(_pass1_step(x, None), (z, z), obs, block_chunks)
-    ih = sharding._safe_divide(s1, s2)
-    acc = _fold_blocks(_pass2_step(x, ih, True), jnp.zeros((obs.n_experiments, 3), x.dtype), obs, block_chunks)
-    return acc[:, 0].sum(), acc[:, 1:]
-
-
-# --- blocked_t: blocks of rows stored transposed, (chunk, block_chunks) each, so every
-# per-row expression broadcasts k, B along the minor axis and the chunk sums reduce the
-# major axis: XLA CPU vectorises both (exp included)
+# --- blocks of rows stored transposed, (chunk, block_chunks) each (a different row layout:
+# k, B broadcast along the major axis, the chunk sums reduce the major axis); measured faster
+# than the chunk-major layout in float64, slower in float32
 def transpose_blocks(obs, block_chunks):
     """Reorder rows so that each block of `block_chunks` chunks (and the tail) is (chunk, n) row-major."""
     n_chunks = obs.chunk_experiment.shape[0]
@@ -323,45 +186,7 @@ def _tb_views(blk):
     return (blk.intensity.reshape(c, -1), blk.weight.reshape(c, -1), blk.inv_two_d_sq.reshape(c, -1))
 
 
-def _tb_pass1_step(x):
-    def step(sums, blk):
-        intensity, weight, s = _tb_views(blk)
-        kb = x[blk.chunk_experiment]
-        g = kb[None, :, 0] * jnp.exp(kb[None, :, 1] * s)
-        wg = weight * g
-        return (sums[0].at[blk.group_id].add((wg * intensity).reshape(-1)),
-                sums[1].at[blk.group_id].add((wg * g).reshape(-1)))
-    return step
-
-
-def _tb_pass2_step(x, ih):
-    def step(acc, blk):
-        intensity, weight, s = _tb_views(blk)
-        kb = x[blk.chunk_experiment]
-        decay = jnp.exp(kb[None, :, 1] * s)
-        g = kb[None, :, 0] * decay
-        ih_obs = ih[blk.group_id].reshape(blk.chunk, -1)
-        r = intensity - g * ih_obs
-        wr = weight * r
-        df_dg = -2.0 * wr * ih_obs
-        z = jnp.zeros((), x.dtype)
-        a, b, d = jax.lax.reduce((wr * r, df_dg * decay, df_dg * g * s), (z, z, z),
-                                 lambda p, q: (p[0] + q[0], p[1] + q[1], p[2] + q[2]), (0,))
-        return acc.at[blk.chunk_experiment].add(jnp.stack([a, b, d], 1), indices_are_sorted=True)
-    return step
-
-
-def blocked_t(x, obs, block_chunks=None):
-    block_chunks = block_chunks or int(os.environ.get("BLOCK_CHUNKS", 4096))
-    z = jnp.zeros(obs.n_groups, x.dtype)
-    s1, s2 = _fold_blocks(_tb_pass1_step(x), (z, z), obs, block_chunks)
-    ih = sharding._safe_divide(s1, s2)
-    acc = _fold_blocks(_tb_pass2_step(x, ih), jnp.zeros((obs.n_experiments, 3), x.dtype), obs, block_chunks)
-    return acc[:, 0].sum(), acc[:, 1:]
-
-
-# --- full blocked variants with k and B gathered as separate contiguous vectors, and the two
-# group sums as one complex scatter (real part sum w g I, imaginary part sum w g^2)
+# --- blocked variants with k and B gathered as separate contiguous vectors
 def _kb_rows(x, blk, transposed):
     k = x[:, 0][blk.chunk_experiment]
     b = x[:, 1][blk.chunk_experiment]
@@ -407,10 +232,11 @@ def _p2_step(x, ih, transposed):
 
 
 def _bc():
-    return int(os.environ.get("BLOCK_CHUNKS", 4096))
+    return int(os.environ.get("BLOCK_CHUNKS", sharding.CPU_BLOCK_CHUNKS))
 
 
 def blk_complex_nt(x, obs):
+    """Blocked; the two group sums as one complex scatter (real: w g I, imaginary: w g^2)."""
     cdt = jnp.complex128 if x.dtype == jnp.float64 else jnp.complex64
     sums = _fold_blocks(_p1_complex_step(x, False), jnp.zeros(obs.n_groups, cdt), obs, _bc())
     ih = sharding._safe_divide(sums.real, sums.imag)
@@ -418,41 +244,62 @@ def blk_complex_nt(x, obs):
     return acc[:, 0].sum(), acc[:, 1:]
 
 
-def blk_complex_t(x, obs):
-    cdt = jnp.complex128 if x.dtype == jnp.float64 else jnp.complex64
-    sums = _fold_blocks(_p1_complex_step(x, True), jnp.zeros(obs.n_groups, cdt), obs, _bc())
-    ih = sharding._safe_divide(sums.real, sums.imag)
-    acc = _fold_blocks(_p2_step(x, ih, True), jnp.zeros((obs.n_experiments, 3), x.dtype), obs, _bc())
-    return acc[:, 0].sum(), acc[:, 1:]
-
-
 def blk_where_t(x, obs):
+    """Blocked, transposed blocks (`transpose_blocks`); (n, 2) updates built by a select."""
     sums = _fold_blocks(_p1_where_step(x, True), jnp.zeros((obs.n_groups, 2), x.dtype), obs, _bc())
     ih = sharding._safe_divide(sums[:, 0], sums[:, 1])
     acc = _fold_blocks(_p2_step(x, ih, True), jnp.zeros((obs.n_experiments, 3), x.dtype), obs, _bc())
     return acc[:, 0].sum(), acc[:, 1:]
 
 
-def blk_where_nt(x, obs):
-    sums = _fold_blocks(_p1_where_step(x, False), jnp.zeros((obs.n_groups, 2), x.dtype), obs, _bc())
+BLOCK_TRANSPOSED = {"blk_where_t"}
+
+
+def exp_in_chunk_reduce(x, obs):
+    """current, but pass 2 computes exp inside its step (XLA fuses it into the chunk reduce)."""
+    bc = sharding.KBStillsTarget().block_chunks
+    zeros = jnp.zeros((obs.n_groups, 2), x.dtype)
+    sums = sharding._fold_blocks(sharding._group_sums_step(x), zeros, obs, bc)
     ih = sharding._safe_divide(sums[:, 0], sums[:, 1])
-    acc = _fold_blocks(_p2_step(x, ih, False), jnp.zeros((obs.n_experiments, 3), x.dtype), obs, _bc())
+    step = lambda acc, blk: sharding._value_and_grad_step(x, ih, acc, blk, sharding._block_decay(x, blk))  # noqa: E731
+    acc = sharding._fold_blocks(step, jnp.zeros((obs.n_experiments, 3), x.dtype), obs, bc)
     return acc[:, 0].sum(), acc[:, 1:]
 
 
-BLOCK_TRANSPOSED = {"blocked_t", "blk_complex_t", "blk_where_t"}
+def exp_returned_in_carry(x, obs):
+    """exp_in_chunk_reduce with each block's exp also returned in the loop carry (to make XLA
+    materialise it once): no gain measured."""
+    bc = sharding.KBStillsTarget().block_chunks
+    zeros = jnp.zeros((obs.n_groups, 2), x.dtype)
+    sums = sharding._fold_blocks(sharding._group_sums_step(x), zeros, obs, bc)
+    ih = sharding._safe_divide(sums[:, 0], sums[:, 1])
+
+    def step(carry, blk):
+        decay = sharding._block_decay(x, blk)
+        return sharding._value_and_grad_step(x, ih, carry[0], blk, decay), decay
+
+    n_block = min(bc, obs.chunk_experiment.shape[0])
+    init = (jnp.zeros((obs.n_experiments, 3), x.dtype), jnp.zeros((n_block, obs.chunk), x.dtype))
+    acc, _ = sharding._fold_blocks(step, init, obs, bc)
+    return acc[:, 0].sum(), acc[:, 1:]
 
 
 def current(x, obs):
-    """What KBStillsTarget evaluates now (sharding._local_value_and_grad, one device)."""
-    value, grad, _ = sharding._local_value_and_grad(x, obs, None)
+    """What KBStillsTarget evaluates now (sharding._local_value_and_grad, one device, the
+    target's block size for this platform)."""
+    value, grad, _ = sharding._local_value_and_grad(x, obs, None, sharding.KBStillsTarget().block_chunks)
     return value, grad
 
 
-VARIANTS = {f.__name__: f for f in (session1, two_scatters_variadic, stacked_scatter_variadic, stacked_scatter_barrier,
-                                    two_scatters_barrier, t_shared_exp, t_pass1_shared, t_recompute,
-                                    blocked, blocked_exp, blocked_t, blk_complex_nt,
-                                    blk_complex_t, blk_where_t, blk_where_nt, current)}
+def current_one_block(x, obs):
+    """sharding._local_value_and_grad as one block (no loop: whole-array temporaries)."""
+    value, grad, _ = sharding._local_value_and_grad(x, obs, None, None)
+    return value, grad
+
+
+VARIANTS = {f.__name__: f for f in (session1, two_scatters_variadic, stacked_scatter_variadic, blocked, blk_complex_nt,
+                                    blk_where_t, current_one_block, exp_in_chunk_reduce, exp_returned_in_carry,
+                                    current)}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -476,9 +323,9 @@ def measure(n_obs: int, names: list[str], rounds: int, seed: int) -> dict:
     diff = {}
     for name in names:
         fn = jax.jit(VARIANTS[name])
-        obs_v = transpose_chunks(obs) if name in TRANSPOSED else obs
+        obs_v = obs
         if name in BLOCK_TRANSPOSED:
-            obs_v = transpose_blocks(obs, int(os.environ.get("BLOCK_CHUNKS", 4096)))
+            obs_v = transpose_blocks(obs, _bc())
         value, grad = fn(x, obs_v)
         diff[name] = max(abs(float(value) - ref_value) / abs(ref_value),
                          float(np.abs(np.asarray(grad, dtype=np.float64) - ref_grad).max() / np.abs(ref_grad).max()))

@@ -239,43 +239,63 @@ def _fold_blocks(step, carry, obs: StillObservations, block_chunks: int | None):
     return step(carry, _block(obs, n_full * block_chunks, tail)) if tail else carry
 
 
-def _block_scales(x: jax.Array, blk: StillObservations):
-    """(g, exp(B s)) as f[n_chunks, chunk]; k and B gathered per chunk as separate vectors
-    (slicing them out of a gathered [n_chunks, 2] array makes XLA CPU's loops strided)."""
-    k = _take(x[:, 0], blk.chunk_experiment)[:, None]
-    decay = jnp.exp(_take(x[:, 1], blk.chunk_experiment)[:, None] * blk.inv_two_d_sq.reshape(-1, blk.chunk))
-    return k * decay, decay
+def _block_decay(x: jax.Array, blk: StillObservations) -> jax.Array:
+    """exp(B s) f[n_chunks, chunk] of a block (B gathered per chunk as its own vector: sliced
+    out of a gathered [n_chunks, 2] array, the loops on XLA CPU read it strided, measured
+    1.5x slower)."""
+    return jnp.exp(_take(x[:, 1], blk.chunk_experiment)[:, None] * blk.inv_two_d_sq.reshape(-1, blk.chunk))
 
 
 def _group_sums_step(x: jax.Array):
     """Block step adding (sum w g I, sum w g^2) of the block to f[n_groups, 2]: one scatter of
-    both columns (the (n, 2) updates are built by a select, which XLA CPU vectorises; a stack
-    or concatenate there is scalar code)."""
+    both columns, cheaper than two scatters. The (n, 2) updates are built by a select; built
+    by stack/concatenate they cost ~5x more on XLA CPU (scripts/bench_eval.py)."""
     def step(sums, blk):
-        g, _ = _block_scales(x, blk)
-        g = g.reshape(-1)
+        g = (_take(x[:, 0], blk.chunk_experiment)[:, None] * _block_decay(x, blk)).reshape(-1)
         wg = blk.weight * g
         updates = wg[:, None] * jnp.where(jnp.arange(2) == 0, blk.intensity[:, None], g[:, None])
         return _scatter_add(sums, blk.group_id, updates)
     return step
 
 
-def _value_and_grad_step(x: jax.Array, ih: jax.Array):
-    """Block step adding each still's (sum w r^2, df/dk, df/dB) to f[n_exp, 3]: the three
+def _value_and_grad_step(x: jax.Array, ih: jax.Array, acc: jax.Array, blk: StillObservations, decay: jax.Array):
+    """acc f[n_exp, 3] plus each still's (sum w r^2, df/dk, df/dB) over the block: the three
     per-chunk sums in one variadic reduce (one pass over the block), then a sorted scatter."""
-    def step(acc, blk):
-        g, decay = _block_scales(x, blk)
-        shape = g.shape
-        s = blk.inv_two_d_sq.reshape(shape)
-        ih_obs = _take(ih, blk.group_id).reshape(shape)
-        r = blk.intensity.reshape(shape) - g * ih_obs
-        wr = blk.weight.reshape(shape) * r
-        df_dg = -2.0 * wr * ih_obs  # the dI_h/dp term is zero at the closed-form I_h
-        zero = jnp.zeros((), g.dtype)
-        per_chunk = jax.lax.reduce((wr * r, df_dg * decay, df_dg * g * s), (zero,) * 3,
-                                   lambda a, b: tuple(u + v for u, v in zip(a, b)), (1,))
-        return _scatter_add(acc, blk.chunk_experiment, jnp.stack(per_chunk, axis=1), sorted_index=True)
-    return step
+    g = _take(x[:, 0], blk.chunk_experiment)[:, None] * decay
+    shape = g.shape
+    s = blk.inv_two_d_sq.reshape(shape)
+    ih_obs = _take(ih, blk.group_id).reshape(shape)
+    r = blk.intensity.reshape(shape) - g * ih_obs
+    wr = blk.weight.reshape(shape) * r
+    df_dg = -2.0 * wr * ih_obs  # the dI_h/dp term is zero at the closed-form I_h
+    zero = jnp.zeros((), g.dtype)
+    per_chunk = jax.lax.reduce((wr * r, df_dg * decay, df_dg * g * s), (zero,) * 3,
+                               lambda a, b: tuple(u + v for u, v in zip(a, b)), (1,))
+    return _scatter_add(acc, blk.chunk_experiment, jnp.stack(per_chunk, axis=1), sorted_index=True)
+
+
+def _fold_value_and_grad(x: jax.Array, ih: jax.Array, obs: StillObservations, block_chunks: int | None):
+    """f[n_exp, 3] (sum w r^2, df/dk, df/dB) per still over the local rows, in blocks as
+    `_fold_blocks`. The exp of block i+1 is computed at the end of iteration i into the loop
+    carry: XLA CPU then runs it as its own loop; fused into the chunk reduce the evaluation
+    was ~10 % slower in float64 (scripts/bench_eval.py: current vs exp_in_chunk_reduce)."""
+    acc = jnp.zeros((obs.n_experiments, 3), x.dtype)
+    n_chunks = obs.chunk_experiment.shape[0]
+    if block_chunks is None or block_chunks >= n_chunks:
+        return _value_and_grad_step(x, ih, acc, obs, _block_decay(x, obs))
+    n_full, tail = divmod(n_chunks, block_chunks)
+
+    def body(i, carry):
+        acc_, decay = carry
+        acc_ = _value_and_grad_step(x, ih, acc_, _block(obs, i * block_chunks, block_chunks), decay)
+        following = _block(obs, jnp.minimum(i + 1, n_full - 1) * block_chunks, block_chunks)
+        return acc_, _block_decay(x, following)
+
+    acc, _ = jax.lax.fori_loop(0, n_full, body, (acc, _block_decay(x, _block(obs, 0, block_chunks))))
+    if tail:
+        last = _block(obs, n_full * block_chunks, tail)
+        acc = _value_and_grad_step(x, ih, acc, last, _block_decay(x, last))
+    return acc
 
 
 def _local_value_and_grad(x: jax.Array, obs: StillObservations, axis: str | None, block_chunks: int | None = None):
@@ -288,7 +308,7 @@ def _local_value_and_grad(x: jax.Array, obs: StillObservations, axis: str | None
     zeros = jnp.zeros((obs.n_groups, 2), x.dtype)
     sums = _psum(_fold_blocks(_group_sums_step(x), zeros, obs, block_chunks), axis)
     ih = _safe_divide(sums[:, 0], sums[:, 1])
-    acc = _fold_blocks(_value_and_grad_step(x, ih), jnp.zeros((obs.n_experiments, 3), x.dtype), obs, block_chunks)
+    acc = _fold_value_and_grad(x, ih, obs, block_chunks)
     return _psum(jnp.sum(acc[:, 0]), axis), _psum(acc[:, 1:], axis), ih
 
 
