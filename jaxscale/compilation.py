@@ -4,10 +4,9 @@ compilation ahead of need in a background thread.
 On small data sets (10^3-10^4 observations) a first run is mostly XLA compilation, and most
 of a compilation is XLA CPU's optimisation and code generation, which buys nothing when an
 evaluation takes microseconds. `Program` jits a function twice, with XLA's defaults and with
-`FAST_COMPILE_OPTIONS` (LLVM optimisation level 0 and the classic fusion emitters: quartz's
-compilations 1.4 s -> 0.55 s, results equal to ~1e-14), and picks one per call from the
-problem size (`fast_compile`); large problems keep full optimisation, so their evaluations
-do not slow down.
+`FAST_COMPILE_OPTIONS` (quartz's compilations ~4x faster, results equal to ~1e-14), and
+picks one per call from the problem size (`fast_compile`); large problems keep full
+optimisation, so their evaluations do not slow down.
 
 `precompile(program, *args)` lowers and compiles a program for the given argument shapes in
 a background thread (XLA compiles without holding the GIL), so that programs needed later in
@@ -26,9 +25,12 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-# XLA CPU options that cut compile time ~3x on the scaling programs; evaluations of small
-# problems are not measurably slower (their cost is dispatch, not arithmetic)
-FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+# XLA CPU options that cut compile time 4-5x on the scaling programs: LLVM optimisation
+# level 0, the classic fusion emitters, code generation in one piece (splitting it over
+# threads costs more than it saves on programs this small). An evaluation is 2-4x slower,
+# which on small problems costs far less than the compilation saved.
+FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False,
+                        "xla_cpu_parallel_codegen_split_count": 1}
 # largest problem (observation rows of one evaluation) compiled with the fast options
 FAST_COMPILE_MAX_ROWS = 1 << 13
 

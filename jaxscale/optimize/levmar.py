@@ -169,11 +169,18 @@ def _normal_equations(target: ScalingTarget) -> NormalEquations:
     return ne
 
 
+def _chunk_size(problem: Any, chunk_size: int) -> int:
+    """Rows per chunk: at most the problem's (padded) rows, so a small problem is one chunk
+    of its own size rather than mostly padding (the build costs rows x n_params^2)."""
+    return int(max(1, min(chunk_size, np.shape(problem.weight)[0])))
+
+
 def precompile_full_matrix(target: ScalingTarget, data: TargetData, chunk_size: int = 4096) -> None:
     """Compile the normal equations of `minimise_full_matrix(target, data)` in the background
     (the chunk layout of `data`; a later problem padded to the same sizes shares it)."""
     free = np.asarray(data.free, dtype=bool)
-    chunks = chunk_by_groups(data.problem, data.bases, np.asarray(data.anchor), free, chunk_size=chunk_size)
+    chunks = chunk_by_groups(data.problem, data.bases, np.asarray(data.anchor), free,
+                             chunk_size=_chunk_size(data.problem, chunk_size))
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), chunks)  # holds no data
     precompile(_normal_equations(target).build, jax.ShapeDtypeStruct(free.shape, np.float64), shapes,
                jax.ShapeDtypeStruct(free.shape, np.bool_))
@@ -209,7 +216,7 @@ def minimise_full_matrix(
     free = np.asarray(data.free, dtype=bool)
     anchor = np.asarray(data.anchor)
     x = np.where(free, np.asarray(anchor if x0 is None else x0, dtype=np.float64), anchor)
-    chunks = chunk_by_groups(data.problem, data.bases, anchor, free, chunk_size=chunk_size)
+    chunks = chunk_by_groups(data.problem, data.bases, anchor, free, chunk_size=_chunk_size(data.problem, chunk_size))
     ne = _normal_equations(target)
     free_j = jax.device_put(free)
     idx = np.flatnonzero(free)
