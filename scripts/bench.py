@@ -1,22 +1,34 @@
 #!/usr/bin/env python
 """Serial-scale throughput benchmark of `jaxscale.serial.scale_stills` on planted-truth stills.
 
-    python scripts/bench.py --sizes 100000,1000000[,10000000] [--json] [--dials] [--dials-timeout 600]
+    python scripts/bench.py --sizes 100000,1000000[,10000000] [--json] [--float32-eval]
+    python scripts/bench.py --sizes 10000,20000,50000 --json --dials [--dials-timeout 900]
 
-Per size (n_obs; 100 observations per still): seconds per target+gradient evaluation (median
-after compile), observations per second, the ratio of that time to a numpy streaming pass over
-the same bytes the evaluation reads (I, w, 1/(2d^2) float64 or float32 + group ids int32 in the
-chunked still layout, padding included, + the still of each chunk),
-wall time and peak RSS of a full scaling job (all rounds, run in a child process, data
-generation included), CC of merged I with truth and RMS error of the per-still scales (gauge
-removed). With --dials, for the smallest size only: dials.scale on the same stills written as
-.refl/.expt (simulated by jaxscale.sim.simulate_stills, which has Miller indices), with a time
-limit; the ratio is dials wall / jaxscale wall on that input (null where DIALS was not run or
-gave up): dials_ratio for scale_stills alone (read + prepare + scale, in-process wall),
-dials_ratio_cli_cold / _warm for the whole `jaxscale scale` process (outputs and merging
-statistics included) with an empty / a warm compilation cache. Set JAXSCALE_X64=0 for float32
-throughout; --float32-eval adds a float32 timing of the evaluation (child process) to each
-float64 row.
+Per size (n_obs; 100 observations per still; sizes below 10^5 are fine): seconds per
+target+gradient evaluation (eval_s, median after compile), observations per second, the ratio of
+that time to a numpy streaming pass over the same bytes the evaluation reads (bandwidth_ratio:
+I, w, 1/(2d^2) + group ids in the chunked still layout, padding included, + the still of each
+chunk); the full scaling job (all rounds) in a child process: wall_s (scale_stills alone,
+compilation included), its phases (`timings`: setup, outliers, lbfgs, error_model, full_matrix)
+and the JAX trace / lower / compile seconds inside it (`jax_s`), process_s and peak_mb of that
+child (data generation included), CC of merged I with truth and RMS error of the per-still
+scales (gauge removed). --job-repeats N runs the job N times (fresh processes) and reports the
+minimum wall_s (all walls in wall_s_runs).
+
+--dials (every size with n_obs <= --dials-max-obs): the same stills written as .refl/.expt
+(jaxscale.sim.simulate_stills, which has Miller indices), then on those files, each a whole
+process, wall / CPU seconds and peak RSS from wait4:
+  dials.scale model=KB (time limit --dials-timeout): dials_s, dials_cpu_s, dials_peak_mb;
+  `jaxscale scale compute.serial=true` with an empty compilation cache (cli_cold_*) and with the
+  cache it left (cli_warm_*, minimum of --process-repeats runs);
+  in one process, the same `jaxscale scale` called twice with the warm cache: its phases
+  (import, read, prepare, scaling and its sub-phases, statistics, write; JAX trace/lower/
+  compile seconds) for the first call (cli_phases) and the second call's wall (in_process_s:
+  everything compiled, the work alone).
+dials_ratio = dials_s / cli_cold_s (whole process on both sides, jaxscale with an empty cache);
+dials_ratio_cli_warm = dials_s / cli_warm_s; dials_ratio_in_process = dials_s / in_process_s.
+null where DIALS was not run or did not finish. Set JAXSCALE_X64=0 for float32 throughout;
+--float32-eval adds a float32 timing of the evaluation (child process) to each float64 row.
 """
 from __future__ import annotations
 
@@ -24,26 +36,32 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 
 OBS_PER_STILL = 100
+_T_START = time.perf_counter()  # for the import time of the in-process CLI child
 
 
 def _parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="100000,1000000", help="comma-separated numbers of observations")
     p.add_argument("--json", action="store_true", help="one JSON object per size")
-    p.add_argument("--dials", action="store_true", help="compare with dials.scale (smallest size only)")
+    p.add_argument("--dials", action="store_true", help="compare with dials.scale (sizes up to --dials-max-obs)")
     p.add_argument("--dials-timeout", type=float, default=600.0, help="seconds per dials.scale run")
+    p.add_argument("--dials-max-obs", type=int, default=50_000, help="largest size given to dials.scale")
+    p.add_argument("--process-repeats", type=int, default=2, help="warm `jaxscale scale` runs (minimum reported)")
+    p.add_argument("--job-repeats", type=int, default=1, help="full-job child processes per size (minimum reported)")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation timing (job and DIALS only)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--float32-eval", action="store_true", help="also time the evaluation in float32 (child process)")
     p.add_argument("--job", type=int, default=None, help=argparse.SUPPRESS)  # child: one full job
     p.add_argument("--eval", type=int, default=None, help=argparse.SUPPRESS)  # child: evaluation timing only
-    p.add_argument("--job-dir", default=None, help=argparse.SUPPRESS)  # child: job on a written .refl
+    p.add_argument("--cli-phases", default=None, help=argparse.SUPPRESS)  # child: `jaxscale scale` twice, phases
     return p.parse_args(argv)
 
 
@@ -88,6 +106,34 @@ def measure_evaluation(n_obs: int, repeats: int, seed: int) -> dict:
             "devices": len(jax.devices()), "platform": jax.devices()[0].platform}
 
 
+class _JaxEvents:
+    """Sums of JAX's compile-duration events (trace, lower to MLIR, XLA compile or cache fetch)."""
+
+    NAMES = {"/jax/core/compile/jaxpr_trace_duration": "trace",
+             "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+             "/jax/core/compile/backend_compile_duration": "compile"}
+
+    def __init__(self):
+        import jax
+
+        self.totals: dict[str, float] = {}
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, event: str, duration: float, **_kw) -> None:
+        name = self.NAMES.get(event)
+        if name is not None:
+            self.totals[name] = self.totals.get(name, 0.0) + duration
+            self.count += name == "compile"
+
+    def take(self) -> dict:
+        """Totals since the last take (seconds; 'programs': XLA programs compiled or fetched)."""
+        out = {k: round(v, 4) for k, v in self.totals.items()}
+        out["programs"] = self.count
+        self.totals, self.count = {}, 0
+        return out
+
+
 def run_job(n_obs: int, seed: int) -> dict:
     """Child process: generate data, run scale_stills with all rounds, accuracy vs truth."""
     import numpy as np
@@ -95,38 +141,205 @@ def run_job(n_obs: int, seed: int) -> dict:
     import jaxscale  # noqa: F401
     from jaxscale.serial import scale_errors, scale_stills, simulate_flat_stills
 
+    events = _JaxEvents()
     t0 = time.perf_counter()
     n_exp = max(n_obs // OBS_PER_STILL, 1)
     sim = simulate_flat_stills(n_exp, OBS_PER_STILL, seed=seed)
     t1 = time.perf_counter()
+    events.take()
     res = scale_stills(sim["group_id"], sim["intensity"], sim["variance"], sim["d"], sim["experiment_index"],
                        n_exp, int(sim["n_groups"]))
     wall = time.perf_counter() - t1
+    jax_s = events.take()
     err = scale_errors(res, sim["k"], sim["B"], sim["i_true"], sim["d_group"])
-    return {"wall_s": wall, "simulate_s": t1 - t0, **err, "timings": res.timings,
+    return {"wall_s": wall, "simulate_s": t1 - t0, **err, "timings": res.timings, "jax_s": jax_s,
             "rounds": [{k: r[k] for k in ("name", "iterations", "reason")} for r in res.rounds],
             "outliers": int(np.count_nonzero(res.outlier)), "error_model": list(res.error_model)}
 
 
+def _run_measured(cmd: list[str], cwd: str, env: dict | None = None, timeout: float | None = None) -> dict:
+    """Run one process (its own session, output to files); wall, CPU (user + sys) and peak RSS of
+    that process from os.wait4. On timeout the whole session is killed."""
+    out_path = os.path.join(cwd, f".bench_{os.getpid()}_{time.monotonic_ns()}.out")
+    with open(out_path, "w") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        timed_out = False
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid == proc.pid:
+                break
+            if timeout is not None and time.perf_counter() - t0 > timeout:
+                os.killpg(proc.pid, signal.SIGKILL)  # the session this call started, nothing else
+                _, status, usage = os.wait4(proc.pid, 0)
+                timed_out = True
+                break
+            time.sleep(0.02)
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
+    with open(out_path) as fh:
+        text = fh.read()
+    os.remove(out_path)
+    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_mb": usage.ru_maxrss / 1024.0,
+            "rc": proc.returncode, "timed_out": timed_out, "tail": text[-3000:],
+            "json_lines": [ln for ln in text.splitlines() if ln.startswith("{")]}
+
+
 def _child(args: list[str], timeout: float | None = None, env: dict | None = None
            ) -> tuple[dict | None, float, float, str]:
-    """Run this script as a child; returns (last JSON line, wall s, peak RSS MB, stderr tail)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        return None, time.perf_counter() - t0, float("nan"), "timeout"
-    wall = time.perf_counter() - t0
-    # peak RSS of this child alone: ru_maxrss of RUSAGE_CHILDREN is the max over children so far,
-    # so the job runs before any larger child and we read /proc-free numbers from the child itself
-    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-    data = json.loads(lines[-1]) if lines and proc.returncode == 0 else None
-    peak = data.pop("peak_mb", float("nan")) if data else float("nan")
-    return data, wall, peak, err[-2000:]
+    """Run this script as a child; returns (last JSON line, wall s, peak RSS MB, output tail)."""
+    run = _run_measured([sys.executable, os.path.abspath(__file__), *args], cwd=tempfile.gettempdir(), env=env,
+                        timeout=timeout)
+    lines = run["json_lines"]
+    data = None
+    if lines and run["rc"] == 0:
+        try:
+            data = json.loads(lines[-1])
+        except json.JSONDecodeError:
+            data = None
+    return data, run["wall_s"], run["peak_mb"], "timeout" if run["timed_out"] else run["tail"][-2000:]
+
+
+def _jaxscale_exe() -> str:
+    return shutil.which("jaxscale") or os.path.join(os.path.dirname(sys.executable), "jaxscale")
+
+
+def _cli_args(paths: dict) -> list[str]:
+    return ["scale", str(paths["refl"]), str(paths["expt"]), "compute.serial=true", "output.html=None",
+            "output.json=None"]
+
+
+def dials_compare(n_obs: int, timeout: float, seed: int, warm_repeats: int) -> dict:
+    """dials.scale and `jaxscale scale` (whole processes) on the same simulated stills."""
+    import jaxscale  # noqa: F401
+    from jaxscale.sim import simulate_stills, write_simulation
+
+    n_stills = max(n_obs // OBS_PER_STILL, 1)
+    work = tempfile.mkdtemp(prefix="jaxscale_bench_")
+    table, expts, truth = simulate_stills(n_stills=n_stills, obs_per_still=OBS_PER_STILL, seed=seed)
+    paths = write_simulation(work, table, expts, truth)
+    out = {"dials_n_stills": n_stills, "dials_input_rows": len(table)}
+    out.update(_cli_times(work, paths, warm_repeats))
+    dials = _dials_run(work, paths, timeout)
+    out.update(dials)
+    dials_s = dials.get("dials_s")
+    ratio = lambda t: (dials_s / t) if dials_s and t else None  # noqa: E731
+    out.update({"dials_ratio": ratio(out.get("cli_cold_s")), "dials_ratio_cli_cold": ratio(out.get("cli_cold_s")),
+                "dials_ratio_cli_warm": ratio(out.get("cli_warm_s")),
+                "dials_ratio_in_process": ratio(out.get("in_process_s"))})
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _dials_run(work: str, paths: dict, timeout: float) -> dict:
+    exe = shutil.which("dials.scale")
+    if exe is None:
+        return {"dials_note": "dials.scale not installed"}
+    out_dir = os.path.join(work, "dials_out")
+    os.makedirs(out_dir, exist_ok=True)
+    run = _run_measured([exe, str(paths["refl"]), str(paths["expt"]), "model=KB", "output.html=None",
+                         "output.json=None"], cwd=out_dir, timeout=timeout)
+    if run["timed_out"]:
+        return {"dials_note": f"dials.scale did not finish in {timeout:.0f} s", "dials_cpu_s": run["cpu_s"],
+                "dials_peak_mb": run["peak_mb"]}
+    if run["rc"] != 0:
+        return {"dials_note": f"dials.scale failed: {run['tail'].strip()[-300:]}"}
+    return {"dials_s": run["wall_s"], "dials_cpu_s": run["cpu_s"], "dials_peak_mb": run["peak_mb"],
+            "dials_note": "finished"}
+
+
+def _cli_times(work: str, paths: dict, warm_repeats: int) -> dict:
+    """`jaxscale scale` (serial path, all outputs but HTML/JSON) on DIALS' input, whole process:
+    cold (empty compilation cache), warm (the cache the cold run left; minimum of warm_repeats),
+    then the in-process phases child with the warm cache."""
+    out_dir = os.path.join(work, "jaxscale_out")
+    os.makedirs(out_dir, exist_ok=True)
+    cache = tempfile.mkdtemp(prefix="jaxscale_cache_")
+    env = dict(os.environ, JAXSCALE_CACHE_DIR=cache)
+    out: dict = {}
+    runs = []
+    for i in range(1 + max(warm_repeats, 1)):
+        run = _run_measured([_jaxscale_exe(), *_cli_args(paths)], cwd=out_dir, env=env)
+        if run["rc"] != 0:
+            out["cli_error"] = run["tail"][-500:]
+            break
+        runs.append(run)
+    if runs:
+        out.update({"cli_cold_s": runs[0]["wall_s"], "cli_cold_cpu_s": runs[0]["cpu_s"],
+                    "cli_cold_peak_mb": runs[0]["peak_mb"]})
+    if len(runs) > 1:
+        warm = min(runs[1:], key=lambda r: r["wall_s"])
+        out.update({"cli_warm_s": warm["wall_s"], "cli_warm_cpu_s": warm["cpu_s"], "cli_warm_peak_mb": warm["peak_mb"],
+                    "cli_warm_runs_s": [r["wall_s"] for r in runs[1:]]})
+        phases, _, _, err = _child(["--cli-phases", json.dumps({"cwd": out_dir, "args": _cli_args(paths)})], env=env)
+        if phases:
+            out.update({"in_process_s": phases["second"]["total"], "cli_phases": phases})
+        else:
+            out["cli_phases_error"] = err[-500:]
+    shutil.rmtree(cache, ignore_errors=True)
+    return out
+
+
+def run_cli_phases(spec: str) -> dict:
+    """Child: `jaxscale scale` in this process twice; per call the seconds of each phase (the
+    pipeline functions wrapped with timers) and of JAX tracing / lowering / compiling."""
+    import contextlib
+    import io
+
+    t_import0 = time.perf_counter()
+    import jax  # noqa: F401
+
+    import jaxscale.cli.main as cli
+    import jaxscale.data.prepare as prepare_mod
+    import jaxscale.scale as scale_mod
+    import jaxscale.serial as serial_mod
+
+    import_s = time.perf_counter() - _T_START
+    import_jax_s = time.perf_counter() - t_import0
+    job = json.loads(spec)
+    os.chdir(job["cwd"])
+    phases: dict = {}
+    sub: dict = {}
+
+    def timed(module, name: str, phase: str):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                result = original(*args, **kwargs)
+            finally:
+                phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - t0
+            if phase == "scaling":
+                sub.update(result.timings)
+            return result
+
+        setattr(module, name, wrapper)
+
+    timed(scale_mod, "_read_sources", "read")
+    timed(prepare_mod, "prepare_dataset", "prepare")
+    timed(serial_mod, "scale_stills", "scaling")
+    timed(scale_mod, "_merging_stats", "statistics")
+    timed(scale_mod, "_write_outputs", "write")
+    events = _JaxEvents()
+    calls = []
+    for _ in range(2):
+        phases.clear()
+        sub.clear()
+        events.take()
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            rc = cli.main(job["args"])
+        total = time.perf_counter() - t0
+        if rc != 0:
+            raise SystemExit(f"jaxscale scale returned {rc}")
+        call = {k: round(v, 4) for k, v in phases.items()}
+        call["other"] = round(total - sum(phases.values()), 4)
+        call["total"] = total
+        call["scaling_detail"] = {k: round(v, 4) for k, v in sub.items()}
+        call["jax_s"] = events.take()
+        calls.append(call)
+    return {"import_s": import_s, "import_jax_and_jaxscale_s": import_jax_s, "first": calls[0], "second": calls[1]}
 
 
 def _peak_mb() -> float:
@@ -135,83 +348,32 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def dials_compare(n_obs: int, timeout: float, seed: int) -> dict:
-    """dials.scale vs scale_stills on the same simulated stills written as .refl/.expt."""
-    if shutil.which("dials.scale") is None:
-        return {"dials_ratio": None, "dials_note": "dials.scale not installed"}
-    work = tempfile.mkdtemp(prefix="jaxscale_bench_")
-    import jaxscale  # noqa: F401
-    from jaxscale.sim import simulate_stills, write_simulation
-
-    n_stills = max(n_obs // OBS_PER_STILL, 1)
-    table, expts, truth = simulate_stills(n_stills=n_stills, obs_per_still=OBS_PER_STILL, seed=seed)
-    paths = write_simulation(work, table, expts, truth)
-    ours, ours_wall, _, err = _child(["--job-dir", work])
-    cli = _cli_times(work, paths)
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(["dials.scale", str(paths["refl"]), str(paths["expt"]), "model=KB",
-                               "output.html=None", "output.json=None"],
-                              cwd=work, capture_output=True, text=True, timeout=timeout)
-        dials_s = time.perf_counter() - t0
-        ok = proc.returncode == 0
-        note = "finished" if ok else f"dials.scale failed: {proc.stderr.strip()[-300:] or proc.stdout.strip()[-300:]}"
-    except subprocess.TimeoutExpired:
-        dials_s, ok = time.perf_counter() - t0, False
-        note = f"dials.scale did not finish {n_stills} stills in {timeout:.0f} s"
-    ours_s = ours["wall_s"] if ours else None
-    ratio = lambda t: (dials_s / t) if ok and t else None  # noqa: E731
-    return {"dials_ratio": ratio(ours_s), "dials_s": dials_s if ok else None,
-            "dials_note": note, "dials_n_stills": n_stills, "jaxscale_on_dials_input_s": ours_s,
-            "jaxscale_on_dials_input": ours or err, **cli,
-            "dials_ratio_cli_cold": ratio(cli.get("cli_cold_s")), "dials_ratio_cli_warm": ratio(cli.get("cli_warm_s"))}
+def _job_row(n_obs: int, seed: int, repeats: int) -> dict:
+    """The full job in `repeats` fresh child processes; the fastest one's numbers, all walls."""
+    best, walls, err = None, [], ""
+    for _ in range(max(repeats, 1)):
+        job, wall, peak, err = _child(["--job", str(n_obs), "--seed", str(seed)])
+        if not job:
+            continue
+        job.update({"process_s": wall, "peak_mb": peak})
+        walls.append(job["wall_s"])
+        if best is None or job["wall_s"] < best["wall_s"]:
+            best = job
+    if best is None:
+        return {"wall_s": None, "process_s": None, "peak_mb": float("nan"), "job_error": err}
+    row = {k: best[k] for k in ("wall_s", "process_s", "peak_mb", "simulate_s", "cc_ih", "k_rms_rel", "B_rms",
+                                "k_rms_bound", "B_rms_bound", "timings", "jax_s", "rounds", "outliers",
+                                "error_model") if k in best}
+    row["wall_s_runs"] = walls
+    return row
 
 
-def _cli_times(work: str, paths: dict) -> dict:
-    """`jaxscale scale` (the serial path, all outputs but HTML/JSON) on DIALS' input, wall
-    seconds of the whole process: cold (empty compilation cache) and warm (second run)."""
-    exe = shutil.which("jaxscale") or os.path.join(os.path.dirname(sys.executable), "jaxscale")
-    out_dir = os.path.join(work, "jaxscale_out")
-    os.makedirs(out_dir, exist_ok=True)
-    env = dict(os.environ, JAXSCALE_CACHE_DIR=tempfile.mkdtemp(prefix="jaxscale_cache_"))
-    out = {}
-    for label in ("cold", "warm"):
-        t0 = time.perf_counter()
-        proc = subprocess.run([exe, "scale", str(paths["refl"]), str(paths["expt"]), "compute.serial=true",
-                               "output.html=None", "output.json=None"], cwd=out_dir, env=env, capture_output=True,
-                              text=True)
-        out[f"cli_{label}_s"] = time.perf_counter() - t0 if proc.returncode == 0 else None
-        if proc.returncode != 0:
-            out["cli_error"] = (proc.stderr or proc.stdout)[-500:]
-            break
-    return out
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
-def run_job_dir(work: str) -> dict:
-    """Child: scale_stills on integrated.refl/.expt written by jaxscale.sim (DIALS' input)."""
-    import gemmi
-    import numpy as np
-
-    import jaxscale  # noqa: F401
-    from jaxscale.data.symmetry import group_ids, map_to_asu
-    from jaxscale.io.expt import read_expt
-    from jaxscale.io.refl import read_refl
-    from jaxscale.serial import scale_stills
-
-    t0 = time.perf_counter()
-    table = read_refl(os.path.join(work, "integrated.refl"))
-    expts = read_expt(os.path.join(work, "integrated.expt"))
-    sg = expts[0].space_group if hasattr(expts[0].space_group, "operations") else gemmi.SpaceGroup(expts[0].space_group)
-    asu, _ = map_to_asu(np.asarray(table["miller_index"]), sg)
-    gid, uniq = group_ids(asu)
-    p = np.asarray(table["partiality"])
-    corr = np.asarray(table["lp"]) / np.asarray(table["qe"]) / p
-    i_obs = np.asarray(table["intensity.sum.value"]) * corr
-    v_obs = np.asarray(table["intensity.sum.variance"]) * corr**2
-    keep = (v_obs > 0) & (p > 0.4)
-    res = scale_stills(gid[keep], i_obs[keep], v_obs[keep], np.asarray(table["d"])[keep],
-                       np.asarray(table["id"])[keep], len(expts), len(uniq))
-    return {"wall_s": time.perf_counter() - t0, "n_obs": int(keep.sum()), "log_tail": res.log[-3:]}
+def _fmt(x, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
 
 
 def main(argv=None) -> int:
@@ -224,46 +386,61 @@ def main(argv=None) -> int:
     if args.eval is not None:
         print(json.dumps(measure_evaluation(args.eval, args.repeats, args.seed)))
         return 0
-    if args.job_dir is not None:
-        out = run_job_dir(args.job_dir)
-        out["peak_mb"] = _peak_mb()
-        print(json.dumps(out))
+    if args.cli_phases is not None:
+        print(json.dumps(run_cli_phases(args.cli_phases)))
         return 0
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     rows = []
-    for i, n_obs in enumerate(sizes):
-        row = {"n_obs": n_obs, "n_experiments": max(n_obs // OBS_PER_STILL, 1)}
-        row.update(measure_evaluation(n_obs, args.repeats, args.seed))
+    for n_obs in sizes:
+        row = {"n_obs": n_obs, "n_experiments": max(n_obs // OBS_PER_STILL, 1), "load_before": _load()}
+        if not args.no_eval:
+            row.update(measure_evaluation(n_obs, args.repeats, args.seed))
+        else:
+            row.update({"eval_s": None, "bandwidth_ratio": None})
         if args.float32_eval:
             f32, _, _, err = _child(["--eval", str(n_obs), "--repeats", str(args.repeats), "--seed", str(args.seed)],
                                     env=dict(os.environ, JAXSCALE_X64="0"))
             row.update({f"{k}_float32": f32[k] for k in ("eval_s", "bandwidth_ratio", "baseline_s", "dtype")}
                        if f32 else {"float32_error": err})
-        job, wall, peak, err = _child(["--job", str(n_obs), "--seed", str(args.seed)])
-        row.update({"wall_s": job["wall_s"] if job else None, "process_s": wall, "peak_mb": peak})
-        if job:
-            row.update({k: job[k] for k in ("simulate_s", "cc_ih", "k_rms_rel", "B_rms", "k_rms_bound", "B_rms_bound",
-                                            "timings", "rounds", "outliers", "error_model") if k in job})
-        else:
-            row["job_error"] = err
+        row.update(_job_row(n_obs, args.seed, args.job_repeats))
         row["dials_ratio"] = None
-        if args.dials and i == 0:
-            row.update(dials_compare(n_obs, args.dials_timeout, args.seed))
+        if args.dials and n_obs <= args.dials_max_obs:
+            row.update(dials_compare(n_obs, args.dials_timeout, args.seed, args.process_repeats))
+        elif args.dials:
+            row["dials_note"] = f"not run (n_obs > --dials-max-obs {args.dials_max_obs})"
+        row["load_after"] = _load()
         rows.append(row)
         if args.json:
             print(json.dumps(row), flush=True)
         else:
-            print(f"n_obs {n_obs:>10d}  stills {row['n_experiments']:>7d}  eval {row['eval_s']*1e3:9.2f} ms  "
-                  f"{row['obs_per_s']:.3g} obs/s  bandwidth x{row['bandwidth_ratio']:.1f}  "
-                  f"job {row['wall_s'] if row['wall_s'] is None else round(row['wall_s'], 1)} s  "
-                  f"peak {row['peak_mb']:.0f} MB  CC {row.get('cc_ih', float('nan')):.5f}  "
-                  f"k RMS {100 * row.get('k_rms_rel', float('nan')):.2f} %  DIALS x{row['dials_ratio']}", flush=True)
+            _print_row(row)
     if len(rows) > 1 and not args.json:
         for a, b in zip(rows, rows[1:]):
             if a["wall_s"] and b["wall_s"]:
+                phases = " ".join(f"{k} x{b['timings'][k] / a['timings'][k]:.1f}" for k in a.get("timings", {})
+                                  if k in b.get("timings", {}) and a["timings"][k] > 0)
+                ev = f", x{b['eval_s'] / a['eval_s']:.1f} evaluation time" if a["eval_s"] and b["eval_s"] else ""
                 print(f"scaling {a['n_obs']} -> {b['n_obs']}: x{b['n_obs'] / a['n_obs']:.0f} data, "
-                      f"x{b['wall_s'] / a['wall_s']:.1f} job time, x{b['eval_s'] / a['eval_s']:.1f} evaluation time")
+                      f"x{b['wall_s'] / a['wall_s']:.1f} job time{ev}; phases: {phases}")
     return 0
+
+
+def _print_row(row: dict) -> None:
+    ev = (f"eval {row['eval_s'] * 1e3:9.2f} ms  bandwidth x{row['bandwidth_ratio']:.1f}  "
+          if row.get("eval_s") else "")
+    print(f"n_obs {row['n_obs']:>10d}  stills {row['n_experiments']:>7d}  {ev}"
+          f"job {_fmt(row['wall_s'])} s  peak {row['peak_mb']:.0f} MB  CC {row.get('cc_ih', float('nan')):.5f}  "
+          f"k RMS {100 * row.get('k_rms_rel', float('nan')):.2f} %  load {row['load_before']}", flush=True)
+    if row.get("timings"):
+        print("    job phases (s): " + "  ".join(f"{k} {v:.2f}" for k, v in row["timings"].items())
+              + f"   jax: {row.get('jax_s')}")
+    if "dials_n_stills" in row:
+        print(f"    {row['dials_n_stills']} stills: dials.scale {_fmt(row.get('dials_s'))} s "
+              f"(peak {_fmt(row.get('dials_peak_mb'), '.0f')} MB; {row.get('dials_note')}); jaxscale scale process "
+              f"cold {_fmt(row.get('cli_cold_s'), '.2f')} s (peak {_fmt(row.get('cli_cold_peak_mb'), '.0f')} MB), "
+              f"warm {_fmt(row.get('cli_warm_s'), '.2f')} s, in-process {_fmt(row.get('in_process_s'), '.2f')} s; "
+              f"ratios cold x{_fmt(row.get('dials_ratio'))} warm x{_fmt(row.get('dials_ratio_cli_warm'))} "
+              f"in-process x{_fmt(row.get('dials_ratio_in_process'))}", flush=True)
 
 
 if __name__ == "__main__":
