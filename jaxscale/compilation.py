@@ -35,6 +35,16 @@ FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion
 FAST_COMPILE_MAX_ROWS = 1 << 13
 
 
+# largest job evaluated in numpy instead of compiling a program where a numpy twin exists
+# (g over all rows: ~10 ms at 10^5 rows, against 0.1-0.3 s to trace and compile)
+HOST_MAX_ROWS = 1 << 17
+
+
+def host_evaluation(n_rows: int) -> bool:
+    """True when a job over n_rows rows should run in numpy (where it can) instead of XLA."""
+    return int(n_rows) <= HOST_MAX_ROWS
+
+
 def fast_compile(n_rows: int) -> bool:
     """True when a program over n_rows observation rows should compile with the fast options."""
     return int(n_rows) <= FAST_COMPILE_MAX_ROWS
@@ -185,5 +195,5 @@ def wait_for_precompiled() -> None:
     _COMPILER.wait()
 
 
-__all__ = ["FAST_COMPILE_MAX_ROWS", "FAST_COMPILE_OPTIONS", "Program", "fast_compile", "precompile",
-           "wait_for_precompiled", "warm_up"]
+__all__ = ["FAST_COMPILE_MAX_ROWS", "FAST_COMPILE_OPTIONS", "HOST_MAX_ROWS", "Program", "fast_compile",
+           "host_evaluation", "precompile", "wait_for_precompiled", "warm_up"]

@@ -24,7 +24,7 @@ from jaxscale.data import flags as F
 from jaxscale.data.prepare import prepare_dataset
 from jaxscale.data.symmetry import best_unit_cell, d_star_sq, epsilon, group_ids, map_to_asu
 from jaxscale.data.table import ReflectionTable
-from jaxscale.compilation import precompile
+from jaxscale.compilation import host_evaluation, precompile
 from jaxscale.errors.error_model import ErrorModelResult, refine_error_model
 from jaxscale.errors.outliers import determine_outliers, normalised_intensity_outliers
 from jaxscale.exceptions import InputError, ParameterError
@@ -40,7 +40,7 @@ from jaxscale.optimize.levmar import (
     propagate_variance,
 )
 from jaxscale.target.robust import make_target
-from jaxscale.target.objective import make_problem, select_rows
+from jaxscale.target.objective import basis_rows, make_problem, select_rows
 
 TEMPORARY_COLUMNS = ("intensity", "variance", "prescaling_correction", "s0c", "s1c", "Esq", "batch", "shoebox")
 
@@ -302,9 +302,12 @@ class _Scaler:
         w = params.weighting  # least squares (DIALS) or a robust loss with its IRLS I_h
         self.target = make_target(model.components, model.params, w.likelihood, w.student_t_dof, w.huber_delta)
         self.x = self.target.x0.copy()
-        # g over all rows is needed below: compile it while the observations are assembled
-        precompile(self.target.inverse_scale, jax.ShapeDtypeStruct(self.x.shape, np.float64),
-                   jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), model.bases))
+        # g over all rows: numpy for small jobs whose components all have numpy twins (no
+        # compilation), else a program compiled while the observations are assembled
+        self._g_on_host = host_evaluation(basis_rows(None, model.bases)) and self.target.has_host_inverse_scale()
+        if not self._g_on_host:
+            precompile(self.target.inverse_scale, jax.ShapeDtypeStruct(self.x.shape, np.float64),
+                       jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), model.bases))
         parts = []
         for k, prep in enumerate(prepared):
             t = prep.table
@@ -337,7 +340,7 @@ class _Scaler:
         if params.scaling_refinery.engine == "SimpleLBFGS":
             precompile_direction(self.target.n_params)
         self._apply_stored_imids()
-        self.g = np.asarray(self.target.inverse_scale(jax.device_put(self.x), model.bases))
+        self.g = self.inverse_scale(self.x)
 
     # -------------------------------------------------------------- setup helpers
     def _apply_stored_imids(self) -> None:
@@ -651,7 +654,7 @@ class _Scaler:
         if factors is None:
             return
         s = t.flatten(factors)
-        g_old = np.asarray(t.inverse_scale(jax.device_put(self.x), self.model.bases))
+        g_old = self.inverse_scale(self.x)
         self.x = self.x * s
         if getattr(self, "covariance", None) is not None:
             self.covariance = self.covariance * np.outer(s, s)
@@ -662,8 +665,14 @@ class _Scaler:
                  "(geometric mean 1, absorbed by the merged intensities)")
 
     # -------------------------------------------------------------- expansion, outliers
+    def inverse_scale(self, x: np.ndarray) -> np.ndarray:
+        """g of every observation for parameters x (numpy or the compiled program)."""
+        if self._g_on_host:
+            return self.target.inverse_scale_host(x, self.model.bases)
+        return np.asarray(self.target.inverse_scale(jax.device_put(x), self.model.bases))
+
     def expand(self, with_covariance: bool = False) -> None:
-        self.g = np.asarray(self.target.inverse_scale(jax.device_put(self.x), self.model.bases))
+        self.g = self.inverse_scale(self.x)
         if with_covariance and getattr(self, "covariance", None) is not None:
             self.var_g = inverse_scale_variance(self.target, self.x, self.covariance, self.model.bases, self.obs.n)
 

@@ -124,7 +124,7 @@ def _data_rows(x: Any, data: TargetData) -> int:
     return int(np.shape(data.problem.weight)[0])
 
 
-def _basis_rows(x: Any, bases: Any) -> int:
+def basis_rows(x: Any, bases: Any) -> int:
     """Observation rows of an (x, bases) call: the leading axis of the bases."""
     leaves = jax.tree.leaves(bases)
     return int(np.shape(leaves[0])[0]) if leaves and np.ndim(leaves[0]) else 0
@@ -163,7 +163,7 @@ class ScalingTarget:
         self.value = Program(self._value, rows=_data_rows)
         self.value_and_grad = Program(jax.value_and_grad(self._value), rows=_data_rows)
         self.rmsd = Program(self._rmsd, rows=_data_rows)
-        self.inverse_scale = Program(self._inverse_scale, rows=_basis_rows)
+        self.inverse_scale = Program(self._inverse_scale, rows=basis_rows)
 
     # ------------------------------------------------------------------ helpers
     def _flat(self, tree: Mapping[str, Any]) -> np.ndarray:
@@ -204,6 +204,31 @@ class ScalingTarget:
 
     def _inverse_scale(self, x: jax.Array, bases: Any) -> jax.Array:
         return inverse_scale(self.components, self.unravel(x), bases)
+
+    def _host_twins(self) -> dict[str, Any] | None:
+        """numpy twin of every component's apply, or None if one has none."""
+        from jaxscale.models.linear import host_apply
+
+        twins = {k: host_apply(comp.apply) for k, comp in self.components.items()}
+        return twins if twins and all(f is not None for f in twins.values()) else None
+
+    def has_host_inverse_scale(self) -> bool:
+        """True when `inverse_scale_host` can evaluate g in numpy."""
+        return self._host_twins() is not None
+
+    def inverse_scale_host(self, x: np.ndarray, bases: Any) -> np.ndarray | None:
+        """g over the rows of `bases` in numpy (f[n_obs]), the product of the components'
+        numpy twins (`models.linear.host_apply`) in the order of `inverse_scale`; None
+        when a component has no twin. Small jobs use it instead of compiling a program."""
+        twins = self._host_twins()
+        if twins is None:
+            return None
+        params = self.unravel(np.asarray(x, dtype=np.float64))
+        g = None
+        for k, twin in twins.items():  # loop over model components (few)
+            f = twin(params[k], {name: np.asarray(v) for name, v in bases[k].items()})
+            g = f if g is None else g * f
+        return np.asarray(g, dtype=np.float64)
 
     def _restraint(self, x_eff: jax.Array) -> jax.Array:
         return jnp.sum(self.restraint_weights * x_eff**2)
