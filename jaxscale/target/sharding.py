@@ -7,16 +7,23 @@ target is DIALS' `f = sum_i w_i (I_i - g_i I_h)^2` with the closed-form
 
 Row layout (`still_layout`): rows are ordered by still and each still's rows are padded with
 zero-weight rows to whole chunks of `chunk` (8) rows, so a chunk belongs to one still. k_e, B_e
-are then gathered once per chunk, and the per-still sums are a reshape-sum over each chunk
-(streaming) followed by a segment sum over chunks (8x fewer updates, sorted). XLA's CPU
-scatter-add in float64 is the slow part of an evaluation; this halves the evaluation time
-(docs/serial.md). The group sums stay one scatter per quantity (groups are spread over stills).
+are then gathered once per chunk, and the per-still sums are a reduce over each chunk
+followed by a sorted scatter over chunks (8x fewer updates). The group sums are one scatter
+of (w g I, w g^2) rows (groups are spread over stills).
+
+Evaluation (`_local_value_and_grad`): two passes over the rows, group sums then value and
+gradient (the three per-chunk sums in one variadic reduce), each a `fori_loop` over blocks
+of `block_chunks` chunks on CPU. Written as whole-array operations, XLA materialises ~10
+n-row temporaries (exp, scatter updates, residuals); on CPU each call then gets them as
+fresh memory from the allocator and the kernel faults it in page by page, which cost more
+than the arithmetic (10^4 page faults per evaluation of 10^6 rows, 1.4x10^5 at 10^7). In
+blocks, the temporaries are ~1 MB, reused and cache-resident (docs/serial.md).
 
 Observations are split across the devices of a 1-D mesh (axis "obs") with `jax.sharding`:
 whole chunks go to each device (their number padded with empty chunks to a multiple of the
 device count), placed with `NamedSharding(mesh, P("obs"))`. Inside `jax.shard_map` each device forms its partial group
 sums (w g I, w g^2) and partial per-still gradient sums; `psum` reduces them, so the only
-communication is two vectors of length 2 n_groups and 2 n_experiments per evaluation. With no
+communication is 2 n_groups + 2 n_experiments + 1 numbers per evaluation. With no
 mesh the same local function runs without collectives (one device, same arithmetic).
 
 The gradient is written in closed form (the per-still sums above; the I_h term of the
