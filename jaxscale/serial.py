@@ -139,41 +139,34 @@ def apply_imid_flat(c: IntensityCandidates, imid: float) -> tuple[np.ndarray, np
     return intensity * c.conv, variance * c.conv * c.conv
 
 
-def rmeas_dense(intensity: np.ndarray, sigma: np.ndarray, group: np.ndarray, n_groups: int) -> float:
-    """jaxscale.data.combine.rmeas with dense group ids (bincount, no sort): O(n)."""
+def rmeas_and_cc_half(intensity: np.ndarray, sigma: np.ndarray, group: np.ndarray, first: np.ndarray,
+                      n_groups: int) -> tuple[float, float]:
+    """(Rmeas, CC1/2) of observations with dense group ids, as jaxscale.data.combine.rmeas and
+    cc_half_random compute them (sigma > 0 and I/sigma > 1 kept; inverse-variance weighted group
+    means; CC1/2 of the half means with the fixed split `first`, display only), in one pass of
+    eight bincounts without compacting the kept rows. Rmeas -1 when nothing is kept."""
     with np.errstate(divide="ignore", invalid="ignore"):
         keep = (sigma > 0) & (intensity / sigma > 1.0)
+        w = np.where(keep, 1.0 / (sigma * sigma), 0.0)
     if not keep.any():
-        return -1.0
-    i, s, g = intensity[keep], sigma[keep], group[keep]
-    w = 1.0 / (s * s)
-    n = np.bincount(g, minlength=n_groups)
+        return -1.0, 0.0
+    i = np.where(keep, intensity, 0.0)
+    count = lambda weights: np.bincount(group, weights, minlength=n_groups)  # noqa: E731
+    n, sw, swi = count(keep.astype(np.float64)), count(w), count(w * i)
     with np.errstate(divide="ignore", invalid="ignore"):
-        mean = np.bincount(g, w * i, minlength=n_groups) / np.bincount(g, w, minlength=n_groups)
-    dev = np.bincount(g, np.abs(i - mean[g]), minlength=n_groups)
+        mean = swi / sw
+    dev = count(np.where(keep, np.abs(i - mean[group]), 0.0))
     multi = n > 1
-    den = np.bincount(g, i, minlength=n_groups)[multi].sum()
-    if den == 0:
-        return 0.0
-    return float((np.sqrt(n[multi] / (n[multi] - 1.0)) * dev[multi]).sum() / den)
-
-
-def _cc_half_dense(intensity: np.ndarray, sigma: np.ndarray, group: np.ndarray, first: np.ndarray,
-                   n_groups: int) -> float:
-    """CC1/2 of sigma-weighted half means (display only) with a fixed random split `first`."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        keep = (sigma > 0) & (intensity / sigma > 1.0)
-    i, g, h = intensity[keep], group[keep], first[keep]
-    w = 1.0 / sigma[keep] ** 2
-    n1 = np.bincount(g, h, minlength=n_groups)
-    n2 = np.bincount(g, ~h, minlength=n_groups)
-    use = (n1 > 0) & (n2 > 0)
+    den = count(i)[multi].sum()
+    r = 0.0 if den == 0 else float((np.sqrt(n[multi] / (n[multi] - 1.0)) * dev[multi]).sum() / den)
+    h = first & keep
+    n1, sw1, swi1 = count(h.astype(np.float64)), count(w * h), count(w * i * h)
+    use = (n1 > 0) & (n - n1 > 0)
     if use.sum() < 2:
-        return 0.0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        m1 = np.bincount(g, w * i * h, minlength=n_groups) / np.bincount(g, w * h, minlength=n_groups)
-        m2 = np.bincount(g, w * i * ~h, minlength=n_groups) / np.bincount(g, w * ~h, minlength=n_groups)
-    return float(np.corrcoef(m1[use], m2[use])[0, 1])
+        return r, 0.0
+    m1 = swi1[use] / sw1[use]
+    m2 = (swi[use] - swi1[use]) / (sw[use] - sw1[use])
+    return r, float(np.corrcoef(m1, m2)[0, 1])
 
 
 def choose_imid_flat(c: IntensityCandidates, g: np.ndarray, outlier: np.ndarray, imids=None,
@@ -192,11 +185,13 @@ def choose_imid_flat(c: IntensityCandidates, g: np.ndarray, outlier: np.ndarray,
     dense = c.group[rows]
     n_groups = int(c.group.max()) + 1
     rng = np.random.default_rng(seed)
-    order = np.argsort(dense + rng.random(rows.size), kind="stable")  # by group, random within each
+    # test rows by group, in random order within each group: the half split is the first half of
+    # each group, and every bincount below runs over sorted ids (sequential memory, ~2x faster)
+    order = np.argsort(dense + rng.random(rows.size))
+    rows, dense = rows[order], dense[order]
     counts = np.bincount(dense, minlength=n_groups)
     start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    rank = np.empty(rows.size, dtype=np.int64)
-    rank[order] = np.arange(rows.size) - start[dense[order]]
+    rank = np.arange(rows.size) - start[dense]
     first = rank < (counts // 2 + ((counts % 2 == 1) & (rng.random(n_groups) < 0.5)))[dense]
     i_prf, v_prf, i_sum, v_sum = c.i_prf[rows], c.v_prf[rows], c.i_sum[rows], c.v_sum[rows]
     scale = c.conv[rows] / g[rows]
@@ -209,9 +204,9 @@ def choose_imid_flat(c: IntensityCandidates, g: np.ndarray, outlier: np.ndarray,
             i, v = i_sum, v_sum
         else:
             i, v = blend(i_prf, i_sum, v_prf, v_sum, imid)
-        i, s = i * scale, np.sqrt(v) * scale
-        r_list.append(rmeas_dense(i, s, dense, n_groups))
-        cc_list.append(_cc_half_dense(i, s, dense, first, n_groups))
+        r, cc = rmeas_and_cc_half(i * scale, np.sqrt(v) * scale, dense, first, n_groups)
+        r_list.append(r)
+        cc_list.append(cc)
     valid = [k for k, r in enumerate(r_list) if r >= 0]
     best = PROFILE if not valid else candidates[min(valid, key=lambda k: r_list[k])]
     return ImidChoice(best, candidates, r_list, cc_list, int(rows.size))
