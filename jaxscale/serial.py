@@ -185,8 +185,8 @@ def choose_imid_flat(c: IntensityCandidates, g: np.ndarray, outlier: np.ndarray,
     dense = c.group[rows]
     n_groups = int(c.group.max()) + 1
     rng = np.random.default_rng(seed)
-    # test rows by group, in random order within each group: the half split is the first half of
-    # each group, and every bincount below runs over sorted ids (sequential memory, ~2x faster)
+    # test rows by group, in random order within each group: the CC1/2 half split is the first
+    # half of each group (one sort for all candidates)
     order = np.argsort(dense + rng.random(rows.size))
     rows, dense = rows[order], dense[order]
     counts = np.bincount(dense, minlength=n_groups)
