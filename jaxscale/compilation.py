@@ -8,6 +8,10 @@ evaluation takes microseconds. `Program` jits a function twice, with XLA's defau
 picks one per call from the problem size (`fast_compile`); large problems keep full
 optimisation, so their evaluations do not slow down.
 
+Where a numpy twin of a computation exists (g = the product of the model's link
+functions, `ScalingTarget.inverse_scale_host`), jobs up to `HOST_MAX_ROWS` rows evaluate it
+in numpy and compile nothing (`host_evaluation`).
+
 `precompile(program, *args)` lowers and compiles a program for the given argument shapes in
 a background thread (XLA compiles without holding the GIL), so that programs needed later in
 a run (the full-matrix normal equations, the variance propagation) compile while the

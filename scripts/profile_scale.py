@@ -85,6 +85,27 @@ def _caller() -> str:
     return "?"
 
 
+def _time_background_waits() -> list[float]:
+    """Seconds the main thread spends waiting for (or running) compilations queued for the
+    background by jaxscale.compilation (appended to the returned list)."""
+    from jaxscale import compilation
+
+    waits: list[float] = []
+    run = compilation._Once.run
+
+    def timed_run(self):
+        if threading.current_thread() is not threading.main_thread():
+            return run(self)
+        t0 = time.perf_counter()
+        try:
+            return run(self)
+        finally:
+            waits.append(time.perf_counter() - t0)
+
+    compilation._Once.run = timed_run
+    return waits
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--where", action="store_true", help="source line of each compilation")
@@ -96,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxscale.cli import main as cli
 
     log = CompileLog(ns.where)
+    waited = _time_background_waits()
     jax.monitoring.register_event_duration_secs_listener(log.on_duration)
     jax.monitoring.register_event_listener(log.on_event)
 
@@ -131,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         "trace_s": sum(log.seconds[TRACE].values()),
         "lower_s": sum(log.seconds[LOWER].values()),
         "main_thread_compile_s": log.main_thread_s,
+        "main_thread_waits_s": [round(w, 4) for w in waited],
         "cache_hits": log.cache_hits,
         "cache_misses": log.cache_misses,
         "per_function": {
@@ -145,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{n_compile} compilations: compile {out['compile_s']:.2f} s, trace {out['trace_s']:.2f} s, "
           f"lower {out['lower_s']:.2f} s (on the main thread: {log.main_thread_s:.2f} s of these); "
           f"persistent cache hits {log.cache_hits}, misses {log.cache_misses}")
+    print(f"main thread waited {sum(waited):.2f} s for background compilations ("
+          + ", ".join(f"{w:.3f}" for w in waited) + ")")
     print(f"{'function':40s} {'n':>3s} {'compile s':>9s} {'trace s':>8s} {'lower s':>8s}")
     for k, v in out["per_function"].items():
         print(f"{k[:40]:40s} {v['n']:3d} {v['compile_s']:9.3f} {v['trace_s']:8.3f} {v['lower_s']:8.3f}")
