@@ -239,3 +239,23 @@ def test_show_mtz_through_lazy_reader(tmp_path, monkeypatch, capsys):
     assert code == 0, err
     assert "(mtz)" in out and "rows: 2" in out and "datasets (id: rows): 0: 1, 1: 1" in out
     assert "resolution: 3.33 - 10.00 Å" in out and "images 1-45" in out and "P 2 3" in out
+
+
+def test_subprocess_run_ends_with_every_output_written(tmp_path, shared_data):
+    """The command ends the process without the interpreter's teardown (cli.main._exit):
+    stdout must still be complete and every output file whole."""
+    from jaxscale.io.expt import read_expt
+    from jaxscale.io.refl import read_refl
+
+    data = shared_data / "lcys_4sweep_dials" / "integrated" / "lcys_20_integrated"
+    env = dict(os.environ, JAXSCALE_CACHE_DIR="")
+    done = subprocess.run([sys.executable, "-m", "jaxscale.cli.main", "scale", f"{data}.refl", f"{data}.expt",
+                           "output.html=None"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.rstrip().splitlines()
+    assert lines[-2] == "writing outputs ... (3 steps)" and lines[-1].startswith("writing outputs: done in ")
+    assert _files_in(tmp_path) == {"scaled.refl", "scaled.expt", "jaxscale.log"}
+    table = read_refl(tmp_path / "scaled.refl")
+    assert len(table) == 4417 - 4 and "inverse_scale_factor" in table  # input rows less 4 partials combined
+    assert read_expt(tmp_path / "scaled.expt")[0].scaling_model is not None
+    assert (tmp_path / "jaxscale.log").read_text().rstrip().splitlines()[-1].startswith("Total time taken:")
