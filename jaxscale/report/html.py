@@ -194,14 +194,16 @@ def _resolution_figures(st: MergingStatistics) -> list[Figure]:
 def _batch_figures(bt) -> list[Figure]:
     get = (lambda k: getattr(bt, k)) if not isinstance(bt, dict) else bt.get
     batch = _a(get("batch"))
+    runs = np.asarray(bt.get("n", [1]) if isinstance(bt, dict) else [1])  # serial: runs of batches averaged
+    per = f" (mean of {int(runs.max())} batches per point)" if runs.size and runs.max() > 1 else ""
     figs = [
         _fig([_trace("scatter", x=batch, y=_a(get("scale")), name="⟨g⟩", mode="markers", marker=dict(size=3)),
               _trace("scatter", x=batch, y=_a(get("r_merge")), name="Rmerge", mode="markers", marker=dict(size=3),
                          yaxis="y2")],
-             "Scale and Rmerge vs batch", "batch", "mean inverse scale",
+             "Scale and Rmerge vs batch" + per, "batch", "mean inverse scale",
              yaxis2=dict(title="Rmerge", overlaying="y", side="right")),
         _fig([_trace("scatter", x=batch, y=_a(get("i_over_sigma")), name="⟨I/σ⟩", mode="markers", marker=dict(size=3))],
-             "⟨I/σ⟩ vs batch", "batch", "⟨I/σ⟩"),
+             "⟨I/σ⟩ vs batch" + per, "batch", "⟨I/σ⟩"),
     ]
     return figs
 
