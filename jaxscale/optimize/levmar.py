@@ -176,11 +176,14 @@ def _chunk_size(problem: Any, chunk_size: int) -> int:
 
 
 def precompile_full_matrix(target: ScalingTarget, data: TargetData, chunk_size: int = 4096) -> None:
-    """Compile the normal equations of `minimise_full_matrix(target, data)` in the background
-    (the chunk layout of `data`; a later problem padded to the same sizes shares it)."""
+    """Compile the normal equations of `minimise_full_matrix(target, data)` in the background,
+    for a problem that is one chunk (a later problem padded to the same sizes shares it;
+    the number of chunks of a larger one follows its live rows, which outliers change)."""
     free = np.asarray(data.free, dtype=bool)
     chunks = chunk_by_groups(data.problem, data.bases, np.asarray(data.anchor), free,
                              chunk_size=_chunk_size(data.problem, chunk_size))
+    if np.shape(chunks.target.problem.weight)[0] != 1:
+        return
     shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), chunks)  # holds no data
     precompile(_normal_equations(target).build, jax.ShapeDtypeStruct(free.shape, np.float64), shapes,
                jax.ShapeDtypeStruct(free.shape, np.bool_))
