@@ -9,8 +9,10 @@ target+gradient evaluation (eval_s, median after compile), observations per seco
 that time to a numpy streaming pass over the same bytes the evaluation reads (bandwidth_ratio:
 I, w, 1/(2d^2) + group ids in the chunked still layout, padding included, + the still of each
 chunk); the full scaling job (all rounds) in a child process: wall_s (scale_stills alone,
-compilation included), its phases (`timings`: setup, outliers, lbfgs, error_model, full_matrix)
-and the JAX trace / lower / compile seconds inside it (`jax_s`), process_s and peak_mb of that
+compilation included) and cpu_s (all threads), its phases (`timings`: setup, outliers, lbfgs,
+error_model, full_matrix), the wall and CPU seconds of the functions it calls (`steps`:
+_initial_scales, group_order, determine_outliers, lbfgs_round, minimise_structured, ...) and
+the JAX trace / lower / compile seconds inside it (`jax_s`), process_s and peak_mb of that
 child (data generation included), CC of merged I with truth and RMS error of the per-still
 scales (gauge removed). --job-repeats N runs the job N times (fresh processes) and reports the
 minimum wall_s (all walls in wall_s_runs).
@@ -142,19 +144,53 @@ def run_job(n_obs: int, seed: int) -> dict:
     from jaxscale.serial import scale_errors, scale_stills, simulate_flat_stills
 
     events = _JaxEvents()
+    steps = _time_serial_steps()
     t0 = time.perf_counter()
     n_exp = max(n_obs // OBS_PER_STILL, 1)
     sim = simulate_flat_stills(n_exp, OBS_PER_STILL, seed=seed)
     t1 = time.perf_counter()
     events.take()
+    cpu0 = time.process_time()
     res = scale_stills(sim["group_id"], sim["intensity"], sim["variance"], sim["d"], sim["experiment_index"],
                        n_exp, int(sim["n_groups"]))
     wall = time.perf_counter() - t1
+    cpu = time.process_time() - cpu0
     jax_s = events.take()
     err = scale_errors(res, sim["k"], sim["B"], sim["i_true"], sim["d_group"])
-    return {"wall_s": wall, "simulate_s": t1 - t0, **err, "timings": res.timings, "jax_s": jax_s,
+    return {"wall_s": wall, "cpu_s": cpu, "simulate_s": t1 - t0, **err, "timings": res.timings, "jax_s": jax_s,
+            "steps": {k: {"calls": v[0], "wall_s": round(v[1], 3), "cpu_s": round(v[2], 3)} for k, v in steps.items()},
+            "n_groups": int(sim["n_groups"]),
             "rounds": [{k: r[k] for k in ("name", "iterations", "reason")} for r in res.rounds],
             "outliers": int(np.count_nonzero(res.outlier)), "error_model": list(res.error_model)}
+
+
+SERIAL_STEPS = ("_initial_scales", "group_order", "still_layout", "make_observations", "determine_outliers",
+                "kb_inverse_scale", "lbfgs_round", "refine_error_model", "minimise_structured", "variance_diagonal")
+
+
+def _time_serial_steps() -> dict[str, list]:
+    """Wrap the functions scale_stills calls (names in jaxscale.serial's namespace) with wall and
+    CPU timers: {name: [calls, wall s, CPU s (all threads)]}, filled as the job runs."""
+    import jaxscale.serial as serial_mod
+
+    steps: dict[str, list] = {}
+
+    def wrap(name: str, original):
+        def timed(*args, **kwargs):
+            w0, c0 = time.perf_counter(), time.process_time()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                entry = steps.setdefault(name, [0, 0.0, 0.0])
+                entry[0] += 1
+                entry[1] += time.perf_counter() - w0
+                entry[2] += time.process_time() - c0
+        return timed
+
+    for name in SERIAL_STEPS:
+        if hasattr(serial_mod, name):
+            setattr(serial_mod, name, wrap(name, getattr(serial_mod, name)))
+    return steps
 
 
 def _run_measured(cmd: list[str], cwd: str, env: dict | None = None, timeout: float | None = None) -> dict:
@@ -361,9 +397,9 @@ def _job_row(n_obs: int, seed: int, repeats: int) -> dict:
             best = job
     if best is None:
         return {"wall_s": None, "process_s": None, "peak_mb": float("nan"), "job_error": err}
-    row = {k: best[k] for k in ("wall_s", "process_s", "peak_mb", "simulate_s", "cc_ih", "k_rms_rel", "B_rms",
-                                "k_rms_bound", "B_rms_bound", "timings", "jax_s", "rounds", "outliers",
-                                "error_model") if k in best}
+    row = {k: best[k] for k in ("wall_s", "cpu_s", "process_s", "peak_mb", "simulate_s", "cc_ih", "k_rms_rel",
+                                "B_rms", "k_rms_bound", "B_rms_bound", "timings", "steps", "jax_s", "rounds",
+                                "outliers", "error_model", "n_groups") if k in best}
     row["wall_s_runs"] = walls
     return row
 
@@ -420,8 +456,11 @@ def main(argv=None) -> int:
                 phases = " ".join(f"{k} x{b['timings'][k] / a['timings'][k]:.1f}" for k in a.get("timings", {})
                                   if k in b.get("timings", {}) and a["timings"][k] > 0)
                 ev = f", x{b['eval_s'] / a['eval_s']:.1f} evaluation time" if a["eval_s"] and b["eval_s"] else ""
+                cpu = f" (CPU x{b['cpu_s'] / a['cpu_s']:.1f})" if a.get("cpu_s") and b.get("cpu_s") else ""
+                steps = " ".join(f"{k} x{b['steps'][k]['cpu_s'] / v['cpu_s']:.1f}" for k, v in a.get("steps", {}).items()
+                                 if k in b.get("steps", {}) and v["cpu_s"] > 0)
                 print(f"scaling {a['n_obs']} -> {b['n_obs']}: x{b['n_obs'] / a['n_obs']:.0f} data, "
-                      f"x{b['wall_s'] / a['wall_s']:.1f} job time{ev}; phases: {phases}")
+                      f"x{b['wall_s'] / a['wall_s']:.1f} job time{cpu}{ev}; phases (wall): {phases}; steps (CPU): {steps}")
     return 0
 
 
@@ -434,6 +473,8 @@ def _print_row(row: dict) -> None:
     if row.get("timings"):
         print("    job phases (s): " + "  ".join(f"{k} {v:.2f}" for k, v in row["timings"].items())
               + f"   jax: {row.get('jax_s')}")
+        print("    job steps (wall/CPU s): " + "  ".join(f"{k} {v['wall_s']:.2f}/{v['cpu_s']:.2f}"
+                                                      for k, v in row.get("steps", {}).items()))
     if "dials_n_stills" in row:
         print(f"    {row['dials_n_stills']} stills: dials.scale {_fmt(row.get('dials_s'))} s "
               f"(peak {_fmt(row.get('dials_peak_mb'), '.0f')} MB; {row.get('dials_note')}); jaxscale scale process "
