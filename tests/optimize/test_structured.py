@@ -75,3 +75,30 @@ def test_variance_approximations_against_exact_inverse(solved):
     # Hutchinson correction: unbiased on average (measured mean -1.4 %) but, at 16 probes,
     # far noisier per parameter (median |err| 14 %, max > 100 %) than block_gauge
     assert abs(np.mean(rel["stochastic"])) < 0.05
+
+
+def test_step_expected_decrease_and_blocks_against_dense_jacobian(solved):
+    """The LM step's expected decrease -(g.h + h.N h / 2) (taken from the CG residual, not a
+    third J^T J product) and its block diagonal, against the dense Jacobian; with an LM
+    damping mu, h solves (N + mu I) h = -g on the free parameters."""
+    from jaxscale.optimize.structured import StructuredSolver
+
+    _, obs, t, free, res = solved
+    x = jnp.asarray(np.stack([np.ones(N_EXP), np.zeros(N_EXP)], 1))  # far from the minimum
+    solver = StructuredSolver(t.residual_fn, t.block_diagonal_fn)
+    mu = 0.5
+    h, sum_sq, expected, its, cg_res, blocks = solver.step(x, obs, jnp.asarray(free), mu, 1e-12, max_cg=500)
+    r = np.asarray(t.residual_fn(x, obs))
+    jac = np.asarray(jax.jacfwd(lambda y: t.residual_fn(y, obs))(x)).reshape(r.size, 2 * N_EXP)
+    f = free.reshape(-1)
+    n = jac.T @ jac
+    g = jac.T @ r
+    h_dense = np.zeros(2 * N_EXP)
+    h_dense[f] = np.linalg.solve(n[np.ix_(f, f)] + mu * np.eye(f.sum()), -g[f])
+    np.testing.assert_allclose(np.asarray(h).reshape(-1), h_dense, rtol=1e-8, atol=1e-12 * np.abs(h_dense).max())
+    exp_dense = -(g @ h_dense + 0.5 * h_dense @ n @ h_dense)
+    assert abs(float(expected) - exp_dense) <= 1e-9 * abs(exp_dense) and exp_dense > 0
+    assert float(sum_sq) == pytest.approx(r @ r, rel=1e-12)
+    dense_blocks = np.stack([n[2 * i:2 * i + 2, 2 * i:2 * i + 2] for i in range(N_EXP)])
+    np.testing.assert_allclose(np.asarray(blocks), dense_blocks, rtol=1e-8, atol=1e-10 * np.abs(dense_blocks).max())
+    np.testing.assert_allclose(np.asarray(solver.blocks(x, obs)), np.asarray(blocks), rtol=1e-12)
