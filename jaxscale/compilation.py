@@ -190,7 +190,8 @@ def _warm_up_program(x):
 def warm_up() -> None:
     """Compile a trivial program in the background: the first compilation of a process pays
     ~0.1 s of one-time set-up (JAX's lowering machinery, the MLIR context, the compile
-    cache), which this moves off the main thread while it parses parameters and reads files."""
+    cache), which this moves off the main thread while it reads the input files. Called
+    after the heavy imports, so that the two threads do not import modules concurrently."""
     precompile(Program(_warm_up_program, fast=True), jax.ShapeDtypeStruct((1,), np.float64))
 
 

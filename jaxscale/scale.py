@@ -24,7 +24,7 @@ from jaxscale.data import flags as F
 from jaxscale.data.prepare import prepare_dataset
 from jaxscale.data.symmetry import best_unit_cell, d_star_sq, epsilon, group_ids, map_to_asu
 from jaxscale.data.table import ReflectionTable
-from jaxscale.compilation import host_evaluation, precompile
+from jaxscale.compilation import host_evaluation, precompile, warm_up
 from jaxscale.errors.error_model import ErrorModelResult, refine_error_model
 from jaxscale.errors.outliers import determine_outliers, normalised_intensity_outliers
 from jaxscale.exceptions import InputError, ParameterError
@@ -1121,6 +1121,8 @@ def run(params: Any, inputs: Sequence[str], progress: Any | None = None) -> Scal
 
     if serial_requested(params, inputs):  # many KB stills: flat-array serial path (compute.serial)
         return run_serial(params, inputs, progress)
+    # JAX's one-time compilation set-up, in the background while the inputs are read
+    warm_up()
     log = _Log(progress)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()

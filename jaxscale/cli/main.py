@@ -174,15 +174,7 @@ def _run_engine(params: Any, inputs: list[str], ns: argparse.Namespace, command:
 
 
 # ---------------------------------------------------------------- commands
-def _warm_up_compiler() -> None:
-    """Start JAX's one-time compilation set-up in the background (jaxscale.compilation)."""
-    from jaxscale.compilation import warm_up
-
-    warm_up()
-
-
 def cmd_scale(ns: argparse.Namespace) -> int:
-    _warm_up_compiler()
     files, overrides = _split_args(ns.args)
     notes: list[str] = []
     params, inputs = _parameters(ns, overrides, files, notes)
@@ -197,7 +189,6 @@ def cmd_run(ns: argparse.Namespace) -> int:
     files, overrides = _split_args(ns.args)
     if files:
         raise ParameterError(f"run takes one config file and key=value arguments; unexpected: {' '.join(files)}")
-    _warm_up_compiler()
     ns.config, ns.phil = [ns.config], []
     if not ns.config[0].lower().endswith((".yaml", ".yml")):
         raise InputError(ns.config[0], "run expects a YAML config (.yaml or .yml)")
