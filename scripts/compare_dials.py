@@ -39,17 +39,61 @@ from jaxscale.merge.merging import merge_scaled, scaled_observations  # noqa: E4
 from jaxscale.merge.statistics import merging_statistics  # noqa: E402
 
 
-def timed(cmd: list[str], cwd: Path) -> tuple[float, float, int, str]:
-    """(wall s, peak RSS MB, exit status, output tail) of a command under /usr/bin/time -v."""
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=cwd, capture_output=True, text=True)
+def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[float, float, int, str, float]:
+    """(wall s, peak RSS MB, exit status, output tail, CPU s = user + sys) of a command under
+    /usr/bin/time -v."""
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=cwd, capture_output=True, text=True,
+                          env=None if env is None else {**os.environ, **env})
     err = proc.stderr
     wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", err)
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
+    cpu = sum(float(m.group(1)) for m in re.finditer(r"(?:User|System) time \(seconds\): (\S+)", err))
     seconds = 0.0
     if wall:
         for part in wall.group(1).split(":"):
             seconds = seconds * 60 + float(part)
-    return seconds, (int(rss.group(1)) / 1024 if rss else float("nan")), proc.returncode, (proc.stdout + err)[-3000:]
+    return seconds, (int(rss.group(1)) / 1024 if rss else float("nan")), proc.returncode, (proc.stdout + err)[-3000:], cpu
+
+
+def jaxscale_command(files: list[str], opts: list[str]) -> list[str]:
+    return [sys.executable, "-m", "jaxscale.cli.main", "scale", *files, *opts]
+
+
+def cold_cache_env(base: Path, run: int) -> dict[str, str]:
+    """A fresh, empty persistent compile cache: every compilation of the run is paid for."""
+    cache = base / f"compile_cache_{run}"
+    cache.mkdir(parents=True, exist_ok=True)
+    return {"JAXSCALE_CACHE_DIR": str(cache)}
+
+
+def repeated_timings(files: list[str], opts: list[str], base: Path, repeats: int,
+                     first: dict[str, tuple[float, float]]) -> dict:
+    """Both programs run `repeats` times in all, alternately (the machine's load affects both
+    alike), jaxscale with an empty compile cache each time; wall and CPU seconds of every run."""
+    runs = {"dials": [first["dials"]], "jax": [first["jax"]]}
+    for k in range(1, repeats):
+        for who in ("dials", "jax"):
+            work = base / f"repeat_{k}_{who}"
+            work.mkdir(parents=True, exist_ok=True)
+            if who == "dials":
+                t, _, rc, tail, cpu = timed(["dials.scale", *files, *opts], work)
+            else:
+                t, _, rc, tail, cpu = timed(jaxscale_command(files, opts), work, cold_cache_env(base, k))
+            if rc != 0:
+                raise SystemExit(f"{who} failed in repeat {k}:\n{tail}")
+            runs[who].append((t, cpu))
+    out = {}
+    for who, values in runs.items():
+        wall = np.array([v[0] for v in values])
+        cpu = np.array([v[1] for v in values])
+        out[who] = {"wall_s": wall.tolist(), "cpu_s": cpu.tolist(), "wall_min": float(wall.min()),
+                    "wall_median": float(np.median(wall)), "cpu_min": float(cpu.min())}
+    out["ratio_jax_over_dials"] = {
+        "wall_min": out["jax"]["wall_min"] / out["dials"]["wall_min"],
+        "wall_median": out["jax"]["wall_median"] / out["dials"]["wall_median"],
+        "cpu_min": out["jax"]["cpu_min"] / out["dials"]["cpu_min"],
+    }
+    return out
 
 
 def row_keys(table) -> np.ndarray:
@@ -191,6 +235,9 @@ def main() -> int:
     ap.add_argument("--json", help="write the comparison as JSON here")
     ap.add_argument("--dials-dir", help="reuse an existing dials.scale run (scaled.refl/.expt) instead of running it")
     ap.add_argument("--jax-dir", help="reuse an existing jaxscale run (scaled.refl/.expt) instead of running it")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run both programs this many times, alternately, and report min/median wall and CPU "
+                         "time (jaxscale always with an empty compile cache: compilation included)")
     ns = ap.parse_args()
     if ns.markdown_from:
         for path in ns.markdown_from:
@@ -206,24 +253,27 @@ def main() -> int:
     jax_dir.mkdir(parents=True, exist_ok=True)
     if ns.dials_dir:
         dials_dir = Path(ns.dials_dir)
-        t_d, m_d, rc_d, tail_d = float("nan"), float("nan"), 0, ""
+        t_d, m_d, rc_d, tail_d, c_d = float("nan"), float("nan"), 0, "", float("nan")
     else:
-        t_d, m_d, rc_d, tail_d = timed(["dials.scale", *files, *opts], dials_dir)
+        t_d, m_d, rc_d, tail_d, c_d = timed(["dials.scale", *files, *opts], dials_dir)
     if rc_d != 0:
         print(tail_d)
         print(f"dials.scale failed with status {rc_d}")
         return 1
     if ns.jax_dir:
         jax_dir = Path(ns.jax_dir)
-        t_j, m_j, rc_j, tail_j = float("nan"), float("nan"), 0, ""
+        t_j, m_j, rc_j, tail_j, c_j = float("nan"), float("nan"), 0, "", float("nan")
     else:
-        t_j, m_j, rc_j, tail_j = timed([sys.executable, "-m", "jaxscale.cli.main", "scale", *files, *opts], jax_dir)
+        t_j, m_j, rc_j, tail_j, c_j = timed(jaxscale_command(files, opts), jax_dir, cold_cache_env(base, 0))
     if rc_j != 0:
         print(tail_j)
         print(f"jaxscale failed with status {rc_j}")
         return 1
     result = compare(dials_dir, jax_dir)
     result["time_s"] = {"dials": t_d, "jax": t_j, "ratio_jax_over_dials": t_j / t_d if t_d else float("nan")}
+    if ns.repeats > 1 and not (ns.dials_dir or ns.jax_dir):
+        result["repeated_time_s"] = repeated_timings(files, opts, base, ns.repeats,
+                                                     {"dials": (t_d, c_d), "jax": (t_j, c_j)})
     result["peak_rss_mb"] = {"dials": m_d, "jax": m_j, "ratio_jax_over_dials": m_j / m_d if m_d else float("nan")}
     print(f"inputs: {' '.join(files)} {' '.join(opts)}  (runs in {base})")
     print(f"rows: DIALS {result['n_rows_dials']}, jaxscale {result['n_rows_jax']}, matched {result['n_matched']}")
@@ -247,6 +297,14 @@ def main() -> int:
               f"I/sigma {s['i_over_sigma_mean']:.2f}  n_obs {int(s['n_obs'])}")
     print(f"wall: DIALS {t_d:.1f} s, jaxscale {t_j:.1f} s (ratio {result['time_s']['ratio_jax_over_dials']:.2f}); "
           f"peak RSS: DIALS {m_d:.0f} MB, jaxscale {m_j:.0f} MB (ratio {result['peak_rss_mb']['ratio_jax_over_dials']:.2f})")
+    if "repeated_time_s" in result:
+        rt = result["repeated_time_s"]
+        r = rt["ratio_jax_over_dials"]
+        print(f"{ns.repeats} alternating runs each (jaxscale with an empty compile cache): wall min/median "
+              f"DIALS {rt['dials']['wall_min']:.2f}/{rt['dials']['wall_median']:.2f} s, jaxscale "
+              f"{rt['jax']['wall_min']:.2f}/{rt['jax']['wall_median']:.2f} s (ratio {r['wall_min']:.3f}/"
+              f"{r['wall_median']:.3f}); CPU min DIALS {rt['dials']['cpu_min']:.2f} s, jaxscale "
+              f"{rt['jax']['cpu_min']:.2f} s (ratio {r['cpu_min']:.3f})")
     if ns.markdown:
         print(markdown(result))
     if ns.json:
