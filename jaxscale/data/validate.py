@@ -139,7 +139,8 @@ def validate_pair(table: ReflectionTable, experiments: Sequence[Any], refl_path:
     table_idents = {int(k): str(v) for k, v in table.identifiers.items()}
     named = [i for i in expt_idents if i]
     warnings: list[str] = []
-    unmatched = [i for i in named if i not in set(table_idents.values())]
+    table_ident_set = set(table_idents.values())  # once: a set per item made this O(n^2) (10^5 stills)
+    unmatched = [i for i in named if i not in table_ident_set]
     stray = sorted(set(table_idents.values()) - set(expt_idents)) if named else []
     if unmatched or stray:
         detail = "; ".join(part for part in (

@@ -202,7 +202,8 @@ def assign_identifiers(table: ReflectionTable, experiments: ExperimentList, path
     if table.identifiers:
         known = {v: k for k, v in table.identifiers.items()}
         missing = [e.identifier for e in experiments if e.identifier and e.identifier not in known]
-        stray = [v for v in table.identifiers.values() if v not in set(experiments.identifiers())]
+        expt_idents = set(experiments.identifiers())  # once: a set per item made this O(n^2)
+        stray = [v for v in table.identifiers.values() if v not in expt_idents]
         if missing or stray:
             raise InputError(path, "reflection table identifiers do not match the experiment identifiers "
                                    f"(in .expt only: {missing[:3]}, in .refl only: {stray[:3]})", field="identifiers")
