@@ -168,28 +168,45 @@ def encode_expt(experiments: list[Experiment]) -> dict:
     doc: dict = {"__id__": "ExperimentList", "experiment": []}
     pools: dict[str, list] = {kind: [] for kind in MODEL_KINDS}
     keys: dict[str, dict[str, int]] = {kind: {} for kind in MODEL_KINDS}
+    # a model object shared in memory (read from one shared entry, or kept by a copied
+    # experiment) is serialised once, not once per experiment: 10^5 stills share one beam
+    by_object: dict[str, dict[int, int]] = {kind: {} for kind in MODEL_KINDS}
     for exp in experiments:
         entry = {"__id__": "Experiment", "identifier": exp.identifier}
         for kind in MODEL_KINDS:
             model = getattr(exp, kind)
             if model is None:
                 continue
-            key = json.dumps(model, sort_keys=True)
-            if key not in keys[kind]:
-                keys[kind][key] = len(pools[kind])
-                pools[kind].append(model)
-            entry[kind] = keys[kind][key]
+            index = by_object[kind].get(id(model))
+            if index is None:
+                key = json.dumps(model, sort_keys=True)
+                if key not in keys[kind]:
+                    keys[kind][key] = len(pools[kind])
+                    pools[kind].append(model)
+                index = by_object[kind][id(model)] = keys[kind][key]
+            entry[kind] = index
         entry.update(exp.extra)
         doc["experiment"].append(entry)
     for kind in MODEL_KINDS:
         doc[kind] = pools[kind]
     return doc
 
+
+# Above this many experiments the file is written without indentation: Python's indenting
+# JSON encoder is pure Python (~25 us per still); DIALS reads either layout.
+INDENT_MAX_EXPERIMENTS = 1000
+
+
 def write_expt(experiments: list[Experiment], path: str | os.PathLike) -> None:
     """Write an experiment list as DIALS JSON, atomically."""
-    text = json.dumps(encode_expt(experiments), indent=2)
+    doc = encode_expt(experiments)
+    if len(experiments) <= INDENT_MAX_EXPERIMENTS:
+        text = json.dumps(doc, indent=2)
+    else:
+        text = json.dumps(doc, separators=(",", ":"))
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
 
 def assign_identifiers(table: ReflectionTable, experiments: ExperimentList, path: str = "") -> None:
     """Make table and experiments agree on identifiers, creating UUIDs where both lack them.

@@ -75,3 +75,36 @@ def test_dials_show_reads_our_expt(tmp_path, shared_data):
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("Experiment ") >= 4
     assert "physical" in out.stdout.lower() or "Scaling model" in out.stdout
+
+
+def test_many_experiments_written_compact_with_the_same_document(tmp_path):
+    """Above INDENT_MAX_EXPERIMENTS the file is unindented JSON: the same document (shared
+    models pooled once), read back equal, and DIALS' own loader takes it."""
+    from jaxscale.io import expt as X
+    from jaxscale.sim.stills import simulate_stills
+
+    _, experiments, _ = simulate_stills(X.INDENT_MAX_EXPERIMENTS + 5, 5, seed=3)
+    write_expt(experiments, tmp_path / "many.expt")
+    text = (tmp_path / "many.expt").read_text()
+    assert "\n" not in text.strip()
+    indented = json.dumps(X.encode_expt(experiments), indent=2)
+    assert json.loads(text) == json.loads(indented)
+    doc = json.loads(text)
+    assert len(doc["beam"]) == 1 and len(doc["crystal"]) == len(experiments)
+    back = read_expt(tmp_path / "many.expt")
+    assert back.identifiers() == experiments.identifiers()
+    assert all(a.crystal == b.crystal and a.beam == b.beam for a, b in zip(experiments, back))
+
+
+@requires_dials
+def test_dials_loads_compact_expt(tmp_path):
+    from jaxscale.io import expt as X
+    from jaxscale.sim.stills import simulate_stills
+
+    _, experiments, _ = simulate_stills(X.INDENT_MAX_EXPERIMENTS + 5, 5, seed=3)
+    write_expt(experiments, tmp_path / "many.expt")
+    code = ("from dxtbx.model.experiment_list import ExperimentListFactory as F; "
+            "e = F.from_json_file('many.expt', check_format=False); print(len(e))")
+    out = subprocess.run(["/usr/bin/python3", "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) == len(experiments)
