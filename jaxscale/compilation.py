@@ -49,9 +49,10 @@ def host_evaluation(n_rows: int) -> bool:
     return int(n_rows) <= HOST_MAX_ROWS
 
 
-def fast_compile(n_rows: int) -> bool:
-    """True when a program over n_rows observation rows should compile with the fast options."""
-    return int(n_rows) <= FAST_COMPILE_MAX_ROWS
+def fast_compile(n_rows: int, max_rows: int = FAST_COMPILE_MAX_ROWS) -> bool:
+    """True when a program over n_rows observation rows should compile with the fast options
+    (`max_rows`: the largest such problem, where a program's own crossover differs)."""
+    return int(n_rows) <= max_rows
 
 
 def _signature(args: tuple) -> tuple:
@@ -86,14 +87,17 @@ class Program:
 
     `rows(*args) -> int` gives the observation rows of a call (the size that decides the
     variant); without it every call uses the fast variant (parameter-sized programs).
-    `fast=True/False` at construction forces one variant. Calls look like the function's.
+    `fast=True/False` at construction forces one variant; `max_fast_rows`: the largest call
+    (rows) compiled with the fast options (default `FAST_COMPILE_MAX_ROWS`). Calls look like
+    the function's (keyword arguments: the static ones, `static_argnames`).
     """
 
     def __init__(self, fun: Callable, rows: Callable[..., int] | None = None, fast: bool | None = None,
-                 **jit_kwargs: Any):
+                 max_fast_rows: int = FAST_COMPILE_MAX_ROWS, **jit_kwargs: Any):
         self.fun = fun
         self.rows = rows
         self.fast = fast
+        self.max_fast_rows = max_fast_rows
         self._full = jax.jit(fun, **jit_kwargs)
         self._fast = jax.jit(fun, compiler_options=FAST_COMPILE_OPTIONS, **jit_kwargs)
         self._pending: dict[tuple, _Once] = {}
@@ -107,34 +111,39 @@ class Program:
             if self.rows is None:
                 return self._fast
             rows = self.rows(*args)
-        return self._fast if fast_compile(rows) else self._full
+        return self._fast if fast_compile(rows, self.max_fast_rows) else self._full
 
-    def __call__(self, *args: Any) -> Any:
-        return self.call(args)
+    def __call__(self, *args: Any, **static: Any) -> Any:
+        return self.call(args, **static)
 
-    def call(self, args: tuple, rows: int | None = None) -> Any:
-        """`self(*args)`, with the compile options chosen for `rows` observation rows."""
+    def call(self, args: tuple, rows: int | None = None, **static: Any) -> Any:
+        """`self(*args, **static)`, with the compile options chosen for `rows` observation rows."""
         fn = self.variant(*args, rows=rows)
         if self._pending:  # a background compilation of this call may be running: wait for it
-            task = self._pending.pop((fn is self._fast, _signature(args)), None)
+            task = self._pending.pop(_key(fn is self._fast, args, static), None)
             if task is not None:
                 task.run()
-        return fn(*args)
+        return fn(*args, **static)
 
-    def lower(self, *args: Any, rows: int | None = None) -> Any:
-        return self.variant(*args, rows=rows).lower(*args)
+    def lower(self, *args: Any, rows: int | None = None, **static: Any) -> Any:
+        return self.variant(*args, rows=rows).lower(*args, **static)
 
     def _cache_size(self) -> int:
         """Compiled executables held (both variants), as `jax.jit(f)._cache_size()`."""
         return self._full._cache_size() + self._fast._cache_size()
 
-    def _task(self, args: tuple, rows: int | None) -> _Once:
+    def _task(self, args: tuple, rows: int | None, static: dict) -> _Once:
         fn = self.variant(*args, rows=rows)
-        key = (fn is self._fast, _signature(args))
+        key = _key(fn is self._fast, args, static)
         task = self._pending.get(key)
         if task is None:
-            task = self._pending[key] = _Once(lambda: fn.lower(*args).compile())
+            task = self._pending[key] = _Once(lambda: fn.lower(*args, **static).compile())
         return task
+
+
+def _key(fast: bool, args: tuple, static: dict) -> tuple:
+    """Which compilation a call needs: variant, argument shapes, static keyword values."""
+    return fast, _signature(args), tuple(sorted(static.items()))
 
 
 class _Compiler:
@@ -176,11 +185,11 @@ class _Compiler:
 _COMPILER = _Compiler()
 
 
-def precompile(program: Program, *args: Any, rows: int | None = None) -> None:
-    """Compile `program` for the shapes of `args` (arrays or `jax.ShapeDtypeStruct`s) in the
-    background; the first call with those shapes waits for it instead of compiling.
-    `rows`: as `Program.call`."""
-    _COMPILER.submit(program._task(args, rows))
+def precompile(program: Program, *args: Any, rows: int | None = None, **static: Any) -> None:
+    """Compile `program` for the shapes of `args` (arrays or `jax.ShapeDtypeStruct`s) and the
+    values of its static keyword arguments in the background; the first call with those
+    shapes waits for it instead of compiling. `rows`: as `Program.call`."""
+    _COMPILER.submit(program._task(args, rows, static))
 
 
 def _warm_up_program(x):
