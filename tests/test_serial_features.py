@@ -362,7 +362,8 @@ def test_delta_cchalf_groups_of_stills(noisy_stills, tmp_path):
     removed whole; with pairs, the pair holding the noisiest still (250) goes."""
     res = _run(tmp_path, noisy_stills, **{"filtering.method": "deltacchalf", "filtering.deltacchalf.max_cycles": 1,
                                           "filtering.deltacchalf.mode": "image_group",
-                                          "filtering.deltacchalf.group_size": 2, "scaling_options.full_matrix": False})
+                                          "filtering.deltacchalf.group_size": 2, "scaling_options.full_matrix": False,
+                                          "filtering.output.scale_and_filter_results": str(tmp_path / "f.json")})
     gone = sorted(set(range(300)) - {int(e.imageset["images"][0][10:17]) for e in res.experiments})
     assert gone and len(gone) % 2 == 0 and all(a // 2 == b // 2 for a, b in zip(gone[::2], gone[1::2]))
     assert 250 in gone
