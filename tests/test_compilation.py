@@ -123,3 +123,22 @@ def test_numpy_inverse_scale_equals_the_compiled_program():
     other = ScalingTarget({"scale": Component("scale", lambda p, b: p[b["idx"]][:, 0])}, {"scale": np.ones(3)})
     assert not other.has_host_inverse_scale()
     assert other.inverse_scale_host(np.ones(3), {"scale": {"idx": np.zeros((4, 1), np.int32)}}) is None
+
+
+def test_program_row_limit_and_static_keywords(compiles):
+    """`max_fast_rows` moves the variant boundary; static keyword arguments reach the jitted
+    function, and a precompiled call with them is not compiled again."""
+    def scaled_sum(x, power):
+        return jnp.sum(jnp.abs(x) ** power)
+
+    program = C.Program(scaled_sum, rows=lambda x: x.shape[0], max_fast_rows=100, static_argnames=("power",))
+    assert program.variant(np.ones(100)) is program._fast
+    assert program.variant(np.ones(101)) is program._full
+    x = np.linspace(-1.0, 2.0, 50)
+    C.precompile(program, jax.ShapeDtypeStruct(x.shape, np.float64), power=3)
+    C.wait_for_precompiled()
+    assert compiles.names.count("jit(scaled_sum)") == 1
+    assert float(program(x, power=3)) == pytest.approx(float(np.sum(np.abs(x) ** 3)), rel=1e-14)
+    assert compiles.names.count("jit(scaled_sum)") == 1  # the precompiled executable
+    assert float(program(x, power=2)) == pytest.approx(float(np.sum(x * x)), rel=1e-14)
+    assert compiles.names.count("jit(scaled_sum)") == 2  # another static value: its own program

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxscale.compilation import Program
+from jaxscale.compilation import Program, precompile
 from jaxscale.optimize.lbfgs import MAX_ITERATIONS, RMSD_CONVERGED
 from jaxscale.optimize.levmar import MAX_TRIAL_ITERATIONS, OBJECTIVE_FLAT, OBJECTIVE_INCREASE, damping_update
 
@@ -236,6 +236,19 @@ class StructuredSolver:
             return y * f
 
         return jax.lax.map(one, rhs)
+
+
+def precompile_step(solver: StructuredSolver, x: Any, data: Any, free: Any, max_cg: int = 500) -> None:
+    """Compile the programs `minimise_structured` runs (the LM step, the trial sum of squares,
+    the diagonal blocks) for these shapes in a background thread (`compilation.precompile`),
+    e.g. while first-order rounds run. x, free: arrays or `jax.ShapeDtypeStruct`s; the damping
+    and tolerance are Python floats in the calls (weakly typed scalars)."""
+    x = jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+    scalar = jax.ShapeDtypeStruct((), x.dtype, weak_type=True)
+    free = jax.ShapeDtypeStruct(np.shape(free), np.bool_)
+    precompile(solver.step, x, data, free, scalar, scalar, max_cg=max_cg)
+    precompile(solver.sum_sq, x, data)
+    precompile(solver.blocks, x, data)
 
 
 def minimise_structured(

@@ -102,3 +102,55 @@ def test_step_expected_decrease_and_blocks_against_dense_jacobian(solved):
     dense_blocks = np.stack([n[2 * i:2 * i + 2, 2 * i:2 * i + 2] for i in range(N_EXP)])
     np.testing.assert_allclose(np.asarray(blocks), dense_blocks, rtol=1e-8, atol=1e-10 * np.abs(dense_blocks).max())
     np.testing.assert_allclose(np.asarray(solver.blocks(x, obs)), np.asarray(blocks), rtol=1e-12)
+
+
+def test_closed_form_block_inverse_equals_pseudo_inverse():
+    """2 x 2 blocks: full rank, rank one (a still whose rows share one d), zero (no data) and
+    ill-conditioned, against numpy's eigen-decomposition pseudo-inverse."""
+    from jaxscale.optimize.structured import _inv_blocks
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(50, 2, 3))
+    full = a @ a.transpose(0, 2, 1)
+    v = rng.normal(size=(10, 2))
+    rank_one = v[:, :, None] * v[:, None, :] * rng.uniform(0.1, 10.0, (10, 1, 1))
+    ill = np.array([[[1.0, 1.0 - 1e-9], [1.0 - 1e-9, 1.0]]])
+    blocks = np.concatenate([full, rank_one, np.zeros((3, 2, 2)), ill])
+    got = np.asarray(_inv_blocks(jnp.asarray(blocks)))
+    want = np.linalg.pinv(blocks, hermitian=True)
+    np.testing.assert_allclose(got[:60], want[:60], rtol=1e-10, atol=1e-12 * np.abs(want[:60]).max())
+    assert np.all(got[60:63] == 0.0)
+    # condition number 2e9: both are accurate to ~cond * eps relative to the largest entry
+    np.testing.assert_allclose(got[63], want[63], atol=1e-6 * np.abs(want[63]).max())
+
+
+def test_solver_built_once_and_precompiled_step_not_compiled_again(solved):
+    """StructuredSolver(r, b) is one object per function pair; after `precompile_step` the LM
+    round compiles none of its programs again."""
+    from jaxscale import compilation
+    from jaxscale.optimize.structured import StructuredSolver, precompile_step
+
+    sim, obs, t, free, res = solved
+    assert StructuredSolver(t.residual_fn, t.block_diagonal_fn) is StructuredSolver(t.residual_fn,
+                                                                                       t.block_diagonal_fn)
+    names: list[str] = []
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(str(kw.get("fun_name")))
+
+    # a residual function of its own, so that nothing is compiled yet
+    residual_fn = lambda x, data: t.residual_fn(x, data)  # noqa: E731
+    solver = StructuredSolver(residual_fn, t.block_diagonal_fn)
+    x0 = np.stack([np.ones(N_EXP), np.zeros(N_EXP)], 1)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        precompile_step(solver, x0, obs, free)
+        compilation.wait_for_precompiled()
+        n_before = len(names)
+        again = minimise_structured(residual_fn, t.block_diagonal_fn, x0, obs, free, sim["intensity"].size,
+                                    rmsd_tolerance=1e-10, solver=solver)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert n_before > 0 and len(names) == n_before
+    np.testing.assert_allclose(again.x, res.x, rtol=1e-12, atol=1e-12)

@@ -139,6 +139,31 @@ _SHARDED = textwrap.dedent(
 )
 
 
+def test_one_target_per_configuration_and_fast_compiled_small_problems():
+    """Constructing the target again gives the same object (its programs are traced once per
+    process); a small problem runs the fast-compile variant, which agrees with XLA's default
+    compilation to rounding."""
+    from jaxscale.target import sharding
+
+    assert KBStillsTarget() is KBStillsTarget()
+    assert KBStillsTarget(block_chunks=5) is KBStillsTarget(block_chunks=5) is not KBStillsTarget()
+    sim, w, x = _problem()
+    obs = make_observations(sim["intensity"], w, sim["d"], sim["group_id"], sim["experiment_index"], 300, 40)
+    t = KBStillsTarget()
+    xj, free = jnp.asarray(x), jnp.ones((40, 2), bool)
+    args = (xj, obs, free, xj)
+    assert obs.intensity.shape[0] <= sharding.FAST_COMPILE_MAX_ROWS
+    assert t.value_and_grad.variant(*args) is t.value_and_grad._fast
+    fast_value, fast_grad = t.value_and_grad(*args)
+    full_value, full_grad = t.value_and_grad._full(*args)
+    assert abs(float(fast_value) - float(full_value)) <= 1e-13 * abs(float(full_value))
+    np.testing.assert_allclose(np.asarray(fast_grad), np.asarray(full_grad), rtol=1e-11,
+                               atol=1e-13 * np.abs(np.asarray(full_grad)).max())
+    n_programs = t.value_and_grad._cache_size()
+    KBStillsTarget().value_and_grad(*args)  # a "new" target: no new program
+    assert t.value_and_grad._cache_size() == n_programs
+
+
 def test_sharded_over_four_cpu_devices_equals_single_device():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     proc = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True, env=env, timeout=300)
