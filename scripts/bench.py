@@ -193,13 +193,25 @@ def _time_serial_steps() -> dict[str, list]:
     return steps
 
 
+GNU_TIME = "/usr/bin/time"
+
+
 def _run_measured(cmd: list[str], cwd: str, env: dict | None = None, timeout: float | None = None) -> dict:
     """Run one process (its own session, output to files); wall, CPU (user + sys) and peak RSS of
-    that process from os.wait4. On timeout the whole session is killed."""
-    out_path = os.path.join(cwd, f".bench_{os.getpid()}_{time.monotonic_ns()}.out")
+    that process. On timeout the whole session is killed.
+
+    The peak comes from GNU time (%M) where it is installed: a child's ru_maxrss from wait4
+    includes the parent's resident set at the (v)fork before exec, so a large parent (this
+    script after an in-process job, or pytest) would be reported as the child's peak."""
+    stamp = f"{os.getpid()}_{time.monotonic_ns()}"
+    out_path = os.path.join(cwd, f".bench_{stamp}.out")
+    rss_path = os.path.join(cwd, f".bench_{stamp}.rss")
+    use_time = os.access(GNU_TIME, os.X_OK)
+    full_cmd = [GNU_TIME, "-q", "-f", "%M %U %S", "-o", rss_path, *cmd] if use_time else cmd
     with open(out_path, "w") as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(full_cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         timed_out = False
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -216,7 +228,17 @@ def _run_measured(cmd: list[str], cwd: str, env: dict | None = None, timeout: fl
     with open(out_path) as fh:
         text = fh.read()
     os.remove(out_path)
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_mb": usage.ru_maxrss / 1024.0,
+    cpu, peak = usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
+    if use_time:
+        try:
+            with open(rss_path) as fh:
+                fields = fh.read().split()[-3:]
+            peak, cpu = float(fields[0]) / 1024.0, float(fields[1]) + float(fields[2])
+        except (OSError, ValueError, IndexError):
+            pass  # killed before GNU time wrote its line: wait4's numbers (the peak may be high)
+        if os.path.exists(rss_path):
+            os.remove(rss_path)
+    return {"wall_s": wall, "cpu_s": cpu, "peak_mb": peak,
             "rc": proc.returncode, "timed_out": timed_out, "tail": text[-3000:],
             "json_lines": [ln for ln in text.splitlines() if ln.startswith("{")]}
 
