@@ -94,64 +94,186 @@ def _encode_shoeboxes(values: np.ndarray) -> bytes:
     return b"".join(chunks)
 
 
-def decode_refl(raw: bytes, path: str = "<bytes>", keep_shoeboxes: bool = False) -> ReflectionTable:
-    """Decode the bytes of a .refl file into a ReflectionTable."""
-    try:
-        obj = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several unrelated types on corrupt input
-        raise InputError(path, f"not a readable DIALS reflection file ({type(exc).__name__}: {exc})") from None
-    if not (isinstance(obj, list) and len(obj) == 3 and obj[0] == MAGIC):
+class _Truncated(Exception):
+    """The file ends inside an object."""
+
+
+class _MsgpackReader:
+    """Walks a .refl's msgpack structure on a binary file object: small headers are parsed
+    here, column payloads are read straight into their numpy arrays (`readinto`, no
+    intermediate bytes object) and skipped columns (shoeboxes) are seeked over, so reading
+    costs one copy of the kept columns and runs at the speed of the file system. Anything
+    other than the table's fixed layout goes through msgpack's own unpacker."""
+
+    def __init__(self, fh):
+        self.fh = fh
+
+    def _read(self, n: int) -> bytes:
+        data = self.fh.read(n)
+        if len(data) != n:
+            raise _Truncated()
+        return data
+
+    def header(self) -> tuple[str, int]:
+        """(kind, length or value) of the next object: kind 'array', 'map', 'str', 'bin', 'int'
+        or 'other' (then the file is left where it was)."""
+        start = self.fh.tell()
+        b = self._read(1)[0]
+        if b <= 0x7F:
+            return "int", b
+        if 0x80 <= b <= 0x8F:
+            return "map", b & 0x0F
+        if 0x90 <= b <= 0x9F:
+            return "array", b & 0x0F
+        if 0xA0 <= b <= 0xBF:
+            return "str", b & 0x1F
+        sized = {0xC4: ("bin", ">B"), 0xC5: ("bin", ">H"), 0xC6: ("bin", ">I"),
+                 0xD9: ("str", ">B"), 0xDA: ("str", ">H"), 0xDB: ("str", ">I"),
+                 0xDC: ("array", ">H"), 0xDD: ("array", ">I"), 0xDE: ("map", ">H"), 0xDF: ("map", ">I"),
+                 0xCC: ("int", ">B"), 0xCD: ("int", ">H"), 0xCE: ("int", ">I"), 0xCF: ("int", ">Q"),
+                 0xD0: ("int", ">b"), 0xD1: ("int", ">h"), 0xD2: ("int", ">i"), 0xD3: ("int", ">q")}
+        if b in sized:
+            kind, fmt = sized[b]
+            return kind, struct.unpack(fmt, self._read(struct.calcsize(fmt)))[0]
+        if b >= 0xE0:
+            return "int", b - 0x100
+        self.fh.seek(start)
+        return "other", 0
+
+    def expect(self, kind: str) -> int:
+        got, value = self.header()
+        if got != kind:
+            raise ValueError(f"expected a msgpack {kind}, found {got}")
+        return value
+
+    def string(self) -> str:
+        return self._read(self.expect("str")).decode("utf-8")
+
+    def unpack(self):
+        """The next object, whatever it is (msgpack's unpacker, reading from here)."""
+        start = self.fh.tell()
+        unpacker = msgpack.Unpacker(self.fh, raw=False, strict_map_key=False, read_size=1 << 16,
+                                    max_buffer_size=2**31 - 1)
+        try:
+            obj = unpacker.unpack()
+        except msgpack.OutOfData:
+            raise _Truncated() from None
+        self.fh.seek(start + unpacker.tell())
+        return obj
+
+    def read_into(self, out: np.ndarray) -> None:
+        view = memoryview(out).cast("B") if out.size else memoryview(b"")
+        done = 0
+        while done < view.nbytes:  # read() returns at most ~2 GiB at a time
+            n = self.fh.readinto(view[done:])
+            if not n:
+                raise _Truncated()
+            done += n
+
+    def skip(self, n: int) -> None:
+        self.fh.seek(n, os.SEEK_CUR)
+
+
+def _read_column(reader: _MsgpackReader, name: str, type_name: str, keep_shoeboxes: bool, path: str):
+    """One column's values (None for a skipped shoebox column), the file positioned after it."""
+    if type_name == SHOEBOX_TYPE:
+        if keep_shoeboxes:
+            payload = reader.unpack()
+            return _decode_shoeboxes(payload[1], int(payload[0]))
+        reader.expect("array")
+        reader.expect("int")
+        reader.skip(reader.expect("bin"))
+        return None
+    if type_name == STRING_TYPE:
+        return np.array(list(reader.unpack()), dtype=object)
+    if type_name not in COLUMN_TYPES:
+        raise InputError(path, f"unknown column type {type_name!r}", field=name)
+    dtype, shape = COLUMN_TYPES[type_name]
+    if reader.expect("array") != 2:
+        raise ValueError("column payload is not [n, bytes]")
+    n_elem = reader.expect("int")
+    n_bytes = reader.expect("bin")
+    per_row = int(np.prod(shape)) if shape else 1
+    if n_bytes != n_elem * per_row * dtype.itemsize:
+        raise InputError(path, f"column has {n_bytes} bytes, expected {n_elem} rows of {type_name} (truncated?)",
+                         field=name)
+    values = np.empty((n_elem, *shape), dtype=dtype)
+    reader.read_into(values)
+    return values
+
+
+def _read_table(fh, path: str, keep_shoeboxes: bool) -> ReflectionTable:
+    reader = _MsgpackReader(fh)
+    if reader.expect("array") != 3 or reader.unpack() != MAGIC:
         raise InputError(path, "not a DIALS msgpack reflection table (missing 'dials::af::reflection_table' header)")
-    if obj[1] != 1:
-        raise InputError(path, f"unsupported reflection table version {obj[1]!r}")
-    body = obj[2]
+    version = reader.unpack()
+    if version != 1:
+        raise InputError(path, f"unsupported reflection table version {version!r}")
+    body, columns, types = {}, {}, {}
+    for _ in range(reader.expect("map")):  # the body's few keys: identifiers, nrows, data
+        key = reader.unpack()
+        if key != "data":
+            body[key] = reader.unpack()
+            continue
+        body[key] = True
+        for _ in range(reader.expect("map")):  # loop over columns
+            name = reader.string()
+            if reader.expect("array") != 2:
+                raise InputError(path, "malformed column entry", field=name)
+            type_name = reader.string()
+            values = _read_column(reader, name, type_name, keep_shoeboxes, path)
+            if values is not None:
+                columns[name], types[name] = values, type_name
     try:
         nrows = int(body["nrows"])
-        data = body["data"]
+        body["data"]
         identifiers = {int(k): str(v) for k, v in (body.get("identifiers") or {}).items()}
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(path, f"reflection table header is damaged ({exc})") from None
-
-    table = ReflectionTable(identifiers=identifiers)
-    for name, entry in data.items():
-        try:
-            type_name, payload = entry
-        except (TypeError, ValueError):
-            raise InputError(path, "malformed column entry", field=name) from None
-        if type_name == SHOEBOX_TYPE:
-            if not keep_shoeboxes:
-                continue
-            values = _decode_shoeboxes(payload[1], nrows)
-        elif type_name == STRING_TYPE:
-            values = np.array(list(payload), dtype=object)
-        elif type_name in COLUMN_TYPES:
-            dtype, shape = COLUMN_TYPES[type_name]
-            n_elem, blob = payload
-            per_row = int(np.prod(shape)) if shape else 1
-            if n_elem != nrows or len(blob) != nrows * per_row * dtype.itemsize:
-                raise InputError(path, f"column has {len(blob)} bytes, expected {nrows} rows of {type_name} (truncated?)",
-                                 field=name)
-            values = np.frombuffer(blob, dtype=dtype).reshape((nrows, *shape)).copy()
-        else:
-            raise InputError(path, f"unknown column type {type_name!r}", field=name)
+    for name, values in columns.items():
         if len(values) != nrows:
             raise InputError(path, f"column has {len(values)} rows, table says {nrows}", field=name)
-        table.columns[name] = values
-        table.dials_types[name] = type_name
-    return table
+    return ReflectionTable(columns, identifiers, types)
+
+
+def _read_refl_stream(fh, path: str, keep_shoeboxes: bool) -> ReflectionTable:
+    try:
+        return _read_table(fh, path, keep_shoeboxes)
+    except InputError:
+        raise
+    except _Truncated:
+        raise InputError(path, "not a readable DIALS reflection file (it ends early: truncated?)") from None
+    except Exception as exc:  # damaged bytes surface as several unrelated types
+        raise InputError(path, f"not a readable DIALS reflection file ({type(exc).__name__}: {exc})") from None
+
+
+def decode_refl(raw: bytes, path: str = "<bytes>", keep_shoeboxes: bool = False) -> ReflectionTable:
+    """Decode the bytes of a .refl file into a ReflectionTable."""
+    import io
+
+    return _read_refl_stream(io.BytesIO(raw), path, keep_shoeboxes)
 
 
 def read_refl(path: str | os.PathLike, keep_shoeboxes: bool = False) -> ReflectionTable:
-    """Read a DIALS .refl file (msgpack). Shoeboxes are dropped unless asked for."""
+    """Read a DIALS .refl file (msgpack), column payloads straight into numpy arrays.
+    Shoeboxes are dropped unless asked for."""
     path = os.fspath(path)
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
+        fh = open(path, "rb")
     except OSError as exc:
         raise InputError(path, f"cannot read file ({exc.strerror})") from None
-    if raw[:2] == b"\x80\x02" or raw[:1] == b"\x80":
-        raise InputError(path, "old pickle-format reflection file; convert it with DIALS 3 (dials.convert_to_msgpack is not needed for .refl written by DIALS >= 2.0)")
-    return decode_refl(raw, path, keep_shoeboxes=keep_shoeboxes)
+    with fh:
+        try:
+            head = fh.read(2)
+            fh.seek(0)
+        except OSError as exc:
+            raise InputError(path, f"cannot read file ({exc.strerror})") from None
+        if head[:2] == b"\x80\x02" or head[:1] == b"\x80":
+            raise InputError(path, "old pickle-format reflection file; convert it with DIALS 3 (dials.convert_to_msgpack is not needed for .refl written by DIALS >= 2.0)")
+        try:
+            return _read_refl_stream(fh, path, keep_shoeboxes)
+        except OSError as exc:
+            raise InputError(path, f"cannot read file ({exc.strerror})") from None
 
 
 def _bin_header(nbytes: int) -> bytes:
