@@ -6,6 +6,7 @@ Writing re-shares identical model dicts so DIALS sees the same sharing it wrote.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -20,6 +21,13 @@ from jaxscale.exceptions import InputError
 from jaxscale.io.atomic import atomic_path
 
 MODEL_KINDS = ("beam", "detector", "goniometer", "scan", "crystal", "profile", "imageset", "scaling_model")
+
+@functools.lru_cache(maxsize=1024)
+def _space_group_of_hall(hall: str) -> gemmi.SpaceGroup:
+    """gemmi's space group of a Hall symbol, looked up once per symbol (10^5 stills share one;
+    the look-up costs ~15 us)."""
+    return gemmi.find_spacegroup_by_ops(gemmi.symops_from_hall(hall))
+
 
 @dataclass
 class Experiment:
@@ -37,8 +45,7 @@ class Experiment:
     # --- crystal ------------------------------------------------------------------
     @property
     def space_group(self) -> gemmi.SpaceGroup:
-        hall = self.crystal["space_group_hall_symbol"]
-        return gemmi.find_spacegroup_by_ops(gemmi.symops_from_hall(hall))
+        return _space_group_of_hall(self.crystal["space_group_hall_symbol"])
 
     @property
     def real_space_matrix(self) -> np.ndarray:
