@@ -870,6 +870,7 @@ def _serial_pass(params, sources: list, log, timings: dict[str, float], full_mat
     miller = np.concatenate([np.asarray(t["miller_index"])[m] for (t, _), m in zip(prepared, suitable)])
     asu, _ = map_to_asu(miller, experiments[0].space_group, anomalous=bool(params.anomalous))
     gid, uniq = group_ids(asu)
+    del asu
     def cat(col: str) -> np.ndarray:  # suitable rows of every input file, concatenated
         return np.concatenate([np.asarray(t[col], dtype=np.float64)[m] for (t, _), m in zip(prepared, suitable)])
 
@@ -890,6 +891,7 @@ def _serial_pass(params, sources: list, log, timings: dict[str, float], full_mat
         elif not params.reflection_selection.combine.joint_analysis:
             log("reflection_selection.combine.joint_analysis=False: the serial path chooses one Imid for "
                 "all stills jointly")
+    del miller
     timings["prepare"] = timings.get("prepare", 0.0) + time.perf_counter() - t_pass
     t0 = time.perf_counter()
     res = scale_stills(gid, cat("intensity"), cat("variance"), cat("d"), e_all, len(experiments), len(uniq),
@@ -909,8 +911,12 @@ def _serial_pass(params, sources: list, log, timings: dict[str, float], full_mat
     sk = np.zeros(len(experiments)) if res.scale_sigma is None else res.scale_sigma
     sb = np.zeros(len(experiments)) if res.b_factor_sigma is None else res.b_factor_sigma
     out_tables, start = [], 0
-    for (t, e), m in zip(prepared, suitable):  # loop over input files
-        t = t.copy()
+    for i, m in enumerate(suitable):  # loop over input files
+        t, e = prepared[i]
+        prepared[i] = None  # each prepared table is released once its output table is built
+        # shallow copy: every column changed below is replaced by a new array, never edited, so the
+        # output shares the unchanged columns (most of the table) with the input table
+        t = ReflectionTable(dict(t.columns), dict(t.identifiers), dict(t.dials_types))
         n = len(t)
         d = np.asarray(t["d"], dtype=np.float64)
         ok = (e >= 0) & (d > 0)
@@ -932,7 +938,10 @@ def _serial_pass(params, sources: list, log, timings: dict[str, float], full_mat
         S.set_scaled_columns(t, g, var_g, intensity, variance, outlier, cut.small_scale_cutoff or 0.0, excluded=~ok)
         t["id"] = np.where(e >= 0, e, -1).astype(np.int32)
         out_tables.append(t)
-    table = ReflectionTable.concatenate(out_tables)
+        del t, e, d, ok, g, var_g, s, rows, outlier, intensity, variance
+    del prepared, suitable, e_all, gid
+    table = out_tables[0] if len(out_tables) == 1 else ReflectionTable.concatenate(out_tables)
+    del out_tables
     table.identifiers = {i: ex.identifier for i, ex in enumerate(experiments)}
     out_experiments = []
     # DIALS stores Imid whenever intensity_choice=combine (1, summation, when there are no profiles)
