@@ -19,7 +19,7 @@ minimum wall_s (all walls in wall_s_runs).
 
 --dials (every size with n_obs <= --dials-max-obs): the same stills written as .refl/.expt
 (jaxscale.sim.simulate_stills, which has Miller indices), then on those files, each a whole
-process, wall / CPU seconds and peak RSS from wait4:
+process, wall / CPU seconds and peak RSS (GNU time, else wait4):
   dials.scale model=KB (time limit --dials-timeout): dials_s, dials_cpu_s, dials_peak_mb;
   `jaxscale scale compute.serial=true` with an empty compilation cache (cli_cold_*) and with the
   cache it left (cli_warm_*, minimum of --process-repeats runs);
