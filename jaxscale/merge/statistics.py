@@ -438,7 +438,7 @@ def shell_statistics(obs: ScaledObservations, shell: np.ndarray, n_shells: int,
                            np.sign(cc_half) * np.sqrt(2 * np.abs(cc_half) / (1 + cc_half))))
 
     # -- anomalous groups: CCanom (unweighted split), r_anom ------------------------------
-    agrp = _group(anom_key, shell)
+    agrp = grp if anomalous else _group(anom_key, shell)  # anomalous: the same grouping
     aG = agrp.n.shape[0]
     a_reset = np.ones(aG, dtype=bool)
     a_reset[1:] = agrp.shell[1:] != agrp.shell[:-1]
