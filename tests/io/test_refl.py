@@ -148,3 +148,40 @@ def test_empty_table_round_trip(tmp_path):
     write_refl(table, tmp_path / "empty.refl")
     back = read_refl(tmp_path / "empty.refl")
     assert len(back) == 0 and back["miller_index"].shape == (0, 3)
+
+
+def test_streamed_reader_skips_shoeboxes_and_matches_full_read(shared_data, tmp_path):
+    """read_refl seeks over shoeboxes: the other columns equal those read with shoeboxes kept,
+    and every column is an owned, writable array (not a view of a file buffer)."""
+    path = shared_data / "x4_centroid_9img_dials" / "integrated.refl"
+    full = read_refl(path, keep_shoeboxes=True)
+    lean = read_refl(path)
+    assert "shoebox" in full and "shoebox" not in lean
+    assert set(full) - {"shoebox"} == set(lean)
+    for name in lean:
+        assert np.array_equal(lean[name], full[name]) and lean[name].dtype == full[name].dtype, name
+        assert lean[name].flags.writeable and lean[name].flags.owndata, name
+
+
+@pytest.mark.parametrize("cut_fraction", [0.1, 0.5, 0.9, 0.999])
+def test_truncated_anywhere_is_an_input_error(tmp_path, cut_fraction):
+    table = ReflectionTable({"d": np.linspace(1, 2, 1000), "miller_index": np.ones((1000, 3), dtype=np.int32)})
+    table.identifiers = {0: "a"}
+    raw = encode_refl(table)
+    bad = tmp_path / "cut.refl"
+    bad.write_bytes(raw[: int(len(raw) * cut_fraction)])
+    with pytest.raises(InputError, match="cut.refl.*not a readable"):
+        read_refl(bad)
+
+
+def test_column_byte_count_mismatch_names_column(tmp_path):
+    table = ReflectionTable({"d": np.linspace(1, 2, 10)})
+    raw = encode_refl(table)
+    # the payload header says 10 rows; claim 11 instead (the msgpack positive fixint 10 -> 11)
+    marker = b"\x92\x0a\xc4\x50"  # [10, bin8(80 bytes)]
+    assert raw.count(marker) == 1
+    bad = tmp_path / "bad.refl"
+    bad.write_bytes(raw.replace(marker, b"\x92\x0b\xc4\x50"))
+    with pytest.raises(InputError) as err:
+        read_refl(bad)
+    assert err.value.field == "d" and "truncated?" in str(err.value)
