@@ -245,17 +245,18 @@ def _every_kth(n: int, max_points: int) -> np.ndarray:
 def serial_report_data(stats: Any, table: ReflectionTable, experiments: Sequence[Any], x: np.ndarray,
                        x_sigma: np.ndarray | None, error_model: ErrorModelResult | None, options: Any,
                        combination: Any = None, title: str = "jaxscale scaling report (serial stills)",
-                       max_points: int = MAX_SERIES_POINTS) -> dict:
+                       max_points: int = MAX_SERIES_POINTS, observations: Any = None) -> dict:
     """The HTML/JSON report data of the serial path (many stills, one KB model each): merging
     statistics, per-still k and B vs still index and their histograms, statistics per still
     (batch), error model, outliers, intensity distribution, Imid choice. Every per-still or
     per-outlier series is aggregated or thinned to at most max_points points (the per-still
     values themselves are in scaled.expt), so the report stays light for 10^5-10^6 stills.
-    x f[n_stills, 2] (k, B); x_sigma their esds (or None)."""
+    x f[n_stills, 2] (k, B); x_sigma their esds (or None); observations: scaled_observations(table,
+    experiments, anomalous=False) when the caller has them (10^7 rows: seconds to rebuild)."""
     from jaxscale.merge.merging import scaled_observations
     from jaxscale.merge.statistics import batch_statistics
 
-    obs = scaled_observations(table, experiments, anomalous=False)
+    obs = scaled_observations(table, experiments, anomalous=False) if observations is None else observations
     g = np.asarray(table["inverse_scale_factor"], dtype=np.float64)[obs.rows]
     merged, anomalous = merged_intensities(obs, options.output.use_internal_variance)
     bt = batch_statistics(obs, obs.dataset + 1, g)  # one batch per still (MTZ batch = still index + 1)

@@ -149,8 +149,10 @@ def _validator():
     return validate
 
 
-def _read_sources(params: Any, inputs: Sequence[str], log: "_Log") -> list[tuple[str, Any, ReflectionTable]]:
-    """(source path, experiment list, table) per input file, validated and with identifiers."""
+def _read_sources(params: Any, inputs: Sequence[str], log: "_Log", experiments_read: dict | None = None
+                  ) -> list[tuple[str, Any, ReflectionTable]]:
+    """(source path, experiment list, table) per input file, validated and with identifiers.
+    experiments_read: {.expt path: experiment list} read already; each is taken (popped) once."""
     from jaxscale.io.expt import assign_identifiers, read_expt
     from jaxscale.io.refl import read_refl
 
@@ -166,7 +168,8 @@ def _read_sources(params: Any, inputs: Sequence[str], log: "_Log") -> list[tuple
                 log(f"Warning: {warning}")
 
     for refl_path, expt_path in pairs:
-        expts = read_expt(expt_path)
+        expts = experiments_read.pop(expt_path, None) if experiments_read else None
+        expts = read_expt(expt_path) if expts is None else expts
         table = read_refl(refl_path)
         check(table, refl_path)
         if validate is not None:
@@ -1001,13 +1004,15 @@ def _scaling_algorithm(scaler: "_Scaler", params: Any, tables: list[ReflectionTa
 
 
 def _merging_stats(params: Any, table: ReflectionTable, experiments: list, log: _Log, *, anomalous: bool = True,
-                   quiet: bool = False):
-    """Merging statistics of the scaled rows (None, with a log line, when there are none)."""
+                   quiet: bool = False, observations: Any = None):
+    """Merging statistics of the scaled rows (None, with a log line, when there are none).
+    observations: scaled_observations(table, experiments, anomalous=False) when the caller
+    has built them already (the serial path reuses them for its report)."""
     from jaxscale.merge.merging import scaled_observations
     from jaxscale.merge.statistics import merging_statistics
 
     try:
-        obs = scaled_observations(table, experiments, anomalous=False)
+        obs = scaled_observations(table, experiments, anomalous=False) if observations is None else observations
         stats = merging_statistics(obs, n_bins=params.output.merging.nbins or 20,
                                    use_internal_variance=params.output.use_internal_variance,
                                    anomalous=anomalous, d_min=params.cut_data.d_min)
@@ -1119,8 +1124,10 @@ def run(params: Any, inputs: Sequence[str], progress: Any | None = None) -> Scal
     """Scale the inputs with dials.scale's algorithm; write outputs named in params.output."""
     from jaxscale.serial import run_serial, serial_requested
 
-    if serial_requested(params, inputs):  # many KB stills: flat-array serial path (compute.serial)
-        return run_serial(params, inputs, progress)
+    experiments_read: dict = {}  # .expt files read to decide, handed on (10^5 stills: seconds to parse)
+    if serial_requested(params, inputs, experiments_read):  # many KB stills: flat-array serial path
+        return run_serial(params, inputs, progress, experiments_read)
+    del experiments_read
     # JAX's one-time compilation set-up, in the background while the inputs are read
     warm_up()
     log = _Log(progress)

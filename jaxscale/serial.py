@@ -775,10 +775,11 @@ def _kb_json(k: float, b: float, k_esd: float | None, b_esd: float | None, decay
     return out
 
 
-def run_serial(params, inputs, progress=None):
+def run_serial(params, inputs, progress=None, experiments_read: dict | None = None):
     """`jaxscale scale` on many KB stills: read, prepare (DIALS' cuts and intensity choice,
     one call per input file), scale_stills, scaled tables / experiments / statistics /
     outputs as the rotation path writes them (ΔCC½ cycles first with filtering.method=deltacchalf).
+    experiments_read: {.expt path: experiment list} already read (serial_requested), used once each.
     Returns a jaxscale.scale.ScaleResult."""
     from jaxscale import scale as S
 
@@ -787,7 +788,8 @@ def run_serial(params, inputs, progress=None):
     t_start = time.perf_counter()
     log.phase("reading input", None)
     hdf5, others = _split_hdf5(inputs)
-    sources = _read_hdf5_sources(hdf5) + (S._read_sources(params, others, log) if others or not hdf5 else [])
+    sources = _read_hdf5_sources(hdf5) + (S._read_sources(params, others, log, experiments_read)
+                                          if others or not hdf5 else [])
     log.end()
     experiments = [e for _, expts, _ in sources for e in expts]
     if not experiments:
@@ -806,13 +808,13 @@ def run_serial(params, inputs, progress=None):
     timings["read"] = time.perf_counter() - t_start
     filtering_report = extra_jobs = None
     if params.filtering.method == "deltacchalf":
-        table, out_experiments, res, x, x_sigma, stats, doc, filtering_report = _scale_and_filter_stills(
+        table, out_experiments, res, x, x_sigma, stats, obs, doc, filtering_report = _scale_and_filter_stills(
             params, sources, log, timings)
         from jaxscale.filtering import results_job
 
         extra_jobs = [job for job in [results_job(params, doc)] if job is not None]
     else:
-        table, out_experiments, res, x, x_sigma, stats = _serial_pass(params, sources, log, timings,
+        table, out_experiments, res, x, x_sigma, stats, obs = _serial_pass(params, sources, log, timings,
                                                                      bool(params.scaling_options.full_matrix))
     t0 = time.perf_counter()
     report = None
@@ -820,10 +822,11 @@ def run_serial(params, inputs, progress=None):
         from jaxscale.outputs import serial_report_data
 
         report = serial_report_data(stats, table, out_experiments, x, x_sigma, res.error_model_result, params,
-                                    combination=res.combination)
+                                    combination=res.combination, observations=obs)
         if filtering_report:
             report["filtering"] = filtering_report
     timings["report"] = time.perf_counter() - t0
+    del obs  # ~100 bytes a row: released before the outputs are written
     run_info_scaler = _SerialRunInfo(error_model=res.error_model, outlier=res.outlier, imid=res.imid)
     outputs = S._write_outputs(params, table, out_experiments, stats, report, run_info_scaler, log, timings,
                                t_start, extra_jobs or ())
@@ -834,7 +837,7 @@ def run_serial(params, inputs, progress=None):
 def _serial_pass(params, sources: list, log, timings: dict[str, float], full_matrix: bool):
     """One serial scaling run of the given input files (read, stills selected): prepare, scale_stills,
     scaled table and experiments, merging statistics. Returns (table, experiments, SerialResult,
-    x f[n, 2], esds f[n, 2] or None, statistics)."""
+    x f[n, 2], esds f[n, 2] or None, statistics, the statistics' ScaledObservations or None)."""
     import dataclasses as _dc
 
     from jaxscale import scale as S
@@ -952,9 +955,15 @@ def _serial_pass(params, sources: list, log, timings: dict[str, float], full_mat
         new.scaling_model = _kb_json(x[i, 0], x[i, 1], None if res.scale_sigma is None else sk[i],
                                      None if res.b_factor_sigma is None else sb[i], decay, res.error_model, imid)
         out_experiments.append(new)
-    stats = S._merging_stats(params, table, out_experiments, log)
+    from jaxscale.merge.merging import scaled_observations
+
+    try:  # built once here, reused by the statistics and the report (10^7 rows: seconds each)
+        obs = scaled_observations(table, out_experiments, anomalous=False, unit_cell=cell)
+    except InputError:
+        obs = None  # _merging_stats logs why there are no statistics
+    stats = S._merging_stats(params, table, out_experiments, log, observations=obs)
     timings["statistics"] = timings.get("statistics", 0.0) + time.perf_counter() - t0
-    return table, out_experiments, res, x, None if res.scale_sigma is None else np.stack([sk, sb], 1), stats
+    return table, out_experiments, res, x, None if res.scale_sigma is None else np.stack([sk, sb], 1), stats, obs
 
 
 def _scale_and_filter_stills(params, sources: list, log, timings: dict[str, float]):
@@ -981,7 +990,9 @@ def _scale_and_filter_stills(params, sources: list, log, timings: dict[str, floa
         n_exp = len(experiments)
         if cycle == 1:
             initial_ranges = [None] * n_exp
-            initial_n = scaled_observations(table, experiments, anomalous=False).rows.size
+            initial_n = (pass_[6].rows.size if pass_[6] is not None
+                         else scaled_observations(table, experiments, anomalous=False).rows.size)
+        pass_ = (*pass_[:6], None)  # the observations are not kept through the ΔCC½ analysis (memory)
         obs = D.delta_cchalf_observations(table, experiments)
         n_groups = max(n_exp // group_size, 1)  # a last short run of stills joins the group before
         group_of_still = np.minimum(np.arange(n_exp) // group_size, n_groups - 1)
@@ -1185,9 +1196,10 @@ def _read_hdf5_sources(paths: list[str]) -> list[tuple[str, list, object]]:
     return out
 
 
-def serial_requested(params, inputs) -> bool:
+def serial_requested(params, inputs, experiments_read: dict | None = None) -> bool:
     """use_serial decided from the experiments alone (before any reflection data is read);
-    jaxscale HDF5 tables (`jaxscale.io.hdf5`) are read only by the serial path."""
+    jaxscale HDF5 tables (`jaxscale.io.hdf5`) are read only by the serial path. experiments_read:
+    filled with {.expt path: experiment list read here}, for run_serial to reuse (not read twice)."""
     mode = str(getattr(params.compute, "serial", "auto")).lower()
     hdf5, others = _split_hdf5(inputs)
     if mode == "false":
@@ -1206,7 +1218,11 @@ def serial_requested(params, inputs) -> bool:
                 raise InputError(None, "the serial path reads DIALS .refl/.expt or jaxscale HDF5 input",
                                  field="compute.serial")
             return False
-        experiments += [e for _, expt_path in pairs for e in read_expt(expt_path)]
+        for _, expt_path in pairs:  # loop over input files (few)
+            expts = read_expt(expt_path)
+            if experiments_read is not None:
+                experiments_read[expt_path] = expts
+            experiments += list(expts)
     if hdf5 and not use_serial(params, experiments) and mode != "true":
         if all(e.is_still for e in experiments) and params.model in (None, "KB"):
             return True  # HDF5 KB stills: the serial path whatever their number
