@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxscale.compilation import Program
+from jaxscale.compilation import Program, precompile
 from jaxscale.target.objective import ScalingTarget, TargetData, n_reflections
 
 RMSD_CONVERGED = "RMSD no longer decreasing"
@@ -310,8 +310,8 @@ _DIRECTION_CACHE: dict[int, Callable] = {}
 def _lbfgs_direction(memory_size: int) -> Callable:
     """Jitted optax L-BFGS direction: (grad, state, x) -> (-P grad, state), the memory
     updated with (x - x_prev, grad - grad_prev) first (`optax.lbfgs` without its line
-    search: `scale_by_lbfgs` then the sign flip). The reference for `lbfgs_direction_host`,
-    which the host loop uses (no compilation)."""
+    search: `scale_by_lbfgs` then the sign flip). Small (parameter-sized) program, one per
+    memory size and parameter count."""
     if memory_size not in _DIRECTION_CACHE:
         precondition = optax.scale_by_lbfgs(memory_size=memory_size)
 
@@ -324,54 +324,6 @@ def _lbfgs_direction(memory_size: int) -> Callable:
     return _DIRECTION_CACHE[memory_size]
 
 
-def lbfgs_direction_host(grad: np.ndarray, state: optax.ScaleByLBFGSState, x: np.ndarray
-                         ) -> tuple[np.ndarray, optax.ScaleByLBFGSState]:
-    """`_lbfgs_direction(memory_size)(grad, state, x)` in numpy, operation for operation
-    (optax's `scale_by_lbfgs` update and two-loop recursion): a parameter-sized
-    computation of microseconds, which as an XLA program cost ~0.15 s of tracing and
-    compilation per process. The memory size is the state's."""
-    memory_size = state.weights_memory.shape[0]
-    count = int(state.count)
-    memory_idx = count % memory_size
-    prev_memory_idx = (count - 1) % memory_size
-    # 1. the memory takes (x - x_prev, grad - grad_prev) and their 1/(s.y) (zero at the start)
-    diff_params = x - state.params
-    diff_updates = grad - state.updates
-    s_dot_y = float(np.dot(diff_updates, diff_params))
-    weight = 0.0 if s_dot_y == 0.0 else 1.0 / s_dot_y
-    if count == 0:
-        diff_params, diff_updates, weight = np.zeros_like(diff_params), np.zeros_like(diff_updates), 0.0
-    params_memory = np.array(state.diff_params_memory)
-    updates_memory = np.array(state.diff_updates_memory)
-    weights_memory = np.array(state.weights_memory)
-    params_memory[prev_memory_idx] = diff_params
-    updates_memory[prev_memory_idx] = diff_updates
-    weights_memory[prev_memory_idx] = weight
-    # 2. initial inverse Hessian gamma I: s.y / y.y, at the start min(1, 1/|grad|)
-    if count > 0:
-        y_dot_y = float(np.dot(diff_updates, diff_updates))
-        identity_scale = float(np.dot(diff_updates, diff_params)) / y_dot_y if y_dot_y > 0.0 else 1.0
-    else:
-        identity_scale = min(1.0, 1.0 / float(np.sqrt(np.dot(grad, grad))))
-    # 3. two-loop recursion over the memory, newest first, then oldest first (few entries)
-    order = (memory_idx + np.arange(memory_size)) % memory_size
-    vec = np.array(grad, dtype=np.float64)
-    alphas = np.zeros(memory_size)
-    for k in range(memory_size - 1, -1, -1):
-        i = order[k]
-        alphas[k] = weights_memory[i] * np.dot(params_memory[i], vec)
-        vec = vec - alphas[k] * updates_memory[i]
-    vec = identity_scale * vec
-    for k in range(memory_size):
-        i = order[k]
-        beta = weights_memory[i] * np.dot(updates_memory[i], vec)
-        vec = vec + (alphas[k] - beta) * params_memory[i]
-    new_state = optax.ScaleByLBFGSState(count=np.asarray(count + 1, np.int32), params=np.array(x), updates=np.array(grad),
-                                        diff_params_memory=params_memory, diff_updates_memory=updates_memory,
-                                        weights_memory=weights_memory)
-    return -1.0 * vec, new_state
-
-
 def _lbfgs_state(x: np.ndarray, memory_size: int) -> optax.ScaleByLBFGSState:
     """`optax.scale_by_lbfgs(memory_size).init(x)` built on the host (no compilation)."""
     zeros = np.zeros((memory_size, x.size))
@@ -381,8 +333,11 @@ def _lbfgs_state(x: np.ndarray, memory_size: int) -> optax.ScaleByLBFGSState:
 
 
 def precompile_direction(n_params: int, memory_size: int = 5) -> None:
-    """Nothing to compile: the L-BFGS direction runs in numpy (`lbfgs_direction_host`).
-    Kept so that callers need not know."""
+    """Compile the L-BFGS direction for n_params parameters in the background."""
+    x = jax.ShapeDtypeStruct((n_params,), np.float64)
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype),
+                         _lbfgs_state(np.zeros(n_params), memory_size))
+    precompile(_lbfgs_direction(memory_size), x, state, x)
 
 
 def lbfgs_steps(
@@ -398,10 +353,12 @@ def lbfgs_steps(
     x = np.array(x, dtype=np.float64)
     if value is None or grad is None:
         value, grad = value_and_grad(x)
+    direction_of = _lbfgs_direction(memory_size)
     state = _lbfgs_state(x, memory_size)
     first = True
     while True:
-        direction, state = lbfgs_direction_host(grad, state, x)
+        direction, state = direction_of(grad, state, x)
+        direction = np.asarray(direction)
         # optax's first direction is -g min(1, 1/|g|); scitbx's first step is 1/|g| along -g
         step0 = 1.0
         if first:
