@@ -335,8 +335,10 @@ def stable_order(ids: np.ndarray, n_ids: int) -> np.ndarray:
     return order
 
 
-def _group(keys: np.ndarray, shell_obs: np.ndarray) -> _Groups:
-    unique, gid = group_by_index(keys)
+def _group(keys: np.ndarray, shell_obs: np.ndarray,
+           grouped: tuple[np.ndarray, np.ndarray] | None = None) -> _Groups:
+    """`grouped`: `group_by_index(keys)` when already known (it does not depend on shells)."""
+    unique, gid = group_by_index(keys) if grouped is None else grouped
     G = unique.shape[0]
     g_shell = np.zeros(G, dtype=np.int64)
     g_shell[gid] = shell_obs
@@ -358,22 +360,40 @@ def _complete_set(obs: ScaledObservations, d_min: float) -> tuple[np.ndarray, np
     return ds2, centric
 
 
+@dataclass(frozen=True)
+class HklGroupings:
+    """`group_by_index` of the statistics' two keys, shared by every shell_statistics call
+    on the same observations (the grouping by index does not depend on the shells)."""
+
+    base_key: np.ndarray                          # (n, 3) I+ and I− together
+    anom_key: np.ndarray                          # (n, 3) I− keys negated
+    base: tuple[np.ndarray, np.ndarray]           # (unique, gid) of base_key
+    anom: tuple[np.ndarray, np.ndarray]           # (unique, gid) of anom_key
+
+
+def hkl_groupings(obs: ScaledObservations) -> HklGroupings:
+    base = np.where(obs.friedel_minus[:, None], -obs.miller_asu, obs.miller_asu) if obs.anomalous else obs.miller_asu
+    anom_key = np.where(obs.friedel_minus[:, None], -base, base)
+    return HklGroupings(base, anom_key, group_by_index(base), group_by_index(anom_key))
+
+
 def shell_statistics(obs: ScaledObservations, shell: np.ndarray, n_shells: int,
                      d_max: np.ndarray, d_min: np.ndarray, anomalous: bool,
-                     use_internal_variance: bool = False) -> ShellStatistics:
+                     use_internal_variance: bool = False,
+                     groupings: HklGroupings | None = None) -> ShellStatistics:
     """All statistics of `obs` in shells (`shell` (n,) in 0..n_shells−1), vectorised.
 
     `d_max`, `d_min` (n_shells,) are the shells' limits (Å) used for completeness, as
     cctbx's merging_stats receives them. anomalous: keep I+ and I− apart.
+    groupings: `hkl_groupings(obs)`, when several calls share it.
     """
     S = n_shells
     I, sig = obs.intensity, obs.sigma
-    base = np.where(obs.friedel_minus[:, None], -obs.miller_asu, obs.miller_asu) if obs.anomalous else obs.miller_asu
-    anom_key = np.where(obs.friedel_minus[:, None], -base, base)
-    keys = anom_key if anomalous else base
+    hg = hkl_groupings(obs) if groupings is None else groupings
+    anom_key = hg.anom_key
 
     # -- merging in the statistics' own grouping ----------------------------------------
-    grp = _group(keys, shell)
+    grp = _group(anom_key, shell, hg.anom) if anomalous else _group(hg.base_key, shell, hg.base)
     G = grp.n.shape[0]
     mean, msig, n = weighted_merge(grp.gid, G, I, sig, use_internal_variance)
     n_obs = np.bincount(shell, minlength=S)
@@ -438,7 +458,7 @@ def shell_statistics(obs: ScaledObservations, shell: np.ndarray, n_shells: int,
                            np.sign(cc_half) * np.sqrt(2 * np.abs(cc_half) / (1 + cc_half))))
 
     # -- anomalous groups: CCanom (unweighted split), r_anom ------------------------------
-    agrp = grp if anomalous else _group(anom_key, shell)  # anomalous: the same grouping
+    agrp = grp if anomalous else _group(anom_key, shell, hg.anom)  # anomalous: the same grouping
     aG = agrp.n.shape[0]
     a_reset = np.ones(aG, dtype=bool)
     a_reset[1:] = agrp.shell[1:] != agrp.shell[:-1]
@@ -633,15 +653,16 @@ def resolution_cc_half_fit(d_star_sq_hi: np.ndarray, cc_half: np.ndarray, signif
 # --------------------------------------------------------------------------------------
 # the public entry
 
-def _dataset_statistics(obs: ScaledObservations, n_bins: int, anomalous: bool,
-                        use_internal_variance: bool) -> tuple[ShellStatistics, ShellStatistics, np.ndarray]:
+def _dataset_statistics(obs: ScaledObservations, n_bins: int, anomalous: bool, use_internal_variance: bool,
+                        groupings: HklGroupings) -> tuple[ShellStatistics, ShellStatistics, np.ndarray]:
     limits = volume_bin_limits(obs.d_star_sq, n_bins)
     ibin = np.clip(np.searchsorted(limits, obs.d_star_sq, side="right") - 1, 0, n_bins - 1)
     d_lim = _d_from_d_star_sq(limits)
-    bins = shell_statistics(obs, ibin, n_bins, d_lim[:-1], d_lim[1:], anomalous, use_internal_variance)
+    bins = shell_statistics(obs, ibin, n_bins, d_lim[:-1], d_lim[1:], anomalous, use_internal_variance,
+                            groupings)
     d_range = _d_from_d_star_sq(np.array([obs.d_star_sq.min(), obs.d_star_sq.max()]))
     overall = shell_statistics(obs, np.zeros(len(obs), np.int64), 1, d_range[:1], d_range[1:],
-                               anomalous, use_internal_variance)
+                               anomalous, use_internal_variance, groupings)
     return bins, overall, limits
 
 
@@ -653,11 +674,12 @@ def merging_statistics(obs: ScaledObservations, n_bins: int = 20, use_internal_v
     anomalous: also compute the I+/I− separate statistics (skipped for centrosymmetric
     groups). d_min: the user's cut_data.d_min (replaces the CC½-fit suggestion).
     """
-    bins, overall, limits = _dataset_statistics(obs, n_bins, False, use_internal_variance)
+    groupings = hkl_groupings(obs)  # 2 sorts instead of 6
+    bins, overall, limits = _dataset_statistics(obs, n_bins, False, use_internal_variance, groupings)
     do_anom = anomalous and not obs.space_group.is_centrosymmetric()
     a_bins = a_overall = None
     if do_anom:
-        a_bins, a_overall, _ = _dataset_statistics(obs, n_bins, True, use_internal_variance)
+        a_bins, a_overall, _ = _dataset_statistics(obs, n_bins, True, use_internal_variance, groupings)
     fit = None
     suggested = None
     if _suggest:
@@ -687,8 +709,8 @@ class BatchStatistics:
 
 def batch_statistics(obs: ScaledObservations, batch: np.ndarray, inverse_scale: np.ndarray) -> BatchStatistics:
     """Rmerge, <I/σ> and <g> per batch; `batch`, `inverse_scale` (n,) aligned with `obs`."""
-    mean, _, n = weighted_merge(*_gid(obs.miller_asu), obs.intensity, obs.sigma)
-    gid = _gid(obs.miller_asu)[0]
+    gid, n_groups = _gid(obs.miller_asu)
+    mean, _, n = weighted_merge(gid, n_groups, obs.intensity, obs.sigma)
     batches, b = np.unique(np.asarray(batch), return_inverse=True)
     b = b.reshape(-1)
     B = batches.shape[0]
