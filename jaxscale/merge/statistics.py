@@ -191,21 +191,29 @@ def split_halves(group_start: np.ndarray, group_n: np.ndarray, group_reset: np.n
     first, nsum = (np.asarray(a)[:G] for a in _draw_positions(n_pad, reset_pad, u))
     x = np.array(values, dtype=float)
     w = np.array(weights, dtype=float)
-    s1 = np.zeros(G)
-    w1 = np.zeros(G)
+    # groups by decreasing number of draws: those still drawing at draw i are a prefix (a
+    # few very multiple groups make ~10^3 draws, so no pass over all groups per draw)
+    by_draws = np.argsort(-nsum, kind="stable")
+    n_drawing = G - np.cumsum(np.bincount(nsum))                    # groups with nsum > i
+    start_d, n_d, first_d = group_start[by_draws], group_n[by_draws], first[by_draws]
+    s1_d = np.zeros(G)
+    w1_d = np.zeros(G)
     for i in range(int(nsum.max(initial=0))):          # draw number within a group
-        act = np.flatnonzero(nsum > i)
-        m = group_n[act] - i
-        j = i + np.minimum(m - 1, np.floor(u[first[act] + i] * m).astype(np.int64))
-        src = group_start[act] + j
-        dst = group_start[act] + i
-        s1[act] += x[src] * w[src]
-        w1[act] += w[src]
+        k = int(n_drawing[i])
+        m = n_d[:k] - i
+        j = i + np.minimum(m - 1, np.floor(u[first_d[:k] + i] * m).astype(np.int64))
+        src = start_d[:k] + j
+        dst = start_d[:k] + i
+        s1_d[:k] += x[src] * w[src]
+        w1_d[:k] += w[src]
         x[src] = x[dst]
         w[src] = w[dst]
+    s1 = np.empty(G)
+    w1 = np.empty(G)
+    s1[by_draws] = s1_d
+    w1[by_draws] = w1_d
     group_of_obs = np.repeat(np.arange(G), group_n)
-    rank = np.arange(x.shape[0]) - np.repeat(group_start, group_n)
-    second = rank >= nsum[group_of_obs]
+    second = np.arange(x.shape[0]) >= np.repeat(group_start + nsum, group_n)   # not drawn
     s2 = np.bincount(group_of_obs[second], (x * w)[second], minlength=G)
     w2 = np.bincount(group_of_obs[second], w[second], minlength=G)
     ok = group_n >= 2
