@@ -8,7 +8,7 @@ groups in (h, k, l) order, partial Fisher–Yates.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import gemmi
 import jax
@@ -328,6 +328,7 @@ class _Groups:
     shell: np.ndarray       # (G,)
     key: np.ndarray         # (G, 3)
     gid: np.ndarray         # (n,) group of each observation (original order)
+    index_group: np.ndarray  # (G,) the group's number in group_by_index (hkl order)
 
 
 def stable_order(ids: np.ndarray, n_ids: int) -> np.ndarray:
@@ -357,7 +358,7 @@ def _group(keys: np.ndarray, shell_obs: np.ndarray,
     order = stable_order(gid, G)
     n = np.bincount(gid, minlength=G)
     start = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
-    return _Groups(order, start, n, g_shell[g_order], unique[g_order], gid)
+    return _Groups(order, start, n, g_shell[g_order], unique[g_order], gid, g_order)
 
 
 def _complete_set(obs: ScaledObservations, d_min: float) -> tuple[np.ndarray, np.ndarray]:
@@ -377,6 +378,20 @@ class HklGroupings:
     anom_key: np.ndarray                          # (n, 3) I− keys negated
     base: tuple[np.ndarray, np.ndarray]           # (unique, gid) of base_key
     anom: tuple[np.ndarray, np.ndarray]           # (unique, gid) of anom_key
+    merged: dict = field(default_factory=dict, compare=False)   # _merge_in_groups cache
+
+    def merge(self, key: str, grp: "_Groups", intensity: np.ndarray, sigma: np.ndarray | None,
+              use_internal_variance: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`weighted_merge` in `grp`'s groups (of key "base" or "anom"; sigma None: unit σ).
+        Merged once per key in hkl order and reordered: each group sums the same
+        observations in the same order whatever the shells, so the values are the same."""
+        cache_key = (key, sigma is None, use_internal_variance)
+        if cache_key not in self.merged:
+            unique, gid = getattr(self, key)
+            self.merged[cache_key] = weighted_merge(gid, unique.shape[0], intensity,
+                                                    np.ones_like(intensity) if sigma is None else sigma,
+                                                    use_internal_variance)
+        return tuple(a[grp.index_group] for a in self.merged[cache_key])
 
 
 def hkl_groupings(obs: ScaledObservations) -> HklGroupings:
@@ -403,7 +418,8 @@ def shell_statistics(obs: ScaledObservations, shell: np.ndarray, n_shells: int,
     # -- merging in the statistics' own grouping ----------------------------------------
     grp = _group(anom_key, shell, hg.anom) if anomalous else _group(hg.base_key, shell, hg.base)
     G = grp.n.shape[0]
-    mean, msig, n = weighted_merge(grp.gid, G, I, sig, use_internal_variance)
+    grp_key = "anom" if anomalous else "base"
+    mean, msig, n = hg.merge(grp_key, grp, I, sig, use_internal_variance)
     n_obs = np.bincount(shell, minlength=S)
     n_uniq = np.bincount(grp.shell, minlength=S)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -454,7 +470,7 @@ def shell_statistics(obs: ScaledObservations, shell: np.ndarray, n_shells: int,
     cc_half_significant = (cc_half > cc_half_critical) & (cc_half_n > 2) & (cc_half != -1)
 
     # -- CC½ σ-τ: unit σ, internal variance, groups with n > 1 ------------------------
-    m1, s1, _ = weighted_merge(grp.gid, G, I, np.ones_like(I), use_internal_variance=True)
+    m1, s1, _ = hg.merge(grp_key, grp, I, None, use_internal_variance=True)
     sh = grp.shell[used]
     k = np.bincount(sh, minlength=S)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -482,7 +498,7 @@ def shell_statistics(obs: ScaledObservations, shell: np.ndarray, n_shells: int,
     cc_anom_critical = critical_correlation(cc_anom_n)
     cc_anom_significant = (cc_anom > cc_anom_critical) & (cc_anom_n > 2) & (cc_anom != -1)
 
-    am_i, am_s, _ = weighted_merge(agrp.gid, aG, I, sig, use_internal_variance=True)
+    am_i, am_s, _ = hg.merge("anom", agrp, I, sig, use_internal_variance=True)
     wp, wm = 1 / am_s[plus_g] ** 2, 1 / am_s[minus_g] ** 2
     avg = (wp * am_i[plus_g] + wm * am_i[minus_g]) / (wp + wm)
     psh = agrp.shell[plus_g]
