@@ -154,6 +154,7 @@ class _Compiler:
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
         self.closing = False
+        atexit.register(self.close)
 
     def submit(self, task: _Once) -> None:
         with self.lock:
@@ -161,7 +162,6 @@ class _Compiler:
                 self.closing = False
                 self.thread = threading.Thread(target=self._work, name="jaxscale-compile", daemon=True)
                 self.thread.start()
-                atexit.register(self.close)
         self.tasks.put(task)
 
     def _work(self) -> None:
@@ -176,6 +176,7 @@ class _Compiler:
         killed inside XLA at interpreter shutdown could crash the process)."""
         self.closing = True
         self.tasks.join()
+        self.closing = False  # the queue is empty: later submissions run again
 
     def wait(self) -> None:
         """Block until every queued compilation is finished (tests, timing)."""
@@ -204,10 +205,17 @@ def warm_up() -> None:
     precompile(Program(_warm_up_program, fast=True), jax.ShapeDtypeStruct((1,), np.float64))
 
 
+def finish_background_compilation() -> None:
+    """Skip queued background compilations and wait for the running one: its result is being
+    written to the persistent compile cache, and a process ended in the middle (`os._exit`)
+    would leave a truncated entry there."""
+    _COMPILER.close()
+
+
 def wait_for_precompiled() -> None:
     """Block until every background compilation has finished."""
     _COMPILER.wait()
 
 
 __all__ = ["FAST_COMPILE_MAX_ROWS", "FAST_COMPILE_OPTIONS", "HOST_MAX_ROWS", "Program", "fast_compile",
-           "host_evaluation", "precompile", "wait_for_precompiled", "warm_up"]
+           "finish_background_compilation", "host_evaluation", "precompile", "wait_for_precompiled", "warm_up"]

@@ -142,3 +142,27 @@ def test_program_row_limit_and_static_keywords(compiles):
     assert compiles.names.count("jit(scaled_sum)") == 1  # the precompiled executable
     assert float(program(x, power=2)) == pytest.approx(float(np.sum(x * x)), rel=1e-14)
     assert compiles.names.count("jit(scaled_sum)") == 2  # another static value: its own program
+
+
+def test_finishing_background_compilation_waits_for_the_running_one_and_drops_the_queue():
+    """What the CLI does before os._exit: the compilation in progress (writing the persistent
+    cache) completes, queued ones never start, and the compiler works again afterwards."""
+    import threading
+    import time
+
+    started, ran = threading.Event(), []
+
+    def slow():
+        started.set()
+        time.sleep(0.3)
+        ran.append("running")
+
+    C.wait_for_precompiled()
+    C._COMPILER.submit(C._Once(slow))
+    C._COMPILER.submit(C._Once(lambda: ran.append("queued")))
+    assert started.wait(5.0)
+    C.finish_background_compilation()
+    assert ran == ["running"]
+    C._COMPILER.submit(C._Once(lambda: ran.append("later")))
+    C.wait_for_precompiled()
+    assert ran == ["running", "later"]

@@ -320,10 +320,14 @@ def _tune_malloc() -> bool:
 def _exit(status: int) -> None:
     """End the process now: every output file is closed by then, so only stdout/stderr
     and logging need flushing. Python's teardown would spend 0.2-0.4 s freeing JAX and XLA
-    objects (and would wait for a background compilation still running)."""
+    objects. A background compilation still running is waited for (its compile-cache
+    entry must not be cut short); queued ones are dropped."""
     import logging
     import os
 
+    compilation = sys.modules.get("jaxscale.compilation")  # not imported by e.g. --help
+    if compilation is not None:
+        compilation.finish_background_compilation()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
