@@ -61,6 +61,14 @@ def apply_exp(params: jax.Array, basis: Basis) -> jax.Array:
     return jnp.exp(linear_form(params, basis))
 
 
+def apply_one_plus_every(params: jax.Array, basis: Basis) -> jax.Array:
+    """`apply_one_plus` where every row reads every parameter in order (idx[i] = 0..K-1: one
+    data set's, or a shared, absorption surface): params broadcast instead of gathered. Same
+    values; its gradient is a column sum instead of a scatter of n_obs x K entries, which
+    costs ~0.8 ms per gradient on quartz with the fast compile options."""
+    return 1.0 + jnp.sum(basis["w"] * params[None, :], axis=1)
+
+
 def _linear_form_host(params: np.ndarray, basis: dict) -> np.ndarray:
     return np.sum(basis["w"] * params[basis["idx"]], axis=1)
 
@@ -70,13 +78,34 @@ _HOST_APPLY: dict[Callable, Callable] = {
     apply_b_factor: lambda p, b: np.exp(_linear_form_host(p, b) * b["inv_two_d_sq"]),
     apply_one_plus: lambda p, b: 1.0 + _linear_form_host(p, b),
     apply_exp: lambda p, b: np.exp(_linear_form_host(p, b)),
+    apply_one_plus_every: lambda p, b: 1.0 + _linear_form_host(p, b),
 }
+
+# link functions with a form for bases whose rows all read every parameter in order
+_EVERY_PARAMETER_FORM: dict[Callable, Callable] = {apply_one_plus: apply_one_plus_every}
 
 
 def host_apply(apply: Callable) -> Callable[[np.ndarray, dict], np.ndarray] | None:
     """numpy twin of one of this module's link functions (same formula on host arrays, for
     evaluating a model on a small grid without compiling), or None for any other apply."""
     return _HOST_APPLY.get(apply)
+
+
+# d factor / d (slot value) of each link, f[n_obs, K], from the factor and the basis: the
+# closed form of what `jax.grad` of the link gives, in the same order of operations
+_SLOT_SLOPE: dict[Callable, Callable] = {
+    apply_grid: lambda f, b: b["w"],
+    apply_one_plus: lambda f, b: b["w"],
+    apply_one_plus_every: lambda f, b: b["w"],
+    apply_b_factor: lambda f, b: (f * b["inv_two_d_sq"])[:, None] * b["w"],
+    apply_exp: lambda f, b: f[:, None] * b["w"],
+}
+
+
+def slot_slope(apply: Callable) -> Callable[[jax.Array, Basis], jax.Array] | None:
+    """(factor f[n_obs], basis) -> d factor / d params[idx[i, k]] f[n_obs, K] for one of this
+    module's link functions (traced without autodiff), or None for any other apply."""
+    return _SLOT_SLOPE.get(apply)
 
 
 def _padded(a: np.ndarray, k: int, dtype, offset: int = 0) -> np.ndarray:
@@ -154,8 +183,15 @@ def assemble(
         for i in present:
             if entries[i].restraint_weights is not None:
                 restraint[slices[i]] = entries[i].restraint_weights
+    if apply in _EVERY_PARAMETER_FORM and _reads_every_parameter(basis["idx"], len(params)):
+        apply = _EVERY_PARAMETER_FORM[apply]
     component = Component(name, apply, restraint)  # numpy: constant inside the jitted objective
     return ConfiguredComponent(component, params, basis, slices)
+
+
+def _reads_every_parameter(idx: np.ndarray, n_params: int) -> bool:
+    """True when row i of idx (int[n_obs, K]) is 0..K-1 for every i and K == n_params."""
+    return idx.shape[1] == n_params and bool(np.all(idx == np.arange(n_params, dtype=idx.dtype)))
 
 
 def single_parameter_rows(n_obs: int, weight: np.ndarray | float = 1.0) -> tuple[np.ndarray, np.ndarray]:

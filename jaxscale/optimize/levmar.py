@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxscale.compilation import Program, precompile
+from jaxscale.models.linear import slot_slope
 from jaxscale.optimize.lbfgs import MAX_ITERATIONS, RMSD_CONVERGED, OptimisationResult
 from jaxscale.target.objective import (
     ChunkData,
@@ -54,13 +55,16 @@ def slot_derivatives(target: ScalingTarget, x_eff: jax.Array, bases: Any) -> tup
 
     Row i of component c reads `params_c[idx_c[i, k]]` for its K_c slots k and nothing else,
     so dg_i/dp is the per-row gradient with respect to these K_c values, scattered to their
-    flat columns. Taking it with a vmapped per-row `jax.grad` costs O(n sum_c K_c) instead of
-    the O(n n_params sum_c K_c) of `jacfwd` over all parameters.
+    flat columns: the link's closed-form slope (`models.linear.slot_slope`, no autodiff to
+    trace), else a vmapped per-row `jax.grad`. Either costs O(n sum_c K_c) instead of the
+    O(n n_params sum_c K_c) of `jacfwd` over all parameters.
     Returns g: f[C], d: f[C, S], cols: i[C, S] (S = sum_c K_c; repeated columns add up).
     """
     params = target.unravel(x_eff)
     factors = {k: comp.apply(params[k], bases[k]) for k, comp in target.components.items()}
-    g = target._inverse_scale(x_eff, bases)
+    g = None  # the product in the order of `inverse_scale`
+    for f in factors.values():  # loop over model components (few)
+        g = f if g is None else g * f
     d_parts, col_parts = [], []
     for k, comp in target.components.items():  # loop over model components (few)
         basis = bases[k]
@@ -75,7 +79,11 @@ def slot_derivatives(target: ScalingTarget, x_eff: jax.Array, bases: Any) -> tup
             b1["idx"] = jnp.arange(n_slots)[None]
             return comp.apply(p_row, b1)[0]
 
-        df = jax.vmap(jax.grad(row_factor))(params[k][basis["idx"]], basis)  # f[C, K_c]
+        slope = slot_slope(comp.apply)
+        if slope is not None:
+            df = slope(factors[k], basis)  # f[C, K_c]
+        else:
+            df = jax.vmap(jax.grad(row_factor))(params[k][basis["idx"]], basis)  # f[C, K_c]
         d_parts.append(others[:, None] * df)
         col_parts.append(basis["idx"].astype(jnp.int32) + target.slices[k].start)
     return g, jnp.concatenate(d_parts, axis=1), jnp.concatenate(col_parts, axis=1)
