@@ -29,6 +29,7 @@ import dataclasses
 import json
 import time
 import types
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -279,11 +280,22 @@ def lbfgs_round(
     max_iterations: int | None = None,
     memory_size: int = 5,
     gradient_tolerance: float = 1e-5,
+    before_compile: Callable[[], None] | None = None,
 ) -> tuple[jax.Array, list[float], str, int]:
     """L-BFGS until DIALS' RMSD test (|dRMSD|/RMSD < tol) or the gradient test; returns
-    (x, RMSD history with the start first, stop reason, iterations)."""
+    (x, RMSD history with the start first, stop reason, iterations).
+
+    before_compile: called once the round's programs are traced and lowered, before they are
+    compiled: background work queued there (tracing, which holds the GIL) overlaps these
+    compilations (which release it) instead of delaying this round's tracing."""
     anchor = x
     start, step = _lbfgs_step(target, memory_size)
+    if before_compile is not None:
+        start_lowered = start.lower(x, obs, free, anchor)
+        step_lowered = step.lower(x, start_lowered.out_info, obs, free, anchor)
+        before_compile()
+        start_lowered.compile()
+        step_lowered.compile()
     state = start(x, obs, free, anchor)
     value, grad = optax.tree_utils.tree_get(state, "value"), optax.tree_utils.tree_get(state, "grad")
     n_f = float(max(n_reflections, 1))
@@ -456,6 +468,7 @@ def scale_stills(
     epsilon: np.ndarray | None = None,
     intensity_candidates: IntensityCandidates | None = None,
     imids: list[float] | None = None,
+    precompile_later: Callable[[], None] | None = None,
 ) -> SerialResult:
     """Scale still shots with one KB model each (g = k_e exp(B_e / (2 d^2))).
 
@@ -477,6 +490,8 @@ def scale_stills(
     after the outlier rejection of round 1 the Imid of lowest Rmeas is chosen for all stills
     jointly (from `imids`, default DIALS' candidate list), the observations take the chosen
     intensities and outliers are rejected again (DIALS' order; overview.md §5, §6).
+    precompile_later: queues the caller's background compilations (e.g. the merging
+    statistics'), called with the full-matrix ones once the L-BFGS programs are compiled.
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -533,8 +548,22 @@ def scale_stills(
                             layout=layout)
     free_j = _on_device(free)
     solver = StructuredSolver(target.residual_fn, target.block_diagonal_fn)
-    if full_matrix:  # the full-matrix programs compile in the background while L-BFGS runs
-        precompile_step(solver, jax.ShapeDtypeStruct(x.shape, dtype), obs, free)
+    queued = False
+
+    def queue_background():
+        """The full-matrix programs (and the caller's) compile in the background while L-BFGS
+        runs. Queued once the L-BFGS programs are lowered (`lbfgs_round(before_compile=)`):
+        queued before, their tracing (which holds the GIL) would delay this thread's tracing
+        of its own first programs."""
+        nonlocal queued
+        if queued:
+            return
+        queued = True
+        if full_matrix:
+            precompile_step(solver, jax.ShapeDtypeStruct(x.shape, dtype), obs, free, sum_sq=False)
+        if precompile_later is not None:
+            precompile_later()
+
     timings["setup"] = time.perf_counter() - t_start
 
     def set_weights():
@@ -574,7 +603,7 @@ def scale_stills(
         t0 = time.perf_counter()
         xj = _on_device(x, dtype)
         xj, hist, reason, its = lbfgs_round(target, obs, xj, free_j, n_refl(), rmsd_tolerance, max_iterations,
-                                            lbfgs_memory)
+                                            lbfgs_memory, before_compile=None if queued else queue_background)
         x = np.asarray(xj, dtype=np.float64)
         rounds.append({"name": label, "reason": reason, "iterations": its, "rmsd": hist})
         log.append(f"{label}: L-BFGS {its} iterations, RMSD {hist[0]:.5g} -> {hist[-1]:.5g} ({reason})")
@@ -630,9 +659,14 @@ def scale_stills(
     scale_sigma = b_sigma = bound_sigma = None
     if full_matrix:
         t0 = time.perf_counter()
+        start, _ = _lbfgs_step(target, lbfgs_memory)
+
+        def sum_sq(x_try, obs_):  # sum w r^2 (= the sum of squared residuals sqrt(w) r) by the compiled L-BFGS
+            return optax.tree_utils.tree_get(start(x_try, obs_, free_j, x_try), "value")  # start: no program more
+
         res = minimise_structured(target.residual_fn, target.block_diagonal_fn, _on_device(x, dtype), obs, free,
                                   n_refl(), engine=full_matrix_engine, rmsd_tolerance=rmsd_tolerance, solver=solver,
-                                  cg_tolerance=cg_tolerance)
+                                  cg_tolerance=cg_tolerance, sum_sq=sum_sq)
         x = np.asarray(res.x, dtype=np.float64)
         rounds.append({"name": "Full matrix", "reason": res.reason, "iterations": res.n_iterations,
                        "rmsd": res.rmsd_history, "cg_iterations": res.cg_iterations})
@@ -921,7 +955,8 @@ def _serial_pass(params, sources: list, log, timings: dict[str, float], full_mat
                        outlier_zmax=opts.outlier_zmax or 6.0, full_matrix=full_matrix,
                        n_devices=params.compute.n_devices, dtype=dtype, emax=emax, d_star_sq=dss, epsilon=eps,
                        intensity_candidates=candidates,
-                       imids=params.reflection_selection.combine.Imid or None)
+                       imids=params.reflection_selection.combine.Imid or None,
+                       precompile_later=_statistics_precompile(sum(len(t) for t, _ in prepared)))
     del candidates, dss, eps
     for line in res.log:
         log(line)
@@ -983,6 +1018,15 @@ def _serial_pass(params, sources: list, log, timings: dict[str, float], full_mat
     stats = S._merging_stats(params, table, out_experiments, log, observations=obs)
     timings["statistics"] = timings.get("statistics", 0.0) + time.perf_counter() - t0
     return table, out_experiments, res, x, None if res.scale_sigma is None else np.stack([sk, sb], 1), stats, obs
+
+
+def _statistics_precompile(n_rows: int) -> Callable[[], None] | None:
+    """What compiles the merging statistics' program (the half-split draw chain) in the
+    background, for tables of n_rows rows whose statistics fit its smallest padded size (every
+    group count and draw count is at most the row count); None for larger ones."""
+    from jaxscale.merge.statistics import MIN_GROUPS_PAD, precompile_split_halves
+
+    return precompile_split_halves if n_rows <= MIN_GROUPS_PAD else None
 
 
 def _scale_and_filter_stills(params, sources: list, log, timings: dict[str, float]):

@@ -158,6 +158,12 @@ class StructuredResult:
     mu: float  # final LM damping (0 for GN)
 
 
+def _on_device(a: Any) -> jax.Array:
+    """An array on the device, copied without a program (`jnp.asarray` of a numpy array
+    compiles a conversion program per shape and dtype: ~15 ms each on a cold start)."""
+    return a if isinstance(a, jax.Array) else jax.device_put(np.asarray(a))
+
+
 def _default_tol(dtype) -> float:
     return 1e-10 if jnp.dtype(dtype) == jnp.float64 else 1e-5
 
@@ -238,16 +244,19 @@ class StructuredSolver:
         return jax.lax.map(one, rhs)
 
 
-def precompile_step(solver: StructuredSolver, x: Any, data: Any, free: Any, max_cg: int = 500) -> None:
+def precompile_step(solver: StructuredSolver, x: Any, data: Any, free: Any, max_cg: int = 500,
+                    sum_sq: bool = True) -> None:
     """Compile the programs `minimise_structured` runs (the LM step, the trial sum of squares,
     the diagonal blocks) for these shapes in a background thread (`compilation.precompile`),
     e.g. while first-order rounds run. x, free: arrays or `jax.ShapeDtypeStruct`s; the damping
-    and tolerance are Python floats in the calls (weakly typed scalars)."""
+    and tolerance are Python floats in the calls (weakly typed scalars). sum_sq=False: the
+    caller gives minimise_structured its own sum of squares."""
     x = jax.ShapeDtypeStruct(np.shape(x), x.dtype)
     scalar = jax.ShapeDtypeStruct((), x.dtype, weak_type=True)
     free = jax.ShapeDtypeStruct(np.shape(free), np.bool_)
     precompile(solver.step, x, data, free, scalar, scalar, max_cg=max_cg)
-    precompile(solver.sum_sq, x, data)
+    if sum_sq:
+        precompile(solver.sum_sq, x, data)
     precompile(solver.blocks, x, data)
 
 
@@ -265,16 +274,20 @@ def minimise_structured(
     cg_tolerance: float | None = None,
     max_cg_iterations: int = 500,
     solver: StructuredSolver | None = None,
+    sum_sq: Callable[[Any, Any], Any] | None = None,
 ) -> StructuredResult:
     """LM (DIALS/lstbx rules, as optimize.levmar) or GN with PCG-solved steps.
 
     LM: mu0 = 1e-3 max diag N; stop on the RMSD criterion or max_iterations (default 100;
     GN 20); rho = actual/expected decrease; mu *= max(1/3, 1 - (2 rho - 1)^3) on success,
     else mu *= nu, nu *= 2, abort at nu >= 8192. The objective is ½ sum r^2.
+    sum_sq(x, data) -> sum r^2 at a trial point: default the solver's program; a caller that
+    already has a compiled program computing it passes it, so that none is compiled for it.
     """
     solver = solver or StructuredSolver(residual_fn, block_fn)
-    free_j = jnp.asarray(free)
-    x = jnp.asarray(x0)
+    sum_sq = sum_sq or solver.sum_sq
+    free_j = _on_device(free)
+    x = _on_device(x0)
     tol = _default_tol(x.dtype) if cg_tolerance is None else cg_tolerance
     if max_iterations is None:
         max_iterations = 100 if engine == "LevMar" else 20
@@ -306,7 +319,7 @@ def minimise_structured(
             break
         x_try = np.asarray(x) + np.asarray(h)  # in numpy: no program compiled for one addition
         it += 1
-        s_new = float(solver.sum_sq(x_try, data))
+        s_new = float(sum_sq(x_try, data))
         if engine == "LevMar":
             rho = 0.5 * (s - s_new) / expected_f
             mu, nu, give_up = damping_update(mu, nu, rho)
@@ -393,7 +406,7 @@ def variance_diagonal(
     parameters).
     """
     free = np.asarray(free, dtype=bool)
-    x = jnp.asarray(x)
+    x = _on_device(x)
     blocks = np.asarray((solver.blocks if solver is not None else jax.jit(block_fn))(x, data), dtype=np.float64)
     if method == "exact":
         n = free.size
