@@ -29,7 +29,7 @@ from jaxscale.errors.error_model import ErrorModelResult, refine_error_model
 from jaxscale.errors.outliers import determine_outliers, normalised_intensity_outliers
 from jaxscale.exceptions import InputError, ParameterError
 from jaxscale.models.build import DatasetInput, ScalingModel, build_model
-from jaxscale.merge.statistics import MIN_GROUPS_PAD, precompile_split_halves
+from jaxscale.merge.statistics import HOST_MAX_GROUPS, MIN_GROUPS_PAD, precompile_split_halves
 from jaxscale.optimize.lbfgs import minimise_lbfgs, precompile_direction
 from jaxscale.optimize.levmar import (
     inverse_scale_variance,
@@ -558,7 +558,9 @@ class _Scaler:
             precompile_full_matrix(self.target, self.target.data(problem, bases, anchor=self.x, free=self.free))
         if self.full_matrix_planned:
             precompile_variance(self.target, self.model.bases, self.obs.n)
-        if self.statistics_planned and self.obs.n and np.unique(self.obs.group_anom).size <= MIN_GROUPS_PAD:
+        # the half split's draw chain: on the host up to HOST_MAX_GROUPS groups (no program)
+        if self.statistics_planned and self.obs.n and (
+                HOST_MAX_GROUPS < np.unique(self.obs.group_anom).size <= MIN_GROUPS_PAD):
             precompile_split_halves()
 
     def _cycles(self, free: np.ndarray) -> list[tuple[str, np.ndarray]]:

@@ -151,6 +151,41 @@ def _draw_positions_scan(n: jnp.ndarray, reset: jnp.ndarray, u: jnp.ndarray):
 # jitted; up to FAST_COMPILE_MAX_ROWS groups compile with the fast options
 _draw_positions = Program(_draw_positions_scan, rows=lambda n, reset, u: n.shape[0])
 
+# up to this many groups the draw chain runs on the host (`_draw_positions_host`, ~1 ms per
+# 10^3 groups with an odd count) instead of as a program (~0.1 s to trace and compile)
+HOST_MAX_GROUPS = 1 << 13
+
+
+def _draw_positions_host(n: np.ndarray, reset: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`_draw_positions_scan` on the host, the same integers: (first draw position, half size)
+    per group. Positions without the extra draws of odd groups are a cumulative sum (per
+    stream, `reset` restarts it); only groups with an odd count >= 3 read the stream (one
+    number: draw one more or not), so the sequential part is a loop over those alone."""
+    n = np.asarray(n, dtype=np.int64)
+    reset = np.asarray(reset, dtype=bool)
+    split = n >= 2
+    odd = split & (n % 2 == 1)
+    half = np.where(split, n // 2, 0)
+    base_inc = half + odd  # advance of the stream position without the extra draw
+    before = np.cumsum(base_inc) - base_inc  # exclusive sum over all groups
+    stream_start = np.maximum.accumulate(np.where(reset, np.arange(n.size), 0))
+    base_pos = before - before[stream_start]  # position with no extra draws before it
+    stream = np.cumsum(reset)
+    extra = np.zeros(n.size, dtype=np.int64)
+    last = u.shape[0] - 1
+    n_extra, current = 0, -1
+    odd_groups = np.flatnonzero(odd)
+    # the chain: whether group j draws one more shifts every later group of its stream
+    for j, p, s in zip(odd_groups.tolist(), base_pos[odd_groups].tolist(), stream[odd_groups].tolist()):
+        if s != current:
+            n_extra, current = 0, s
+        if u[min(p + n_extra, last)] < 0.5:
+            extra[j] = 1
+            n_extra += 1
+    extra_before = np.cumsum(extra) - extra
+    pos = base_pos + extra_before - extra_before[stream_start]
+    return pos + odd, np.where(split, half + extra, 0)
+
 
 def _pow2(n: int) -> int:
     return 1 << max(int(n - 1).bit_length(), 4)
@@ -183,12 +218,15 @@ def split_halves(group_start: np.ndarray, group_n: np.ndarray, group_reset: np.n
     n_draws = int(np.sum(np.where(group_n >= 2, group_n // 2 + 1, 0))) + 1
     # genrand_res53 doubles; a longer stream has the same first n_draws numbers
     u = np.random.RandomState(1).random_sample(max(_pow2(n_draws), MIN_DRAWS_PAD))
-    pad = max(_pow2(G), MIN_GROUPS_PAD)
-    n_pad = np.zeros(pad, dtype=np.int64)
-    n_pad[:G] = group_n
-    reset_pad = np.zeros(pad, dtype=bool)
-    reset_pad[:G] = group_reset
-    first, nsum = (np.asarray(a)[:G] for a in _draw_positions(n_pad, reset_pad, u))
+    if G <= HOST_MAX_GROUPS:
+        first, nsum = _draw_positions_host(group_n, group_reset, u)
+    else:
+        pad = max(_pow2(G), MIN_GROUPS_PAD)
+        n_pad = np.zeros(pad, dtype=np.int64)
+        n_pad[:G] = group_n
+        reset_pad = np.zeros(pad, dtype=bool)
+        reset_pad[:G] = group_reset
+        first, nsum = (np.asarray(a)[:G] for a in _draw_positions(n_pad, reset_pad, u))
     x = np.array(values, dtype=float)
     w = np.array(weights, dtype=float)
     # groups by decreasing number of draws: those still drawing at draw i are a prefix (a

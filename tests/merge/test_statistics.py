@@ -185,6 +185,24 @@ def test_split_halves_matches_sequential_reference():
         np.testing.assert_allclose(h2[a:b], ref[:, 1], rtol=1e-13, equal_nan=True)
 
 
+@pytest.mark.parametrize("seed,n_u", [(0, 1 << 15), (1, 1 << 15), (2, 50)])  # 50: the stream runs out
+def test_draw_chain_on_host_equals_the_scan(seed, n_u):
+    """The host chain of small jobs gives the compiled scan's integers exactly."""
+    from jaxscale.merge.statistics import _draw_positions, _draw_positions_host
+
+    rng = np.random.default_rng(seed)
+    n = rng.integers(0, 9, size=700)
+    reset = rng.random(700) < 0.03
+    reset[0] = seed != 1  # a chain that does not start with a reset
+    u = np.random.RandomState(1).random_sample(n_u)
+    first, nsum = _draw_positions_host(n, reset, u)
+    want_first, want_nsum = (np.asarray(a) for a in _draw_positions(n, reset, u))
+    np.testing.assert_array_equal(first, want_first)
+    np.testing.assert_array_equal(nsum, want_nsum)
+    extra = (nsum - n // 2)[(n % 2 == 1) & (n >= 3)]
+    assert set(extra.tolist()) == {0, 1}  # some odd groups drew the extra number, some not
+
+
 def test_critical_correlation_student_t():
     # t_{0.99}(10) = 2.763769458 (tables); r = t / sqrt(10 + t^2)
     t = 2.763769458
