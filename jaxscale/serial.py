@@ -675,11 +675,12 @@ def scale_stills(
                    f"({res.reason})")
         x = to_reference_gauge(x, ref, decay_correction)
         gauge = kb_gauge(x) if decay_correction else kb_gauge(x)[:, :, :1]
-        var = variance_diagonal(target.residual_fn, target.block_diagonal_fn, _on_device(x, dtype), obs,
-                                free_gauge, method=variance_method, gauge=gauge, solver=solver)
+        x_dev = _on_device(x, dtype)
+        blocks = np.asarray(solver.diagonal_blocks(x_dev, obs, free_j), dtype=np.float64)  # variances and bounds
+        var = variance_diagonal(target.residual_fn, target.block_diagonal_fn, x_dev, obs, free_gauge,
+                                method=variance_method, gauge=gauge, solver=solver, blocks=blocks)
         var = np.maximum(var * res.chi2_reduced, 0.0)
         scale_sigma, b_sigma = np.sqrt(var[:, 0]), np.sqrt(var[:, 1])
-        blocks = np.asarray(target.block_diagonal(_on_device(x, dtype), obs), dtype=np.float64)
         own = np.diagonal(np.linalg.pinv(blocks, hermitian=True), axis1=1, axis2=2)  # f[n_exp, 2]
         bound_sigma = np.sqrt(np.maximum(own * res.chi2_reduced, 0.0))
         log.append(f"Parameter esds by the '{variance_method}' approximation of diag((J^T J)^-1), "

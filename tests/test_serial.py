@@ -215,3 +215,42 @@ def test_initial_k_and_b_keep_high_b_stills():
     assert lost.max() <= 5 and err["k_rms_rel"] < 1.15 * err["k_rms_bound"] and err["B_rms"] < 1.15 * err["B_rms_bound"]
     ones = scale_stills(*args, initial_scales="ones", full_matrix=False)
     assert np.bincount(sim["experiment_index"], weights=ones.outlier, minlength=n).max() > 30
+
+
+def test_lbfgs_round_takes_optax_recipe_iterates():
+    """lbfgs_round's start/step programs (value and gradient computed once in `start`, then read
+    from the state) give the iterates of optax's recipe with value_and_grad_from_state."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jaxscale.serial import lbfgs_round
+    from jaxscale.target.sharding import KBStillsTarget, make_observations
+
+    n_exp, n_groups = 30, 300
+    sim = simulate_flat_stills(n_exp, 40, n_groups, seed=2)
+    obs = make_observations(sim["intensity"], 1.0 / sim["variance"], sim["d"], sim["group_id"],
+                            sim["experiment_index"], n_groups, n_exp)
+    target = KBStillsTarget()
+    free = np.ones((n_exp, 2), bool)
+    x0 = jnp.asarray(np.stack([np.ones(n_exp), np.zeros(n_exp)], 1))
+    x, history, _, its = lbfgs_round(target, obs, x0, jnp.asarray(free), sim["intensity"].size, max_iterations=12)
+    assert its == 12
+
+    opt = optax.lbfgs(memory_size=5, linesearch=optax.scale_by_zoom_linesearch(max_linesearch_steps=20,
+                                                                                 curv_rtol=0.9))
+    fun = lambda y: target.objective(y, obs, jnp.asarray(free), x0)  # noqa: E731
+
+    @jax.jit
+    def recipe_step(y, state):
+        value, grad = optax.value_and_grad_from_state(fun)(y, state=state)
+        updates, state = opt.update(grad, state, y, value=value, grad=grad, value_fn=fun)
+        return optax.apply_updates(y, updates), state
+
+    y, state = x0, opt.init(x0)
+    values = []
+    for _ in range(12):  # the iterations compared
+        y, state = recipe_step(y, state)
+        values.append(float(optax.tree_utils.tree_get(state, "value")))
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(history[1:], np.sqrt(np.array(values) / sim["intensity"].size), rtol=1e-12)

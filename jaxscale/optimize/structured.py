@@ -49,6 +49,11 @@ BlockFn = Callable[[jax.Array, Any], jax.Array]  # (x, data) -> f[n_blocks, b, b
 FAST_COMPILE_MAX_ROWS = 1 << 17
 # solvers kept (one per residual/block function pair), so that a process traces each once
 MAX_CACHED_SOLVERS = 8
+# Largest problem (rows) whose diagonal blocks outside the LM iterations (variances) are taken
+# from the step program run without CG iterations instead of a program of their own: one
+# program fewer to trace and compile (~0.15 s) for an evaluation ~3x the blocks' cost, which
+# at these sizes is ~1 ms.
+BLOCKS_BY_STEP_MAX_ROWS = 1 << 17
 
 
 # ------------------------------------------------------------------ linear algebra pieces
@@ -213,11 +218,15 @@ class StructuredSolver:
         return jnp.sum(self.residual_fn(x, data) ** 2)
 
     def _step(self, x, data, free, mu, tol, max_cg: int):
-        """Solve (N + mu I) h = -J^T r on free entries; returns (h, sum r^2, expected, cg its, cg res, blocks)."""
+        """Solve (N + mu I) h = -J^T r on free entries; returns (h, sum r^2, expected, cg its, cg res, blocks).
+        mu < 0: LM's initial damping `initial_damping(blocks, free)` from this x's blocks (no
+        separate blocks evaluation first)."""
         f = free.astype(x.dtype)
         r, nv, jt = normal_system(self.residual_fn, x, data)
         grad = jt(r) * f
         blocks = self.block_fn(x, data)
+        diag = jnp.where(free, jnp.diagonal(blocks, axis1=1, axis2=2), -jnp.inf)
+        mu = jnp.where(mu < 0, jnp.where(jnp.any(free), 1e-3 * jnp.max(diag), 0.0), mu)
         inv = _inv_blocks(masked_blocks(blocks, free, mu))
 
         def matvec(v):
@@ -243,6 +252,20 @@ class StructuredSolver:
 
         return jax.lax.map(one, rhs)
 
+    def diagonal_blocks(self, x, data, free, max_cg: int = 500) -> np.ndarray:
+        """f[n_blocks, b, b] the diagonal blocks of J^T J at x. Up to BLOCKS_BY_STEP_MAX_ROWS rows
+        by the step program (max_cg: as its other calls), run without CG iterations (tol = inf);
+        above by the blocks program."""
+        if data_rows(x, data) <= BLOCKS_BY_STEP_MAX_ROWS:
+            return np.asarray(self.step(x, data, free, 0.0, np.inf, max_cg=max_cg)[5])
+        return np.asarray(self.blocks(x, data))
+
+
+def initial_damping(blocks: np.ndarray, free: np.ndarray) -> float:
+    """DIALS' initial LM damping: 1e-3 x the largest diagonal element of N on free parameters."""
+    diag = np.diagonal(np.asarray(blocks), axis1=1, axis2=2)[np.asarray(free)]
+    return 1e-3 * float(diag.max()) if diag.size else 0.0
+
 
 def precompile_step(solver: StructuredSolver, x: Any, data: Any, free: Any, max_cg: int = 500,
                     sum_sq: bool = True) -> None:
@@ -257,7 +280,8 @@ def precompile_step(solver: StructuredSolver, x: Any, data: Any, free: Any, max_
     precompile(solver.step, x, data, free, scalar, scalar, max_cg=max_cg)
     if sum_sq:
         precompile(solver.sum_sq, x, data)
-    precompile(solver.blocks, x, data)
+    if data_rows(x, data) > BLOCKS_BY_STEP_MAX_ROWS:  # else solver.diagonal_blocks runs the step
+        precompile(solver.blocks, x, data)
 
 
 def minimise_structured(
@@ -293,13 +317,11 @@ def minimise_structured(
         max_iterations = 100 if engine == "LevMar" else 20
     rmsd = lambda s_: float(np.sqrt(max(s_, 0.0) / max(n_reflections, 1)))  # noqa: E731
 
-    mu = 0.0
-    if engine == "LevMar":
-        blocks = np.asarray(solver.blocks(x, data))
-        diag = np.diagonal(blocks, axis1=1, axis2=2)[np.asarray(free)]
-        mu = 1e-3 * float(diag.max()) if diag.size else 0.0
     nu = 2.0
-    h, s, expected, its, _, _ = solver.step(x, data, free_j, mu, tol, max_cg=max_cg_iterations)
+    # LM: the first step takes mu0 from its own blocks (mu < 0), returned to set mu here
+    h, s, expected, its, _, blocks = solver.step(x, data, free_j, -1.0 if engine == "LevMar" else 0.0, tol,
+                                                 max_cg=max_cg_iterations)
+    mu = initial_damping(blocks, free) if engine == "LevMar" else 0.0
     s = float(s)
     history = [rmsd(s)]
     cg_its = [int(its)]
@@ -398,16 +420,19 @@ def variance_diagonal(
     cg_tolerance: float | None = None,
     max_cg_iterations: int = 1000,
     solver: StructuredSolver | None = None,
+    blocks: np.ndarray | None = None,
 ) -> np.ndarray:
     """diag(N_FF^-1) f[n_blocks, b] (0 for fixed parameters); multiply by chi2 for variances.
 
     method: "exact" | "block" | "block_gauge" | "stochastic" (module docstring); the gauge
     methods need `gauge` f[n_blocks, b, r] (the null-space directions pinned by the fixed
-    parameters).
+    parameters). blocks: the diagonal blocks of J^T J at x when the caller has them.
     """
     free = np.asarray(free, dtype=bool)
     x = _on_device(x)
-    blocks = np.asarray((solver.blocks if solver is not None else jax.jit(block_fn))(x, data), dtype=np.float64)
+    if blocks is None:
+        blocks = solver.diagonal_blocks(x, data, free) if solver is not None else jax.jit(block_fn)(x, data)
+    blocks = np.asarray(blocks, dtype=np.float64)
     if method == "exact":
         n = free.size
         _, nv, _ = normal_system(residual_fn, x, data)

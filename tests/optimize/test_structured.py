@@ -154,3 +154,23 @@ def test_solver_built_once_and_precompiled_step_not_compiled_again(solved):
         jax.monitoring.unregister_event_duration_listener(listener)
     assert n_before > 0 and len(names) == n_before
     np.testing.assert_allclose(again.x, res.x, rtol=1e-12, atol=1e-12)
+
+
+def test_step_initial_damping_and_blocks_without_cg(solved):
+    """mu < 0: the step uses DIALS' initial damping from its own blocks, as minimise_structured
+    did with a separate blocks evaluation (same h bitwise); `diagonal_blocks` (the step run
+    without CG iterations) equals the blocks program."""
+    from jaxscale.optimize.structured import StructuredSolver, initial_damping
+
+    _, obs, t, free, _ = solved
+    x = jnp.asarray(np.stack([np.ones(N_EXP), np.zeros(N_EXP)], 1))
+    solver = StructuredSolver(t.residual_fn, t.block_diagonal_fn)
+    blocks = np.asarray(solver.blocks(x, obs))
+    mu0 = initial_damping(blocks, free)
+    assert mu0 == 1e-3 * np.diagonal(blocks, axis1=1, axis2=2)[free].max() > 0
+    auto = solver.step(x, obs, jnp.asarray(free), -1.0, 1e-12, max_cg=500)
+    given = solver.step(x, obs, jnp.asarray(free), mu0, 1e-12, max_cg=500)
+    for a, b in zip(auto, given):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(solver.diagonal_blocks(x, obs, free), blocks)
+    assert int(solver.step(x, obs, jnp.asarray(free), 0.0, np.inf, max_cg=500)[3]) == 0  # no CG iteration
