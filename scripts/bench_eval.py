@@ -12,6 +12,10 @@ too), minimum and median over rounds, CPU seconds per call (`time.process_time`)
 page faults per call (fresh temporary buffers are faulted in by the kernel on every call).
 The baseline is the one in scripts/bench.py: numpy `sum` of each array the evaluation reads
 (I, w, 1/(2d^2), group id, still of each chunk), i.e. one streaming pass over those bytes.
+
+With more than one device (on CPU: XLA_FLAGS=--xla_force_host_platform_device_count=2) the
+variant `sharded` is added: KBStillsTarget over all devices (observations split between them,
+each device a thread), the baseline still one numpy thread.
 """
 from __future__ import annotations
 
@@ -255,33 +259,69 @@ def blk_where_t(x, obs):
 BLOCK_TRANSPOSED = {"blk_where_t"}
 
 
-def exp_in_chunk_reduce(x, obs):
-    """current, but pass 2 computes exp inside its step (XLA fuses it into the chunk reduce)."""
+def _pass2_step(x, ih, acc, blk, decay, gather_2d):
+    """sharding._value_and_grad_step with the exp given and I_h gathered [n_chunks, chunk]
+    (gather_2d) or flat then reshaped (the session-2 code)."""
+    g = sharding._take(x[:, 0], blk.chunk_experiment)[:, None] * decay
+    shape = g.shape
+    s = blk.inv_two_d_sq.reshape(shape)
+    ih_obs = sharding._take(ih, blk.group_id.reshape(shape) if gather_2d else blk.group_id).reshape(shape)
+    r = blk.intensity.reshape(shape) - g * ih_obs
+    wr = blk.weight.reshape(shape) * r
+    df_dg = -2.0 * wr * ih_obs
+    z = jnp.zeros((), g.dtype)
+    per_chunk = jax.lax.reduce((wr * r, df_dg * decay, df_dg * g * s), (z,) * 3,
+                               lambda a, b: tuple(u + v for u, v in zip(a, b)), (1,))
+    return sharding._scatter_add(acc, blk.chunk_experiment, jnp.stack(per_chunk, axis=1), sorted_index=True)
+
+
+def _two_pass(x, obs, complex_sums: bool, gather_2d: bool, exp_carried: bool):
+    """The blocked evaluation with each session-3 change switchable (CPU block size)."""
     bc = sharding.KBStillsTarget().block_chunks
-    zeros = jnp.zeros((obs.n_groups, 2), x.dtype)
-    sums = sharding._fold_blocks(sharding._group_sums_step(x), zeros, obs, bc)
+    if complex_sums:
+        sums = sharding._fold_group_sums(x, obs, bc)
+    else:
+        sums = sharding._fold_blocks(sharding._group_sums_step(x), jnp.zeros((obs.n_groups, 2), x.dtype), obs, bc)
     ih = sharding._safe_divide(sums[:, 0], sums[:, 1])
-    step = lambda acc, blk: sharding._value_and_grad_step(x, ih, acc, blk, sharding._block_decay(x, blk))  # noqa: E731
-    acc = sharding._fold_blocks(step, jnp.zeros((obs.n_experiments, 3), x.dtype), obs, bc)
+    acc = jnp.zeros((obs.n_experiments, 3), x.dtype)
+    n_full, tail = divmod(obs.chunk_experiment.shape[0], bc)
+    if not exp_carried or n_full == 0:
+        step = lambda a, blk: _pass2_step(x, ih, a, blk, sharding._block_decay(x, blk), gather_2d)  # noqa: E731
+        acc = sharding._fold_blocks(step, acc, obs, bc)
+        return acc[:, 0].sum(), acc[:, 1:]
+
+    def body(i, carry):  # the exp of block i+1 computed at the end of iteration i, into the carry
+        acc_, decay = carry
+        acc_ = _pass2_step(x, ih, acc_, sharding._block(obs, i * bc, bc), decay, gather_2d)
+        following = sharding._block(obs, jnp.minimum(i + 1, n_full - 1) * bc, bc)
+        return acc_, sharding._block_decay(x, following)
+
+    acc, _ = jax.lax.fori_loop(0, n_full, body, (acc, sharding._block_decay(x, sharding._block(obs, 0, bc))))
+    if tail:
+        last = sharding._block(obs, n_full * bc, tail)
+        acc = _pass2_step(x, ih, acc, last, sharding._block_decay(x, last), gather_2d)
     return acc[:, 0].sum(), acc[:, 1:]
 
 
-def exp_returned_in_carry(x, obs):
-    """exp_in_chunk_reduce with each block's exp also returned in the loop carry (to make XLA
-    materialise it once): no gain measured."""
-    bc = sharding.KBStillsTarget().block_chunks
-    zeros = jnp.zeros((obs.n_groups, 2), x.dtype)
-    sums = sharding._fold_blocks(sharding._group_sums_step(x), zeros, obs, bc)
-    ih = sharding._safe_divide(sums[:, 0], sums[:, 1])
+def session2(x, obs):
+    """The session-2 evaluation: (n, 2) real group-sum scatter, I_h gathered flat, the next
+    block's exp computed into the loop carry."""
+    return _two_pass(x, obs, complex_sums=False, gather_2d=False, exp_carried=True)
 
-    def step(carry, blk):
-        decay = sharding._block_decay(x, blk)
-        return sharding._value_and_grad_step(x, ih, carry[0], blk, decay), decay
 
-    n_block = min(bc, obs.chunk_experiment.shape[0])
-    init = (jnp.zeros((obs.n_experiments, 3), x.dtype), jnp.zeros((n_block, obs.chunk), x.dtype))
-    acc, _ = sharding._fold_blocks(step, init, obs, bc)
-    return acc[:, 0].sum(), acc[:, 1:]
+def real_pair_group_sums(x, obs):
+    """current with the session-2 (n, 2) real group-sum scatter (vs complex_group_sums)."""
+    return _two_pass(x, obs, complex_sums=False, gather_2d=True, exp_carried=False)
+
+
+def gather_flat(x, obs):
+    """current with I_h gathered flat and reshaped (vs gather_2d)."""
+    return _two_pass(x, obs, complex_sums=True, gather_2d=False, exp_carried=False)
+
+
+def exp_carried(x, obs):
+    """current with the next block's exp computed into the loop carry (session 2)."""
+    return _two_pass(x, obs, complex_sums=True, gather_2d=True, exp_carried=True)
 
 
 def current(x, obs):
@@ -297,9 +337,10 @@ def current_one_block(x, obs):
     return value, grad
 
 
+SHARDED = "sharded"  # not in VARIANTS: the target itself over all devices (XLA_FLAGS host device count)
 VARIANTS = {f.__name__: f for f in (session1, two_scatters_variadic, stacked_scatter_variadic, blocked, blk_complex_nt,
-                                    blk_where_t, current_one_block, exp_in_chunk_reduce, exp_returned_in_carry,
-                                    current)}
+                                    blk_where_t, current_one_block, session2, real_pair_group_sums, gather_flat,
+                                    exp_carried, current)}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -322,8 +363,15 @@ def measure(n_obs: int, names: list[str], rounds: int, seed: int) -> dict:
     calls = {"baseline": lambda: [a.sum() for a in host]}
     diff = {}
     for name in names:
-        fn = jax.jit(VARIANTS[name])
         obs_v = obs
+        if name == SHARDED:  # KBStillsTarget over all devices (one thread each on CPU)
+            mesh = sharding.observation_mesh()
+            obs_v = sharding.make_observations(sim["intensity"], 1.0 / sim["variance"], sim["d"], sim["group_id"],
+                                               sim["experiment_index"], int(sim["n_groups"]), n_exp, mesh=mesh,
+                                               dtype=dtype)
+            fn = (lambda t: lambda x_, o: t.value_and_grad(x_, o, free, x_))(sharding.KBStillsTarget(mesh))
+        else:
+            fn = jax.jit(VARIANTS[name])
         if name in BLOCK_TRANSPOSED:
             obs_v = transpose_blocks(obs, _bc())
         value, grad = fn(x, obs_v)
@@ -363,6 +411,8 @@ def main(argv=None):
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     names = args.variants.split(",")
+    if len(jax.devices()) > 1 and SHARDED not in names:
+        names.append(SHARDED)
     for n_obs in (int(s) for s in args.sizes.split(",")):
         res = measure(n_obs, names, args.rounds, args.seed)
         if args.json:

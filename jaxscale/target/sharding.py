@@ -11,9 +11,10 @@ are then gathered once per chunk, and the per-still sums are a reduce over each 
 followed by a sorted scatter over chunks (8x fewer updates). The group sums are one scatter
 of (w g I, w g^2) rows (groups are spread over stills).
 
-Evaluation (`_local_value_and_grad`): two passes over the rows, group sums then value and
-gradient (the three per-chunk sums in one variadic reduce), each a `fori_loop` over blocks
-of `block_chunks` chunks on CPU. Written as whole-array operations, XLA materialises ~10
+Evaluation (`_local_value_and_grad`): two passes over the rows, group sums (one complex
+scatter-add per row on CPU: real w g I, imaginary w g^2) then value and gradient (the three
+per-chunk sums in one variadic reduce), each a `fori_loop` over blocks of `block_chunks`
+chunks on CPU. Written as whole-array operations, XLA materialises ~10
 n-row temporaries (exp, scatter updates, residuals); on CPU each call then gets them as
 fresh memory from the allocator and the kernel faults it in page by page, which cost more
 than the arithmetic (10^4 page faults per evaluation of 10^6 rows, 1.4x10^5 at 10^7). In
@@ -217,11 +218,11 @@ def _group_sums(g: jax.Array, obs: StillObservations, axis: str | None) -> jax.A
 
 
 def _take(table: jax.Array, index: jax.Array) -> jax.Array:
-    """table[index] along axis 0 for indices known to be in range (no negative-index fix-up,
-    which XLA would otherwise materialise as an extra index array)."""
-    dnums = jax.lax.GatherDimensionNumbers(offset_dims=tuple(range(1, table.ndim)), collapsed_slice_dims=(0,),
-                                           start_index_map=(0,))
-    return jax.lax.gather(table, index[:, None], dnums, (1, *table.shape[1:]),
+    """table[index] along axis 0 (index of any shape) for indices known to be in range (no
+    negative-index fix-up, which XLA would otherwise materialise as an extra index array)."""
+    dnums = jax.lax.GatherDimensionNumbers(offset_dims=tuple(range(index.ndim, index.ndim + table.ndim - 1)),
+                                           collapsed_slice_dims=(0,), start_index_map=(0,))
+    return jax.lax.gather(table, index[..., None], dnums, (1, *table.shape[1:]),
                           mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
@@ -273,13 +274,41 @@ def _group_sums_step(x: jax.Array):
     return step
 
 
-def _value_and_grad_step(x: jax.Array, ih: jax.Array, acc: jax.Array, blk: StillObservations, decay: jax.Array):
+def _complex_group_sums_step(x: jax.Array):
+    """As `_group_sums_step`, the pair held as one complex number per group (real: w g I,
+    imaginary: w g^2; complex addition adds them exactly as two reals): a scatter of one
+    element per row, whose updates (built in the [n_chunks, chunk] shape of the decay) XLA
+    CPU writes faster than (n, 2) rows: the whole evaluation ~12 % faster at 10^6 rows
+    (scripts/bench_eval.py: real_pair_group_sums). CPU loop only: complex scatter-adds on
+    accelerators (atomics) were not measured."""
+    def step(sums, blk):
+        c = blk.chunk
+        g = _take(x[:, 0], blk.chunk_experiment)[:, None] * _block_decay(x, blk)  # f[n_chunks, chunk]
+        wg = blk.weight.reshape(-1, c) * g
+        return _scatter_add(sums, blk.group_id, jax.lax.complex(wg * blk.intensity.reshape(-1, c), wg * g).reshape(-1))
+    return step
+
+
+def _fold_group_sums(x: jax.Array, obs: StillObservations, block_chunks: int | None) -> jax.Array:
+    """Local f[n_groups, 2] (sum w g I, sum w g^2): a loop over blocks with complex sums on CPU
+    (block_chunks set), one (n, 2) scatter otherwise."""
+    if block_chunks is None or block_chunks >= obs.chunk_experiment.shape[0]:
+        return _group_sums_step(x)(jnp.zeros((obs.n_groups, 2), x.dtype), obs)
+    cdtype = jnp.result_type(x.dtype, jnp.complex64)
+    sums = _fold_blocks(_complex_group_sums_step(x), jnp.zeros(obs.n_groups, cdtype), obs, block_chunks)
+    return jnp.stack([sums.real, sums.imag], axis=1)
+
+
+def _value_and_grad_step(x: jax.Array, ih: jax.Array, acc: jax.Array, blk: StillObservations) -> jax.Array:
     """acc f[n_exp, 3] plus each still's (sum w r^2, df/dk, df/dB) over the block: the three
-    per-chunk sums in one variadic reduce (one pass over the block), then a sorted scatter."""
+    per-chunk sums in one variadic reduce (one pass over the block), then a sorted scatter.
+    Everything is shaped [n_chunks, chunk], I_h gathered straight into that shape (flat and
+    reshaped measured the same or ~2 % slower: scripts/bench_eval.py gather_flat)."""
+    decay = _block_decay(x, blk)
     g = _take(x[:, 0], blk.chunk_experiment)[:, None] * decay
     shape = g.shape
     s = blk.inv_two_d_sq.reshape(shape)
-    ih_obs = _take(ih, blk.group_id).reshape(shape)
+    ih_obs = _take(ih, blk.group_id.reshape(shape))
     r = blk.intensity.reshape(shape) - g * ih_obs
     wr = blk.weight.reshape(shape) * r
     df_dg = -2.0 * wr * ih_obs  # the dI_h/dp term is zero at the closed-form I_h
@@ -291,26 +320,11 @@ def _value_and_grad_step(x: jax.Array, ih: jax.Array, acc: jax.Array, blk: Still
 
 def _fold_value_and_grad(x: jax.Array, ih: jax.Array, obs: StillObservations, block_chunks: int | None):
     """f[n_exp, 3] (sum w r^2, df/dk, df/dB) per still over the local rows, in blocks as
-    `_fold_blocks`. The exp of block i+1 is computed at the end of iteration i into the loop
-    carry: XLA CPU then runs it as its own loop; fused into the chunk reduce the evaluation
-    was ~10 % slower in float64 (scripts/bench_eval.py: current vs exp_in_chunk_reduce)."""
+    `_fold_blocks`. Each block computes its own exp inside the step (fused into the chunk
+    reduce); computing the next block's exp into the loop carry instead (session 2) made the
+    whole evaluation ~25 % slower at 10^6 rows (scripts/bench_eval.py: exp_carried)."""
     acc = jnp.zeros((obs.n_experiments, 3), x.dtype)
-    n_chunks = obs.chunk_experiment.shape[0]
-    if block_chunks is None or block_chunks >= n_chunks:
-        return _value_and_grad_step(x, ih, acc, obs, _block_decay(x, obs))
-    n_full, tail = divmod(n_chunks, block_chunks)
-
-    def body(i, carry):
-        acc_, decay = carry
-        acc_ = _value_and_grad_step(x, ih, acc_, _block(obs, i * block_chunks, block_chunks), decay)
-        following = _block(obs, jnp.minimum(i + 1, n_full - 1) * block_chunks, block_chunks)
-        return acc_, _block_decay(x, following)
-
-    acc, _ = jax.lax.fori_loop(0, n_full, body, (acc, _block_decay(x, _block(obs, 0, block_chunks))))
-    if tail:
-        last = _block(obs, n_full * block_chunks, tail)
-        acc = _value_and_grad_step(x, ih, acc, last, _block_decay(x, last))
-    return acc
+    return _fold_blocks(lambda a, blk: _value_and_grad_step(x, ih, a, blk), acc, obs, block_chunks)
 
 
 def _local_value_and_grad(x: jax.Array, obs: StillObservations, axis: str | None, block_chunks: int | None = None):
@@ -320,8 +334,7 @@ def _local_value_and_grad(x: jax.Array, obs: StillObservations, axis: str | None
     one block): group sums, then value and gradient. On CPU, blocks keep every temporary
     (exp, the scatter updates) in cache; whole-array temporaries would be fresh memory on
     each call, faulted in page by page (docs/serial.md)."""
-    zeros = jnp.zeros((obs.n_groups, 2), x.dtype)
-    sums = _psum(_fold_blocks(_group_sums_step(x), zeros, obs, block_chunks), axis)
+    sums = _psum(_fold_group_sums(x, obs, block_chunks), axis)
     ih = _safe_divide(sums[:, 0], sums[:, 1])
     acc = _fold_value_and_grad(x, ih, obs, block_chunks)
     return _psum(jnp.sum(acc[:, 0]), axis), _psum(acc[:, 1:], axis), ih
