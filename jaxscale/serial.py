@@ -925,9 +925,11 @@ def _serial_pass(params, sources: list, log, timings: dict[str, float], full_mat
         offset += len(expts)
     suitable = [S._suitable(t) & (e >= 0) & (np.asarray(t["d"]) > 0) for t, e in prepared]
     miller = np.concatenate([np.asarray(t["miller_index"])[m] for (t, _), m in zip(prepared, suitable)])
-    asu, _ = map_to_asu(miller, experiments[0].space_group, anomalous=bool(params.anomalous))
+    asu, isym = map_to_asu(miller, experiments[0].space_group, anomalous=bool(params.anomalous))
     gid, uniq = group_ids(asu)
-    del asu
+    precompile_statistics = _statistics_precompile(sum(len(t) for t, _ in prepared), gid,
+                                                   None if params.anomalous else isym)
+    del asu, isym
     def cat(col: str) -> np.ndarray:  # suitable rows of every input file, concatenated
         return np.concatenate([np.asarray(t[col], dtype=np.float64)[m] for (t, _), m in zip(prepared, suitable)])
 
@@ -957,7 +959,7 @@ def _serial_pass(params, sources: list, log, timings: dict[str, float], full_mat
                        n_devices=params.compute.n_devices, dtype=dtype, emax=emax, d_star_sq=dss, epsilon=eps,
                        intensity_candidates=candidates,
                        imids=params.reflection_selection.combine.Imid or None,
-                       precompile_later=_statistics_precompile(sum(len(t) for t, _ in prepared)))
+                       precompile_later=precompile_statistics)
     del candidates, dss, eps
     for line in res.log:
         log(line)
@@ -1021,13 +1023,21 @@ def _serial_pass(params, sources: list, log, timings: dict[str, float], full_mat
     return table, out_experiments, res, x, None if res.scale_sigma is None else np.stack([sk, sb], 1), stats, obs
 
 
-def _statistics_precompile(n_rows: int) -> Callable[[], None] | None:
+def _statistics_precompile(n_rows: int, group_id: np.ndarray, isym: np.ndarray | None) -> Callable[[], None] | None:
     """What compiles the merging statistics' program (the half-split draw chain) in the
-    background, for tables of n_rows rows whose statistics fit its smallest padded size (every
-    group count and draw count is at most the row count); None for larger ones."""
-    from jaxscale.merge.statistics import MIN_GROUPS_PAD, precompile_split_halves
+    background when they will need it in its smallest padded size: more anomalous groups than
+    the host version takes (HOST_MAX_GROUPS), at most MIN_GROUPS_PAD of them, and fewer draws
+    than MIN_DRAWS_PAD (at most n_rows + 1, n_rows: the tables' rows); None otherwise.
+    group_id: the scaled rows' groups; isym: their ISYM codes when the groups are not anomalous
+    (a Friedel-inverted row, even ISYM, may be its group's I(-): counted as its own group,
+    centric or not, so the count is an upper bound)."""
+    from jaxscale.merge.statistics import HOST_MAX_GROUPS, MIN_DRAWS_PAD, MIN_GROUPS_PAD, precompile_split_halves
 
-    return precompile_split_halves if n_rows <= MIN_GROUPS_PAD else None
+    if n_rows >= MIN_DRAWS_PAD:
+        return None
+    key = group_id if isym is None else 2 * np.asarray(group_id, dtype=np.int64) + (isym % 2 == 0)
+    n_groups = np.unique(key).size
+    return precompile_split_halves if HOST_MAX_GROUPS < n_groups <= MIN_GROUPS_PAD else None
 
 
 def _scale_and_filter_stills(params, sources: list, log, timings: dict[str, float]):
