@@ -51,7 +51,7 @@ import html as _html
 import json
 import math
 import os
-import pkgutil
+from pathlib import Path
 
 import numpy as np
 
@@ -144,12 +144,18 @@ def _script_json(obj) -> str:
     return json.dumps(_plain(obj), separators=(",", ":")).replace("</", "<\\/")
 
 
+def _plotly_data(name: str) -> Path:
+    """A file of the plotly package data, found without importing plotly (~10 ms)."""
+    import importlib.util
+
+    return Path(importlib.util.find_spec("plotly").submodule_search_locations[0]) / "package_data" / name
+
+
 @functools.lru_cache(maxsize=1)
-def _plotly_assets() -> tuple[str, str]:
-    """(plotly.js source, plotly_white template JSON) from the plotly package data."""
-    js = pkgutil.get_data("plotly", "package_data/plotly.min.js").decode("utf-8")
-    template = pkgutil.get_data("plotly", "package_data/templates/plotly_white.json").decode("utf-8")
-    return js, json.dumps(json.loads(template), separators=(",", ":")).replace("</", "<\\/")
+def _plotly_template() -> str:
+    """The plotly_white template as compact JSON, safe inside a <script> element."""
+    template = _plotly_data("templates/plotly_white.json").read_text(encoding="utf-8")
+    return json.dumps(json.loads(template), separators=(",", ":")).replace("</", "<\\/")
 
 
 def _plot_div(fig: Figure, div_id: str) -> str:
@@ -453,8 +459,8 @@ def _bins_html(st: MergingStatistics) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
-def build_html(data: dict) -> str:
-    """The report page as a string (see the module docstring for `data`)."""
+def _page_around_script(data: dict) -> tuple[str, str]:
+    """The report page before and after the plotly.js source (module docstring: `data`)."""
     st: MergingStatistics = data["statistics"]
     sections: list[tuple[str, list[Figure], str]] = [
         ("Merging statistics", [], _summary_html(st) + "<h2>By resolution bin</h2>" + _bins_html(st)),
@@ -492,21 +498,51 @@ def build_html(data: dict) -> str:
         grid = f'<div class="grid">{"".join(divs)}</div>' if divs else ""
         parts.append(f"<section><h2>{_html.escape(title)}</h2>{extra}{grid}</section>")
     title = _html.escape(data.get("title", "jaxscale report"))
-    plotly_js, template = _plotly_assets()
-    return ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
+    template = _plotly_template()
+    head = ("<!DOCTYPE html><html><head><meta charset='utf-8'>"
             f"<title>{title}</title><style>{_CSS}</style>"
-            f"<script type='text/javascript'>{plotly_js}</script>"
-            f"<script>window.JAXSCALE_TEMPLATE={template};</script></head>"
+            "<script type='text/javascript'>")
+    tail = (f"</script><script>window.JAXSCALE_TEMPLATE={template};</script></head>"
             f"<body><header><h1>{title}</h1></header>{''.join(parts)}"
             f"<script>window.JAXSCALE_N_PLOTS={json.dumps(n)};"
             # plots drawn before the grid settled keep a stale width; refit them once laid out
             "window.addEventListener('load',()=>document.querySelectorAll('.js-plotly-plot')"
             ".forEach(p=>Plotly.Plots.resize(p)));</script></body></html>")
+    return head, tail
+
+
+def build_html(data: dict) -> str:
+    """The report page as a string (see the module docstring for `data`)."""
+    head, tail = _page_around_script(data)
+    return head + _plotly_data("plotly.min.js").read_text(encoding="utf-8") + tail
 
 
 def write_report(path: str | os.PathLike, data: dict) -> None:
-    """Write the self-contained HTML report for `data` (module docstring) atomically."""
-    page = build_html(data)
+    """Write the self-contained HTML report for `data` (module docstring) atomically: the
+    bytes of `build_html(data)` in UTF-8, with the 4.6 MB plotly.js copied file to file
+    (neither decoded nor re-encoded: ~20 ms less per report)."""
+    head, tail = _page_around_script(data)
     with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(page)
+        with open(tmp, "wb") as f, open(_plotly_data("plotly.min.js"), "rb") as js:
+            f.write(head.encode("utf-8"))
+            f.flush()
+            _copy_file(js, f)
+            f.write(tail.encode("utf-8"))
+
+
+def _copy_file(src, dst) -> None:
+    """All of the open file `src` appended to the open file `dst` (in the kernel where it can)."""
+    size = os.fstat(src.fileno()).st_size
+    offset = 0
+    try:
+        while offset < size:
+            sent = os.sendfile(dst.fileno(), src.fileno(), offset, size - offset)
+            if sent == 0:
+                break
+            offset += sent
+    except OSError:  # no sendfile for these files: the rest through Python
+        pass
+    if offset == size:
+        return
+    src.seek(offset)
+    dst.write(src.read())

@@ -63,6 +63,8 @@ def report(shared_data, tmp_path_factory) -> tuple[Path, int]:
     data = _report_data(shared_data / "lcys_4sweep_dials" / "reference_dials3.12_scale")
     path = tmp_path_factory.mktemp("html") / "report.html"
     write_report(path, data)
+    # the file (plotly.js copied file to file) is the page string, byte for byte
+    assert path.read_bytes() == build_html(data).encode("utf-8")
     n_plots = int(re.search(r"JAXSCALE_N_PLOTS=(\d+)", path.read_text()).group(1))
     return path, n_plots
 
