@@ -341,9 +341,10 @@ def output_jobs(params: Any, table: ReflectionTable, experiments: list, stats: A
         jobs.append(("reflections", out.reflections, lambda p: write_refl(table, p)))
     if out.experiments:
         jobs.append(("experiments", out.experiments, lambda p: write_expt(experiments, p)))
-    from jaxscale.export import mtz_jobs
+    if out.unmerged_mtz or out.merged_mtz:  # jaxscale.export (French-Wilson, numpy.polynomial): ~10 ms to import
+        from jaxscale.export import mtz_jobs
 
-    jobs += mtz_jobs(params, table, experiments)
+        jobs += mtz_jobs(params, table, experiments)
     if out.html and report is not None:
         from jaxscale.report.html import write_report
 

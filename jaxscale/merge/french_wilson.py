@@ -16,11 +16,17 @@ DIALS rejects them: σ ≤ 0, Σ = 0, I/σ < −3.7 or h < −4.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 
-_NODES, _WEIGHTS = np.polynomial.legendre.leggauss(96)   # on [−1, 1]
+
+@functools.cache
+def _gauss_legendre() -> tuple[np.ndarray, np.ndarray]:
+    """96-point Gauss-Legendre nodes and weights on [−1, 1] (numpy.polynomial is imported
+    on first use: ~10 ms that runs without MTZ output need not pay)."""
+    return np.polynomial.legendre.leggauss(96)
 
 
 @dataclass(frozen=True)
@@ -56,12 +62,13 @@ def expected_intensity(d_star_cubed: np.ndarray, intensity: np.ndarray, max_bins
 def _moments(h: np.ndarray, a: np.ndarray, chunk: int = 1 << 15):
     """E[x], E[x²], E[x⁴] (n,) under ∝ x^a exp(−(x² − h)²/2), x ≥ 0."""
     out = np.empty((3, h.shape[0]))
+    nodes, weights = _gauss_legendre()
     for s in range(0, h.shape[0], chunk):                     # row blocks bound memory
         hh, aa = h[s:s + chunk, None], a[s:s + chunk, None]
         lo, hi = np.sqrt(np.maximum(hh - 10.0, 0.0)), np.sqrt(hh + 10.0)
-        x = 0.5 * (hi - lo) * _NODES[None, :] + 0.5 * (hi + lo)          # (m, nodes)
+        x = 0.5 * (hi - lo) * nodes[None, :] + 0.5 * (hi + lo)          # (m, nodes)
         logw = aa * np.log(np.maximum(x, 1e-300)) - 0.5 * (x * x - hh) ** 2
-        w = _WEIGHTS[None, :] * np.exp(logw - logw.max(axis=1, keepdims=True))
+        w = weights[None, :] * np.exp(logw - logw.max(axis=1, keepdims=True))
         z = w.sum(axis=1)
         x2 = x * x
         out[0, s:s + chunk] = (w * x).sum(axis=1) / z
