@@ -2,6 +2,7 @@
 """Time variants of one KB-stills target+gradient evaluation against a numpy streaming pass.
 
     python scripts/bench_eval.py --sizes 1000000,10000000 [--variants a,b] [--rounds 20] [--json]
+    python scripts/bench_eval.py --variants current@2048,current@16384   # block sizes (chunks)
     JAXSCALE_X64=0 python scripts/bench_eval.py ...            # float32 throughout
 
 Data: `simulate_flat_stills` (100 observations per still, 14,000 groups), laid out by
@@ -337,6 +338,14 @@ def current_one_block(x, obs):
     return value, grad
 
 
+def _variant(name: str):
+    """VARIANTS[name]; "current@N": the current evaluation in blocks of N chunks."""
+    base, _, block_chunks = name.partition("@")
+    if base == "current" and block_chunks:
+        return lambda x, obs: sharding._local_value_and_grad(x, obs, None, int(block_chunks))[:2]
+    return VARIANTS[name]
+
+
 SHARDED = "sharded"  # not in VARIANTS: the target itself over all devices (XLA_FLAGS host device count)
 VARIANTS = {f.__name__: f for f in (session1, two_scatters_variadic, stacked_scatter_variadic, blocked, blk_complex_nt,
                                     blk_where_t, current_one_block, session2, real_pair_group_sums, gather_flat,
@@ -371,7 +380,7 @@ def measure(n_obs: int, names: list[str], rounds: int, seed: int) -> dict:
                                                dtype=dtype)
             fn = (lambda t: lambda x_, o: t.value_and_grad(x_, o, free, x_))(sharding.KBStillsTarget(mesh))
         else:
-            fn = jax.jit(VARIANTS[name])
+            fn = jax.jit(_variant(name))
         if name in BLOCK_TRANSPOSED:
             obs_v = transpose_blocks(obs, _bc())
         value, grad = fn(x, obs_v)

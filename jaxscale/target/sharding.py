@@ -53,9 +53,12 @@ AXIS = "obs"
 # instead of 0.15 ms. A whole job at 10^5 rows: ~2 s less CPU cold, ~0.1-0.2 s more with a
 # warm compilation cache; at 10^6 the slower evaluations (64 vs 15 ms) would dominate.
 FAST_COMPILE_MAX_ROWS = 1 << 17
-# Chunks (of 8 rows) per block of the evaluation loop on CPU: 16,384 rows, whose temporaries
-# (~0.5 MB) stay in L2. 1,024-8,192 measured within noise of each other (scripts/bench_eval.py).
-CPU_BLOCK_CHUNKS = 2048
+# Chunks (of 8 rows) per block of the evaluation loop on CPU: 65,536 rows, temporaries of
+# 0.5 MB (float64) each, in L2/L3. Fewer, larger blocks mean fewer kernel launches (each
+# handed between XLA's threads): 2,048 chunks took 1.2-1.4x the wall and CPU time of
+# 8,192-32,768 chunks in float64 (10^6 and 10^7 rows; equal in float32; scripts/bench_eval.py
+# current@N); above 16,384 the temporaries start to be page-faulted per call.
+CPU_BLOCK_CHUNKS = 8192
 
 
 @jax.tree_util.register_dataclass
