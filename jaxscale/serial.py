@@ -240,15 +240,19 @@ def _lbfgs_step(target: KBStillsTarget, memory_size: int):
         linesearch=optax.scale_by_zoom_linesearch(max_linesearch_steps=20, curv_rtol=0.9),
     )
 
+    # jitted inside the programs: its trace (and the AD transforms of it) is cached, so the
+    # line search's second copy and start's copy are not traced again (step lowering ~0.03 s less)
+    objective = jax.jit(target.objective)
+
     def start(x, obs, free, anchor):
-        fun = lambda y: target.objective(y, obs, free, anchor)  # noqa: E731
+        fun = lambda y: objective(y, obs, free, anchor)  # noqa: E731
         value, grad = jax.value_and_grad(fun)(x)
         state = optax.tree_utils.tree_set(opt.init(x), value=value, grad=grad)
         # strongly typed like the state `step` returns, so that step is traced once, not twice
         return jax.tree.map(lambda a: jnp.asarray(a, dtype=a.dtype), state)
 
     def step(x, state, obs, free, anchor):
-        fun = lambda y: target.objective(y, obs, free, anchor)  # noqa: E731
+        fun = lambda y: objective(y, obs, free, anchor)  # noqa: E731
         value, grad = optax.tree_utils.tree_get(state, "value"), optax.tree_utils.tree_get(state, "grad")
         updates, state = opt.update(grad, state, x, value=value, grad=grad, value_fn=fun)
         x_new = optax.apply_updates(x, updates)
