@@ -280,7 +280,7 @@ def test_serial_html_and_json_report(profile_stills, tmp_path):
     stills (aggregated to 1000 points: the HTML grows < 0.5 MB beyond plotly.js)."""
     from jaxscale.io.expt import read_expt
     from jaxscale.outputs import binned_series
-    from jaxscale.report.html import _plotly_assets, build_html
+    from jaxscale.report.html import _plotly_data, build_html
 
     _, inputs, _ = profile_stills
     html, js = tmp_path / "r.html", tmp_path / "r.json"
@@ -300,7 +300,7 @@ def test_serial_html_and_json_report(profile_stills, tmp_path):
     assert doc["run"]["imid"] == pytest.approx(808.75, abs=0.01)
     assert len(doc["batches"]["batch"]) == 150 and "normal_plot" in doc["error_model"]
     # 10^5 stills: the per-still sections of the page stay small
-    plotly_size = len(_plotly_assets()[0])
+    plotly_size = len(_plotly_data("plotly.min.js").read_text(encoding="utf-8"))
     rng = np.random.default_rng(0)
     n = 100_000
     kb = {"k": np.exp(rng.normal(0, 0.3, n)), "b": rng.normal(0, 5, n)}
