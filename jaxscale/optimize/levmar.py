@@ -150,7 +150,10 @@ class NormalEquations:
             return (nm + jac.T @ jac, grad + jac.T @ r, s + r @ r), None
 
         init = (jnp.zeros((n, n)), jnp.zeros(n), jnp.zeros(()))
-        (nm, grad, s), _ = jax.lax.scan(body, init, chunks.target)
+        if chunks.target.problem.weight.shape[0] == 1:  # one chunk (small problems): no loop to compile
+            (nm, grad, s), _ = body(init, jax.tree.map(lambda a: a[0], chunks.target))
+        else:
+            (nm, grad, s), _ = jax.lax.scan(body, init, chunks.target)
         # restraint rows sqrt(w_p) p_eff with derivative sqrt(w_p) on free parameters
         wp = t.restraint_weights * free
         x_eff = jnp.where(free, x, chunks.target.anchor[0])

@@ -65,14 +65,16 @@ def case():
     return rng, comps, params, bases, target, gid, intensity, weight, ih
 
 
+@pytest.mark.parametrize("chunk_size", [97, 10000])  # several chunks (a scan) or one
 @pytest.mark.parametrize("targeted", [False, True])
-def test_sparse_normal_equations_equal_jacfwd(case, targeted):
+def test_sparse_normal_equations_equal_jacfwd(case, targeted, chunk_size):
     rng, comps, params, bases, target, gid, intensity, weight, ih = case
     problem = make_problem(intensity, weight, gid, ih_reference=ih if targeted else None)
     x = target.x0 * (1 + 0.01 * rng.normal(size=target.n_params))
     free = np.ones(target.n_params, bool)
     free[[0, 7]] = False  # a fixed scale and a fixed decay parameter
-    chunks = chunk_by_groups(problem, bases, x, free, chunk_size=97)
+    chunks = chunk_by_groups(problem, bases, x, free, chunk_size=chunk_size)
+    assert (np.shape(chunks.target.problem.weight)[0] == 1) == (chunk_size > 1000)
     dense = _DenseTarget(comps, params)
     xj, fj = jnp.asarray(x), jnp.asarray(free)
     nm, grad, s = NormalEquations(target).build(xj, chunks, fj)
