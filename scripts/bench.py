@@ -3,10 +3,11 @@
 
     python scripts/bench.py --sizes 100000,1000000[,10000000] [--json] [--float32-eval]
     python scripts/bench.py --sizes 10000,20000,50000 --json --dials [--dials-timeout 900]
+    python scripts/bench.py --sizes 1000000,10000000 --json --no-job [--host-devices 2]   # evaluation only
 
 Per size (n_obs; 100 observations per still; sizes below 10^5 are fine): seconds per
-target+gradient evaluation (eval_s, median after compile), observations per second, the ratio of
-that time to a numpy streaming pass over the same bytes the evaluation reads (bandwidth_ratio:
+target+gradient evaluation (eval_s, median after compile; eval_cpu_s, CPU seconds of all
+threads), observations per second, the ratio of that time to a numpy streaming pass over the same bytes the evaluation reads (bandwidth_ratio:
 I, w, 1/(2d^2) + group ids in the chunked still layout, padding included, + the still of each
 chunk); the full scaling job (all rounds) in a child process: wall_s (scale_stills alone,
 compilation included) and cpu_s (all threads), its phases (`timings`: setup, outliers, lbfgs,
@@ -31,6 +32,11 @@ dials_ratio = dials_s / cli_cold_s (whole process on both sides, jaxscale with a
 dials_ratio_cli_warm = dials_s / cli_warm_s; dials_ratio_in_process = dials_s / in_process_s.
 null where DIALS was not run or did not finish. Set JAXSCALE_X64=0 for float32 throughout;
 --float32-eval adds a float32 timing of the evaluation (child process) to each float64 row.
+
+--host-devices N (default 1): N CPU devices for this process and its children (XLA_FLAGS
+--xla_force_host_platform_device_count, set before JAX starts its backend), so the evaluation and
+the job's programs are sharded over N threads (`devices` in each row); an XLA_FLAGS that already
+sets the count is left as it is. The numpy baseline is one thread either way.
 """
 from __future__ import annotations
 
@@ -58,9 +64,12 @@ def _parse(argv):
     p.add_argument("--process-repeats", type=int, default=2, help="warm `jaxscale scale` runs (minimum reported)")
     p.add_argument("--job-repeats", type=int, default=1, help="full-job child processes per size (minimum reported)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation timing (job and DIALS only)")
+    p.add_argument("--no-job", action="store_true", help="skip the full scaling job (evaluation and DIALS only)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--float32-eval", action="store_true", help="also time the evaluation in float32 (child process)")
+    p.add_argument("--host-devices", type=int, default=1,
+                   help="CPU devices (threads) the evaluation and jobs are sharded over (this process and children)")
     p.add_argument("--job", type=int, default=None, help=argparse.SUPPRESS)  # child: one full job
     p.add_argument("--eval", type=int, default=None, help=argparse.SUPPRESS)  # child: evaluation timing only
     p.add_argument("--cli-phases", default=None, help=argparse.SUPPRESS)  # child: `jaxscale scale` twice, phases
@@ -68,15 +77,21 @@ def _parse(argv):
 
 
 def _median_time(fn, repeats: int) -> float:
+    return _median_times(fn, repeats)[0]
+
+
+def _median_times(fn, repeats: int) -> tuple[float, float]:
+    """Median wall and CPU (all threads of this process) seconds of fn() after one warm-up call."""
     import numpy as np
 
     fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return float(np.median(walls)), float(np.median(cpus))
 
 
 def measure_evaluation(n_obs: int, repeats: int, seed: int) -> dict:
@@ -98,12 +113,13 @@ def measure_evaluation(n_obs: int, repeats: int, seed: int) -> dict:
     target = KBStillsTarget(mesh)
     x = jnp.asarray(np.stack([np.ones(n_exp), np.zeros(n_exp)], 1), dtype=dtype)
     free = jnp.ones((n_exp, 2), bool)
-    eval_s = _median_time(lambda: jax.block_until_ready(target.value_and_grad(x, obs, free, x)), repeats)
+    eval_s, eval_cpu_s = _median_times(lambda: jax.block_until_ready(target.value_and_grad(x, obs, free, x)), repeats)
     # bandwidth baseline: one numpy streaming pass over the same arrays, same dtypes
     host = [np.asarray(a) for a in (obs.intensity, obs.weight, obs.inv_two_d_sq, obs.group_id, obs.chunk_experiment)]
     base_s = _median_time(lambda: [a.sum() for a in host], repeats)
     n_bytes = sum(a.nbytes for a in host)
-    return {"eval_s": eval_s, "obs_per_s": n_obs / eval_s, "baseline_s": base_s, "bandwidth_ratio": eval_s / base_s,
+    return {"eval_s": eval_s, "eval_cpu_s": eval_cpu_s, "obs_per_s": n_obs / eval_s, "baseline_s": base_s,
+            "bandwidth_ratio": eval_s / base_s,
             "baseline_GBps": n_bytes / base_s / 1e9, "dtype": jnp.dtype(dtype).name,
             "devices": len(jax.devices()), "platform": jax.devices()[0].platform}
 
@@ -434,8 +450,20 @@ def _fmt(x, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+HOST_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+def use_host_devices(n: int) -> None:
+    """Ask XLA for n CPU devices (read when JAX starts its backend, so call this before any
+    JAX computation; children inherit it). An XLA_FLAGS that already sets a count wins."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n > 1 and HOST_DEVICE_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {HOST_DEVICE_FLAG}={n}".strip()
+
+
 def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
+    use_host_devices(args.host_devices)
     if args.job is not None:
         out = run_job(args.job, args.seed)
         out["peak_mb"] = _peak_mb()
@@ -458,9 +486,12 @@ def main(argv=None) -> int:
         if args.float32_eval:
             f32, _, _, err = _child(["--eval", str(n_obs), "--repeats", str(args.repeats), "--seed", str(args.seed)],
                                     env=dict(os.environ, JAXSCALE_X64="0"))
-            row.update({f"{k}_float32": f32[k] for k in ("eval_s", "bandwidth_ratio", "baseline_s", "dtype")}
+            row.update({f"{k}_float32": f32[k] for k in ("eval_s", "eval_cpu_s", "bandwidth_ratio", "baseline_s", "dtype")}
                        if f32 else {"float32_error": err})
-        row.update(_job_row(n_obs, args.seed, args.job_repeats))
+        if not args.no_job:
+            row.update(_job_row(n_obs, args.seed, args.job_repeats))
+        else:
+            row.update({"wall_s": None, "process_s": None, "peak_mb": float("nan")})
         row["dials_ratio"] = None
         if args.dials and n_obs <= args.dials_max_obs:
             row.update(dials_compare(n_obs, args.dials_timeout, args.seed, args.process_repeats))
