@@ -261,7 +261,9 @@ class _BObjective:
         # first row of each bin (clipped: reduceat needs in-range indices; empty bins are zeroed)
         self.starts = np.minimum(np.concatenate([[0], np.cumsum(n_in)[:-1]]), max(rows.size - 1, 0)).astype(np.intp)
         self.empty = n_in == 0
+        self.any_empty = bool(self.empty.any())
         self.counts, self.weights = bins.counts, bins.weights
+        self.weight_sum = np.sum(self.weights)
         scaled_dev = np.sqrt((data.n_h - 1.0) / data.n_h) * (data.intensity / data.g - data.ih)
         self.num = (scaled_dev * data.g)[rows]  # f[m]
         self.num_sq = self.num**2
@@ -272,7 +274,8 @@ class _BObjective:
     def _segment_sums(self, x: np.ndarray) -> np.ndarray:
         """Per-bin sums along the last axis f[k, m] -> f[k, n_bins] (0 for empty bins)."""
         out = np.add.reduceat(x, self.starts, axis=-1) if x.shape[-1] else np.zeros(x.shape[:-1] + self.starts.shape)
-        out[..., self.empty] = 0.0
+        if self.any_empty:
+            out[..., self.empty] = 0.0
         return out
 
     def __call__(self, a: float, b_values: np.ndarray) -> np.ndarray:
@@ -294,8 +297,9 @@ class _BObjective:
             np.divide(self.num_sq, t, out=t)
             s2 = self._segment_sums(t) / (a * a)
             v = s2 / self.counts - (s1 / self.counts) ** 2  # f[k, n_bins]
-            out[lo:lo + k_rows] = (np.sum(((0.5 - v) ** 2 + 1.0 / v - 1.25) * self.weights, axis=1)
-                                   / np.sum(self.weights))
+            # np.add.reduce: np.sum without its wrapper (called ~400 times per refinement)
+            out[lo:lo + k_rows] = (np.add.reduce(((0.5 - v) ** 2 + 1.0 / v - 1.25) * self.weights, axis=1)
+                                   / self.weight_sum)
         return out
 
 
