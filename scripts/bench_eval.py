@@ -277,7 +277,8 @@ def _pass2_step(x, ih, acc, blk, decay, gather_2d):
 
 
 def _two_pass(x, obs, complex_sums: bool, gather_2d: bool, exp_carried: bool):
-    """The blocked evaluation with each session-3 change switchable (CPU block size)."""
+    """The blocked evaluation with the value summed per still (a third scattered column, as
+    in session 2) and each other session-3 change switchable (CPU block size)."""
     bc = sharding.KBStillsTarget().block_chunks
     if complex_sums:
         sums = sharding._fold_group_sums(x, obs, bc)
@@ -310,18 +311,24 @@ def session2(x, obs):
     return _two_pass(x, obs, complex_sums=False, gather_2d=False, exp_carried=True)
 
 
+def value_per_still(x, obs):
+    """current, but the value summed per still (a third column of the sorted per-chunk
+    scatter, summed at the end) instead of over each block."""
+    return _two_pass(x, obs, complex_sums=True, gather_2d=True, exp_carried=False)
+
+
 def real_pair_group_sums(x, obs):
-    """current with the session-2 (n, 2) real group-sum scatter (vs complex_group_sums)."""
+    """value_per_still with the session-2 (n, 2) real group-sum scatter instead of the complex one."""
     return _two_pass(x, obs, complex_sums=False, gather_2d=True, exp_carried=False)
 
 
 def gather_flat(x, obs):
-    """current with I_h gathered flat and reshaped (vs gather_2d)."""
+    """value_per_still with I_h gathered flat and reshaped (not straight into [n_chunks, chunk])."""
     return _two_pass(x, obs, complex_sums=True, gather_2d=False, exp_carried=False)
 
 
 def exp_carried(x, obs):
-    """current with the next block's exp computed into the loop carry (session 2)."""
+    """value_per_still with the next block's exp computed into the loop carry (session 2)."""
     return _two_pass(x, obs, complex_sums=True, gather_2d=True, exp_carried=True)
 
 
@@ -348,8 +355,8 @@ def _variant(name: str):
 
 SHARDED = "sharded"  # not in VARIANTS: the target itself over all devices (XLA_FLAGS host device count)
 VARIANTS = {f.__name__: f for f in (session1, two_scatters_variadic, stacked_scatter_variadic, blocked, blk_complex_nt,
-                                    blk_where_t, current_one_block, session2, real_pair_group_sums, gather_flat,
-                                    exp_carried, current)}
+                                    blk_where_t, current_one_block, session2, value_per_still, real_pair_group_sums,
+                                    gather_flat, exp_carried, current)}
 
 
 # ----------------------------------------------------------------------------- timing

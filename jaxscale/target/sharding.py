@@ -302,11 +302,14 @@ def _fold_group_sums(x: jax.Array, obs: StillObservations, block_chunks: int | N
     return jnp.stack([sums.real, sums.imag], axis=1)
 
 
-def _value_and_grad_step(x: jax.Array, ih: jax.Array, acc: jax.Array, blk: StillObservations) -> jax.Array:
-    """acc f[n_exp, 3] plus each still's (sum w r^2, df/dk, df/dB) over the block: the three
-    per-chunk sums in one variadic reduce (one pass over the block), then a sorted scatter.
-    Everything is shaped [n_chunks, chunk], I_h gathered straight into that shape (flat and
-    reshaped measured the same or ~2 % slower: scripts/bench_eval.py gather_flat)."""
+def _value_and_grad_step(x: jax.Array, ih: jax.Array, carry: tuple, blk: StillObservations) -> tuple:
+    """carry (sum w r^2, f[n_exp, 2] (df/dk, df/dB)) plus the block's: the three per-chunk sums
+    in one variadic reduce (one pass over the block); the value summed over the block, the two
+    gradient sums scattered (sorted) to their stills. Scattering the value too, as a third
+    column summed at the end, cost ~15 % of the evaluation (scripts/bench_eval.py:
+    value_per_still). Everything is shaped [n_chunks, chunk], I_h gathered straight into that
+    shape (flat and reshaped measured the same or ~2 % slower: bench_eval.py gather_flat)."""
+    value, grad = carry
     decay = _block_decay(x, blk)
     g = _take(x[:, 0], blk.chunk_experiment)[:, None] * decay
     shape = g.shape
@@ -316,18 +319,19 @@ def _value_and_grad_step(x: jax.Array, ih: jax.Array, acc: jax.Array, blk: Still
     wr = blk.weight.reshape(shape) * r
     df_dg = -2.0 * wr * ih_obs  # the dI_h/dp term is zero at the closed-form I_h
     zero = jnp.zeros((), g.dtype)
-    per_chunk = jax.lax.reduce((wr * r, df_dg * decay, df_dg * g * s), (zero,) * 3,
-                               lambda a, b: tuple(u + v for u, v in zip(a, b)), (1,))
-    return _scatter_add(acc, blk.chunk_experiment, jnp.stack(per_chunk, axis=1), sorted_index=True)
+    wr2, df_dk, df_db = jax.lax.reduce((wr * r, df_dg * decay, df_dg * g * s), (zero,) * 3,
+                                       lambda a, b: tuple(u + v for u, v in zip(a, b)), (1,))
+    grad = _scatter_add(grad, blk.chunk_experiment, jnp.stack([df_dk, df_db], axis=1), sorted_index=True)
+    return value + jnp.sum(wr2), grad
 
 
 def _fold_value_and_grad(x: jax.Array, ih: jax.Array, obs: StillObservations, block_chunks: int | None):
-    """f[n_exp, 3] (sum w r^2, df/dk, df/dB) per still over the local rows, in blocks as
-    `_fold_blocks`. Each block computes its own exp inside the step (fused into the chunk
-    reduce); computing the next block's exp into the loop carry instead (session 2) made the
-    whole evaluation ~25 % slower at 10^6 rows (scripts/bench_eval.py: exp_carried)."""
-    acc = jnp.zeros((obs.n_experiments, 3), x.dtype)
-    return _fold_blocks(lambda a, blk: _value_and_grad_step(x, ih, a, blk), acc, obs, block_chunks)
+    """(sum w r^2, f[n_exp, 2] (df/dk, df/dB)) over the local rows, in blocks as `_fold_blocks`.
+    Each block computes its own exp inside the step (fused into the chunk reduce); computing
+    the next block's exp into the loop carry instead (session 2) made the whole evaluation
+    ~25 % slower at 10^6 rows (scripts/bench_eval.py: exp_carried)."""
+    carry = (jnp.zeros((), x.dtype), jnp.zeros((obs.n_experiments, 2), x.dtype))
+    return _fold_blocks(lambda c, blk: _value_and_grad_step(x, ih, c, blk), carry, obs, block_chunks)
 
 
 def _local_value_and_grad(x: jax.Array, obs: StillObservations, axis: str | None, block_chunks: int | None = None):
@@ -339,8 +343,8 @@ def _local_value_and_grad(x: jax.Array, obs: StillObservations, axis: str | None
     each call, faulted in page by page (docs/serial.md)."""
     sums = _psum(_fold_group_sums(x, obs, block_chunks), axis)
     ih = _safe_divide(sums[:, 0], sums[:, 1])
-    acc = _fold_value_and_grad(x, ih, obs, block_chunks)
-    return _psum(jnp.sum(acc[:, 0]), axis), _psum(acc[:, 1:], axis), ih
+    value, grad = _fold_value_and_grad(x, ih, obs, block_chunks)
+    return _psum(value, axis), _psum(grad, axis), ih
 
 
 def _local_residuals(x: jax.Array, obs: StillObservations, axis: str | None) -> jax.Array:
