@@ -276,10 +276,10 @@ def _pass2_step(x, ih, acc, blk, decay, gather_2d):
     return sharding._scatter_add(acc, blk.chunk_experiment, jnp.stack(per_chunk, axis=1), sorted_index=True)
 
 
-def _two_pass(x, obs, complex_sums: bool, gather_2d: bool, exp_carried: bool):
+def _two_pass(x, obs, complex_sums: bool, gather_2d: bool, exp_carried: bool, block_chunks: int | None = None):
     """The blocked evaluation with the value summed per still (a third scattered column, as
-    in session 2) and each other session-3 change switchable (CPU block size)."""
-    bc = sharding.KBStillsTarget().block_chunks
+    in session 2) and each other session-3 change switchable (default: the CPU block size)."""
+    bc = block_chunks or sharding.KBStillsTarget().block_chunks
     if complex_sums:
         sums = sharding._fold_group_sums(x, obs, bc)
     else:
@@ -305,10 +305,13 @@ def _two_pass(x, obs, complex_sums: bool, gather_2d: bool, exp_carried: bool):
     return acc[:, 0].sum(), acc[:, 1:]
 
 
+SESSION2_BLOCK_CHUNKS = 2048
+
+
 def session2(x, obs):
     """The session-2 evaluation: (n, 2) real group-sum scatter, I_h gathered flat, the next
-    block's exp computed into the loop carry."""
-    return _two_pass(x, obs, complex_sums=False, gather_2d=False, exp_carried=True)
+    block's exp computed into the loop carry, the value summed per still, blocks of 2,048 chunks."""
+    return _two_pass(x, obs, complex_sums=False, gather_2d=False, exp_carried=True, block_chunks=SESSION2_BLOCK_CHUNKS)
 
 
 def value_per_still(x, obs):
