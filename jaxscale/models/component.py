@@ -24,6 +24,15 @@ class Component(NamedTuple):
     restraint_weights: jax.Array | None = None
 
 
+def take(values: jax.Array, indices: jax.Array) -> jax.Array:
+    """values[indices] for indices known to lie in 0..len(values)-1 (basis slots, group ids):
+    the same gather without the negative-index wrapping that `values[indices]` traces
+    (three integer ops per gather, and per scatter of its gradient)."""
+    if not hasattr(values, "at"):  # host arrays (numpy) index as before
+        return values[indices]
+    return values.at[indices].get(mode="promise_in_bounds", wrap_negative_indices=False)
+
+
 def inverse_scale(
     components: Mapping[str, Component],
     params: Mapping[str, jax.Array],

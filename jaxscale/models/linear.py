@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxscale.models.component import Basis, Component
+from jaxscale.models.component import Basis, Component, take
 
 
 class ComponentEntry(NamedTuple):
@@ -38,7 +38,7 @@ class ConfiguredComponent(NamedTuple):
 
 def linear_form(params: jax.Array, basis: Basis) -> jax.Array:
     """sum_k w[i, k] params[idx[i, k]]: f[n_p], {idx, w: [n_obs, K]} -> f[n_obs]."""
-    return jnp.sum(basis["w"] * params[basis["idx"]], axis=1)
+    return jnp.sum(basis["w"] * take(params, basis["idx"]), axis=1)
 
 
 def apply_grid(params: jax.Array, basis: Basis) -> jax.Array:

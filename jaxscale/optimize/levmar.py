@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxscale.compilation import Program, precompile
+from jaxscale.models.component import take
 from jaxscale.models.linear import slot_slope
 from jaxscale.optimize.lbfgs import MAX_ITERATIONS, RMSD_CONVERGED, OptimisationResult
 from jaxscale.target.objective import (
@@ -116,22 +117,22 @@ class NormalEquations:
         free = data.free
         x_eff = jnp.where(free, x, data.anchor)
         g, d, cols = slot_derivatives(t, x_eff, data.bases)
-        d = d * free[cols]  # no derivative for fixed parameters
+        d = d * take(free, cols)  # no derivative for fixed parameters
         big_g = _dense_rows(d, cols, x.size)  # f[C, n]
         sw = jnp.sqrt(p.weight)
         if p.ih_reference is not None:
-            ih_obs = p.ih_reference[p.group_id]
+            ih_obs = take(p.ih_reference, p.group_id)
             return sw * (p.intensity - g * ih_obs), -(sw * ih_obs)[:, None] * big_g
         wg = p.weight * g
         num = jax.ops.segment_sum(wg * p.intensity, p.group_id, num_segments=p.n_groups)
         den = jax.ops.segment_sum(wg * g, p.group_id, num_segments=p.n_groups)
         ih = safe_divide(num, den)
-        ih_obs = ih[p.group_id]
+        ih_obs = take(ih, p.group_id)
         c = p.weight * (p.intensity - 2.0 * ih_obs * g)
         ok = den > 0
         dih = jnp.where(ok[:, None], jax.ops.segment_sum(c[:, None] * big_g, p.group_id, num_segments=p.n_groups)
                         / jnp.where(ok, den, 1.0)[:, None], 0.0)  # f[n_groups, n]
-        jac = -sw[:, None] * (ih_obs[:, None] * big_g + g[:, None] * dih[p.group_id])
+        jac = -sw[:, None] * (ih_obs[:, None] * big_g + g[:, None] * take(dih, p.group_id))
         return sw * (p.intensity - g * ih_obs), jac
 
     def _build(self, x: jax.Array, chunks: ChunkData, free: jax.Array):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxscale.compilation import Program
-from jaxscale.models.component import Component, inverse_scale
+from jaxscale.models.component import Component, inverse_scale, take
 from jaxscale.target.losses import Loss, least_squares
 
 
@@ -97,7 +97,7 @@ def group_mean(problem: ScalingProblem, g: jax.Array) -> jax.Array:
 def residuals(problem: ScalingProblem, g: jax.Array) -> jax.Array:
     """r_i = I_i - g_i I_h (f[n_obs])."""
     ih = group_mean(problem, g)
-    return problem.intensity - g * ih[problem.group_id]
+    return problem.intensity - g * take(ih, problem.group_id)
 
 
 def n_reflections(problem: ScalingProblem) -> jax.Array | int:
@@ -250,9 +250,9 @@ class ScalingTarget:
         g = self._inverse_scale(self.effective(x, chunk.target), chunk.target.bases)
         p = chunk.target.problem
         if p.ih_reference is not None:
-            ih_obs = p.ih_reference[p.group_id]
+            ih_obs = take(p.ih_reference, p.group_id)
         else:
-            ih_obs = group_mean(p, g)[p.group_id]
+            ih_obs = take(group_mean(p, g), p.group_id)
         return jnp.sqrt(p.weight) * (p.intensity - g * ih_obs)
 
 
