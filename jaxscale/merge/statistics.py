@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+import functools
+
 import gemmi
 import jax
 import jax.numpy as jnp
@@ -314,6 +316,7 @@ def _t_upper_tail(t: float, dof: float) -> float:
     return 0.5 * (1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b)
 
 
+@functools.lru_cache(maxsize=4096)  # the shells' dof recur in every pass of a run's statistics
 def t_quantile(p: float, dof: float) -> float:
     """Student-t quantile t with P(T <= t) = p (p > 0.5, dof >= 1): Newton on the upper
     tail from the Cornish-Fisher start, kept inside a shrinking bracket (bisection
