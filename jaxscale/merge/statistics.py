@@ -8,9 +8,8 @@ groups in (h, k, l) order, partial Fisher–Yates.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-
 import functools
+from dataclasses import dataclass, field, fields
 
 import gemmi
 import jax
