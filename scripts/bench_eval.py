@@ -308,6 +308,15 @@ def _two_pass(x, obs, complex_sums: bool, gather_2d: bool, exp_carried: bool, bl
 SESSION2_BLOCK_CHUNKS = 2048
 
 
+def real_pair_gradient(x, obs):
+    """current with the per-chunk gradient sums scattered as f[n, 2] rows, not complex."""
+    bc = sharding.KBStillsTarget().block_chunks
+    sums = sharding._fold_group_sums(x, obs, bc)
+    ih = sharding._safe_divide(sums[:, 0], sums[:, 1])
+    carry = (jnp.zeros((), x.dtype), jnp.zeros((obs.n_experiments, 2), x.dtype))
+    return sharding._fold_blocks(lambda c, blk: sharding._value_and_grad_step(x, ih, c, blk), carry, obs, bc)
+
+
 def session2(x, obs):
     """The session-2 evaluation: (n, 2) real group-sum scatter, I_h gathered flat, the next
     block's exp computed into the loop carry, the value summed per still, blocks of 2,048 chunks."""
@@ -359,7 +368,7 @@ def _variant(name: str):
 SHARDED = "sharded"  # not in VARIANTS: the target itself over all devices (XLA_FLAGS host device count)
 VARIANTS = {f.__name__: f for f in (session1, two_scatters_variadic, stacked_scatter_variadic, blocked, blk_complex_nt,
                                     blk_where_t, current_one_block, session2, value_per_still, real_pair_group_sums,
-                                    gather_flat, exp_carried, current)}
+                                    gather_flat, exp_carried, real_pair_gradient, current)}
 
 
 # ----------------------------------------------------------------------------- timing

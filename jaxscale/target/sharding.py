@@ -303,12 +303,15 @@ def _fold_group_sums(x: jax.Array, obs: StillObservations, block_chunks: int | N
 
 
 def _value_and_grad_step(x: jax.Array, ih: jax.Array, carry: tuple, blk: StillObservations) -> tuple:
-    """carry (sum w r^2, f[n_exp, 2] (df/dk, df/dB)) plus the block's: the three per-chunk sums
-    in one variadic reduce (one pass over the block); the value summed over the block, the two
-    gradient sums scattered (sorted) to their stills. Scattering the value too, as a third
-    column summed at the end, cost ~15 % of the evaluation (scripts/bench_eval.py:
-    value_per_still). Everything is shaped [n_chunks, chunk], I_h gathered straight into that
-    shape (flat and reshaped measured the same or ~2 % slower: bench_eval.py gather_flat)."""
+    """carry (sum w r^2, per-still gradient sums) plus the block's: the three per-chunk sums in
+    one variadic reduce (one pass over the block); the value summed over the block, the two
+    gradient sums (df/dk, df/dB) scattered (sorted) to their stills, as f[n_exp, 2] rows or,
+    when the carry holds complex numbers (the CPU loop), as one complex number per still
+    (real df/dk, imaginary df/dB; 0-13 % of the evaluation, scripts/bench_eval.py:
+    real_pair_gradient). Scattering the value too, as a third column summed at the end, cost
+    ~15 % (bench_eval.py: value_per_still). Everything is shaped [n_chunks, chunk], I_h
+    gathered straight into that shape (flat and reshaped measured the same or ~2 % slower:
+    bench_eval.py gather_flat)."""
     value, grad = carry
     decay = _block_decay(x, blk)
     g = _take(x[:, 0], blk.chunk_experiment)[:, None] * decay
@@ -321,17 +324,23 @@ def _value_and_grad_step(x: jax.Array, ih: jax.Array, carry: tuple, blk: StillOb
     zero = jnp.zeros((), g.dtype)
     wr2, df_dk, df_db = jax.lax.reduce((wr * r, df_dg * decay, df_dg * g * s), (zero,) * 3,
                                        lambda a, b: tuple(u + v for u, v in zip(a, b)), (1,))
-    grad = _scatter_add(grad, blk.chunk_experiment, jnp.stack([df_dk, df_db], axis=1), sorted_index=True)
-    return value + jnp.sum(wr2), grad
+    per_chunk = (jax.lax.complex(df_dk, df_db) if jnp.iscomplexobj(grad)
+                 else jnp.stack([df_dk, df_db], axis=1))
+    return value + jnp.sum(wr2), _scatter_add(grad, blk.chunk_experiment, per_chunk, sorted_index=True)
 
 
 def _fold_value_and_grad(x: jax.Array, ih: jax.Array, obs: StillObservations, block_chunks: int | None):
-    """(sum w r^2, f[n_exp, 2] (df/dk, df/dB)) over the local rows, in blocks as `_fold_blocks`.
-    Each block computes its own exp inside the step (fused into the chunk reduce); computing
-    the next block's exp into the loop carry instead (session 2) made the whole evaluation
-    ~25 % slower at 10^6 rows (scripts/bench_eval.py: exp_carried)."""
-    carry = (jnp.zeros((), x.dtype), jnp.zeros((obs.n_experiments, 2), x.dtype))
-    return _fold_blocks(lambda c, blk: _value_and_grad_step(x, ih, c, blk), carry, obs, block_chunks)
+    """(sum w r^2, f[n_exp, 2] (df/dk, df/dB)) over the local rows, in blocks as `_fold_blocks`
+    (gradient sums complex in the CPU loop, see `_value_and_grad_step`). Each block computes
+    its own exp inside the step (fused into the chunk reduce); computing the next block's exp
+    into the loop carry instead (session 2) was 0-30 % slower (bench_eval.py: exp_carried)."""
+    step = lambda c, blk: _value_and_grad_step(x, ih, c, blk)  # noqa: E731
+    value = jnp.zeros((), x.dtype)
+    if block_chunks is None or block_chunks >= obs.chunk_experiment.shape[0]:
+        return _fold_blocks(step, (value, jnp.zeros((obs.n_experiments, 2), x.dtype)), obs, block_chunks)
+    cdtype = jnp.result_type(x.dtype, jnp.complex64)
+    value, grad = _fold_blocks(step, (value, jnp.zeros(obs.n_experiments, cdtype)), obs, block_chunks)
+    return value, jnp.stack([grad.real, grad.imag], axis=1)
 
 
 def _local_value_and_grad(x: jax.Array, obs: StillObservations, axis: str | None, block_chunks: int | None = None):
