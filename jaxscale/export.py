@@ -26,9 +26,10 @@ from jaxscale.merge.merging import (
 )
 
 
-def merged_columns(obs: ScaledObservations, use_internal_variance: bool = False
+def merged_columns(obs: ScaledObservations, use_internal_variance: bool = False, amplitudes: bool = True
                    ) -> tuple[np.ndarray, dict[str, tuple[str, np.ndarray]]]:
-    """(miller (m, 3) ASU indices, {label: (MTZ type, values (m,))}) for the merged MTZ."""
+    """(miller (m, 3) ASU indices, {label: (MTZ type, values (m,))}) for the merged MTZ;
+    amplitudes=False: the intensity columns only (no French-Wilson)."""
     mean = merge_scaled(obs.with_anomalous(False), use_internal_variance)
     anom = merge_scaled(obs.with_anomalous(True), use_internal_variance)
     m = len(mean)
@@ -41,7 +42,6 @@ def merged_columns(obs: ScaledObservations, use_internal_variance: bool = False
     row = _rows_of(mean.miller, base)
     ds2_g = np.zeros(len(anom))
     ds2_g[anom.group_id] = obs.d_star_sq
-    fw = french_wilson(anom.intensity, anom.sigma, ds2_g, centric_g)
 
     def scatter(values, sel, fill=np.nan, dtype=float):
         out = np.full(m, fill, dtype=dtype)
@@ -59,6 +59,9 @@ def merged_columns(obs: ScaledObservations, use_internal_variance: bool = False
         "N(+)": ("I", scatter(anom.multiplicity.astype(float), plus)),
         "N(-)": ("I", scatter(anom.multiplicity.astype(float), minus)),
     }
+    if not amplitudes:
+        return mean.miller, cols
+    fw = french_wilson(anom.intensity, anom.sigma, ds2_g, centric_g)
     fp, sfp = scatter(fw.F, plus & fw.valid), scatter(fw.sigF, plus & fw.valid)
     fm, sfm = scatter(fw.F, minus & fw.valid), scatter(fw.sigF, minus & fw.valid)
     # F, SIGF: weighted merge of the valid F(+), F(−) of each reflection

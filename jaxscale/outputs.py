@@ -154,7 +154,7 @@ def merged_intensities(obs: ScaledObservations, use_internal_variance: bool = Fa
     pairs (None for centrosymmetric groups)."""
     from jaxscale.export import merged_columns
 
-    miller, cols = merged_columns(obs, use_internal_variance)
+    miller, cols = merged_columns(obs, use_internal_variance, amplitudes=False)
     merged = {"intensity": cols["IMEAN"][1], "sigma": cols["SIGIMEAN"][1],
               "d_star_sq": _d_star_sq(miller, obs.unit_cell), "centric": is_centric(miller, obs.space_group)}
     if obs.space_group.is_centrosymmetric():
