@@ -426,7 +426,8 @@ class ComputeScope(_Scope):
     precision: Literal["float64", "float32"] = opt(
         "float64", "[jaxscale] Floating-point precision; float32 is faster on GPUs, float64 matches DIALS.",
         level=1, type="choice", jaxscale=True)
-    n_devices: IntGe1 | None = opt(1, "[jaxscale] Accelerators to shard observations over (None: all).",
+    n_devices: IntGe1 | None = opt(1, "[jaxscale] Devices to shard the serial objective over (None: all; "
+                                   "without an accelerator, N > 1 makes N CPU devices).",
                                    level=2, type="int(value_min=1, allow_none=True)", jaxscale=True)
     serial: Literal["auto", "true", "false"] = opt(
         "auto", "[jaxscale] Serial path for many stills (one KB model each, flat arrays): auto = when more than "
