@@ -37,18 +37,22 @@ def compilation_cache_dir() -> str | None:
 
 
 def _enable_compilation_cache() -> None:
-    """Point JAX's persistent cache at `compilation_cache_dir()`, caching every program
-    (also the tiny ones: each costs a compile per process otherwise)."""
+    """Point JAX's persistent cache at `compilation_cache_dir()` (unless the caller chose a
+    folder through JAX's own setting), caching every program, also the tiny ones (each costs
+    a compile per process otherwise), unless the caller set JAX's thresholds."""
     path = compilation_cache_dir()
-    if path is None or _jax.config.jax_compilation_cache_dir:  # off, or chosen by the caller
+    if path is None:
         return
-    try:
-        _os.makedirs(path, exist_ok=True)
-    except OSError:  # read-only home etc.: run without the cache
-        return
-    _jax.config.update("jax_compilation_cache_dir", path)
-    _jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    _jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    if not _jax.config.jax_compilation_cache_dir:
+        try:
+            _os.makedirs(path, exist_ok=True)
+        except OSError:  # read-only home etc.: run without the cache
+            return
+        _jax.config.update("jax_compilation_cache_dir", path)
+    for name, value in (("jax_persistent_cache_min_compile_time_secs", 0.0),
+                        ("jax_persistent_cache_min_entry_size_bytes", -1)):
+        if name.upper() not in _os.environ:
+            _jax.config.update(name, value)
 
 
 _enable_compilation_cache()

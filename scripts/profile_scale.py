@@ -15,6 +15,7 @@ temporary directory (`--keep DIR`: to DIR). The machine may be shared: compare C
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import collections
 import json
 import os
@@ -28,7 +29,8 @@ from pathlib import Path
 
 T_START = time.perf_counter()
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if importlib.util.find_spec("jaxscale") is None:  # else PYTHONPATH / the installed package decide which tree runs
+    sys.path.insert(0, str(REPO))
 
 import jax  # noqa: E402
 

@@ -135,8 +135,8 @@ def padded_length(n_obs: int, mesh: Mesh | None) -> int:
 def place_rows(a: np.ndarray, mesh: Mesh | None, dtype=None) -> jax.Array:
     """Put a row-array (already laid out) on the devices: sharded along rows over the mesh."""
     a = np.asarray(a, dtype=dtype)
-    if mesh is None:
-        return jnp.asarray(a)
+    if mesh is None:  # a copy to the device (jnp.asarray compiles a conversion program per shape and dtype)
+        return jax.device_put(a)
     return jax.device_put(a, NamedSharding(mesh, P(AXIS)))
 
 

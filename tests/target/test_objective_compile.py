@@ -2,6 +2,8 @@
 every free mask / anchor / round of the same shapes, and the persistent-cache location."""
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,3 +72,20 @@ def test_compilation_cache_dir_from_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("JAXSCALE_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert jaxscale.compilation_cache_dir() == str(tmp_path / "jaxscale")
+
+
+def test_a_cache_folder_chosen_through_jax_still_caches_small_programs(tmp_path):
+    """JAX_COMPILATION_CACHE_DIR picks the folder; jaxscale's thresholds (cache every program)
+    still apply unless JAX's own threshold variables are set."""
+    import subprocess
+    import sys
+
+    code = ("import jaxscale, jax; c = jax.config; print(c.jax_compilation_cache_dir, "
+            "c.jax_persistent_cache_min_compile_time_secs, c.jax_persistent_cache_min_entry_size_bytes)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "JAXSCALE_"))}
+    env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path / "jaxdir")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(tmp_path / "jaxdir"), "0.0", "-1"]
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "5"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[1] == "5.0"
