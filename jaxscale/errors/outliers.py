@@ -71,15 +71,34 @@ def _capped_sorted(w_s: np.ndarray, gid_s: np.ndarray, n_groups: int, factor: fl
     if rows.size == 0:
         return w_s.copy()
     sub_g, sub_w = gid_s[rows], w_s[rows]
-    sorted_w = sub_w[np.lexsort((sub_w, sub_g))]
-    counts = np.bincount(sub_g, minlength=n_groups)
-    first = np.r_[0, np.cumsum(counts)[:-1]]
-    lo = first + (counts - 1) // 2
-    hi = first + counts // 2
-    has = counts > 0
+    sub_starts = _segment_starts(sub_g)
     median = np.full(n_groups, np.inf)
-    median[has] = 0.5 * (sorted_w[lo[has]] + sorted_w[hi[has]])
+    median[sub_g[sub_starts]] = _segment_medians(sub_w, sub_starts)
     return np.minimum(w_s, factor * median[gid_s])
+
+
+def _segment_medians(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Median of each contiguous segment values[starts[k]:starts[k+1]] (f[n_segments]; the mean
+    of the two middle values for even sizes; NaN sorts last, as in np.sort).
+
+    Segments are sorted as rows of a padded matrix, one matrix per size class (sizes within a
+    factor 2, so padding at most doubles the memory): O(n log size) and cache-friendly, where a
+    lexsort of all n values by (segment, value) was 40x slower at 10^7 values than at 10^6."""
+    counts = np.diff(np.r_[starts, values.size])
+    median = np.empty(starts.size)
+    size_class = np.frexp(counts.astype(np.float64))[1]  # c in [2^(k-1), 2^k) -> k (counts > 0)
+    for k in np.unique(size_class):  # a few dozen classes at most, not a loop over segments
+        seg = np.flatnonzero(size_class == k)
+        width = int(counts[seg].max())
+        col = np.arange(width)
+        inside = col[None, :] < counts[seg, None]
+        # NaN padding sorts after every value (inf included), so positions < count are unchanged
+        padded = np.where(inside, values[np.minimum(starts[seg, None] + col[None, :], values.size - 1)], np.nan)
+        padded.sort(axis=1)
+        c = counts[seg]
+        row = np.arange(seg.size)
+        median[seg] = 0.5 * (padded[row, (c - 1) // 2] + padded[row, c // 2])
+    return median
 
 
 def cap_weights(weight: np.ndarray, group_id: np.ndarray, factor: float = 10.0,

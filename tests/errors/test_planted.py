@@ -82,6 +82,24 @@ def test_weight_cap_at_ten_times_median():
     np.testing.assert_allclose(cap_weights(w, gid), [1.0, 2.0, 3.0, 25.0, 5.0, 5.0])
 
 
+def test_weight_cap_matches_per_group_median_over_size_classes():
+    # group sizes 1..3000 (many size classes of the padded sort, odd and even), shuffled rows,
+    # heavy-tailed weights so most groups are capped; an inf weight caps at 10 x a finite median
+    rng = np.random.default_rng(3)
+    sizes = np.r_[rng.integers(1, 40, 300), [1, 2, 3, 4, 1024, 1025, 2047, 2048, 3000]]
+    gid = np.repeat(np.arange(sizes.size) * 7 + 5, sizes)  # ids need not be compact
+    w = rng.lognormal(0.0, 2.0, gid.size)
+    w[np.flatnonzero(gid == gid[-1])[0]] = np.inf
+    perm = rng.permutation(gid.size)
+    gid, w = gid[perm], w[perm]
+    expected = w.copy()
+    for g in np.unique(gid):  # reference: the median of each group, one group at a time
+        sel = gid == g
+        expected[sel] = np.minimum(w[sel], 10.0 * np.median(w[sel]))
+    assert np.count_nonzero(expected < w) > 100
+    np.testing.assert_array_equal(cap_weights(w, gid), expected)
+
+
 def test_targeted_outliers():
     out = targeted_outliers(
         np.array([100.0, 200.0, 100.0]), np.array([4.0, 4.0, 4.0]), np.ones(3),
