@@ -58,15 +58,26 @@ def _segment_starts(gid_sorted: np.ndarray) -> np.ndarray:
 
 def _capped_sorted(w_s: np.ndarray, gid_s: np.ndarray, n_groups: int, factor: float) -> np.ndarray:
     """cap_weights on group-sorted rows. Only groups with max w > factor x min w can have a
-    weight above factor x median; the median is found (by sorting) for those groups only."""
+    weight above factor x median; the median is found (by sorting) for those groups only.
+
+    Of those, a group whose ((count-1)//2)-th smallest weight w_lo already has factor x w_lo >=
+    max w caps nothing (median >= w_lo): known from the number of weights below max w / factor,
+    an O(n) count, so most groups of 10^3 members with one or two outliers need no sort."""
     if w_s.size == 0:
         return w_s.copy()
     starts = _segment_starts(gid_s)
     runs = gid_s[starts]
+    counts = np.diff(np.r_[starts, w_s.size])
     w_max = np.fmax.reduceat(w_s, starts)
     w_min = np.fmin.reduceat(w_s, starts)
+    may_cap = ~(w_max <= factor * w_min)
+    # NaN counts as low and a group with NaN always sorts (NaN is last in the sorted order)
+    low = ~(factor * w_s >= np.repeat(w_max, counts))
+    n_low = np.add.reduceat(low.astype(np.int32), starts)
+    has_nan = np.isnan(np.maximum.reduceat(w_s, starts))
+    may_cap &= (n_low > (counts - 1) // 2) | has_nan
     need = np.zeros(n_groups, dtype=bool)
-    need[runs[~(w_max <= factor * w_min)]] = True
+    need[runs[may_cap]] = True
     rows = np.flatnonzero(need[gid_s])
     if rows.size == 0:
         return w_s.copy()
@@ -131,29 +142,28 @@ def _first_max_sorted(z: np.ndarray, gid_s: np.ndarray, n_groups: int) -> tuple[
     return best, zmax
 
 
-def standard_outliers(
-    intensity: np.ndarray,
-    weight: np.ndarray,
-    g: np.ndarray,
-    group_id: np.ndarray,
-    zmax: float = 6.0,
-    order: GroupOrder | None = None,
-) -> np.ndarray:
-    """DIALS 'standard' rejection: iterative, at most one outlier per group per pass.
+_BLOCK_ROWS = 1 << 17
 
-    z_i = |I_i - g_i I_(-i)| / sqrt(1/w_i + g_i^2 / sum_{j!=i} w_j g_j^2) with I_(-i) the
-    weighted mean of the other members; groups with <= 2 active members are not tested.
-    order: `group_order(group_id)` precomputed (saves the sort when called repeatedly).
-    """
-    o = _resolve_order(group_id, order)
-    n_groups = o.n_groups
-    i_s = np.asarray(intensity, dtype=np.float64)[o.order]
-    g_s = np.asarray(g, dtype=np.float64)[o.order]
-    w_s = _capped_sorted(np.asarray(weight, dtype=np.float64)[o.order], o.gid_sorted, n_groups, 10.0)
-    outlier_s = np.zeros(o.n, dtype=bool)
-    rows = np.arange(o.n)  # active sorted positions (ascending, so groups stay contiguous)
+
+def _group_blocks(gid_sorted: np.ndarray, block_rows: int) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive row blocks of whole groups, each about block_rows rows (a
+    larger group is a block of its own)."""
+    starts = _segment_starts(gid_sorted)
+    if starts.size == 0:
+        return []
+    cuts = np.unique(starts[np.minimum(np.searchsorted(starts, np.arange(0, gid_sorted.size, block_rows)),
+                                       starts.size - 1)])
+    bounds = np.r_[cuts, gid_sorted.size]
+    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+
+
+def _standard_block(i_s: np.ndarray, w_s: np.ndarray, g_s: np.ndarray, gid_s: np.ndarray, n_groups: int,
+                    zmax: float) -> np.ndarray:
+    """standard_outliers on group-sorted rows with compact ids 0..n_groups-1: outlier mask b[rows]."""
+    outlier_s = np.zeros(gid_s.size, dtype=bool)
+    rows = np.arange(gid_s.size)  # active sorted positions (ascending, so groups stay contiguous)
     while rows.size:
-        gi, ii, wi, gg = o.gid_sorted[rows], i_s[rows], w_s[rows], g_s[rows]
+        gi, ii, wi, gg = gid_s[rows], i_s[rows], w_s[rows], g_s[rows]
         s1 = np.bincount(gi, wi * gg * ii, minlength=n_groups)
         s2 = np.bincount(gi, wi * gg * gg, minlength=n_groups)
         nh = np.bincount(gi, minlength=n_groups)
@@ -175,6 +185,35 @@ def standard_outliers(
         outlier_s[rows[best[flagged]]] = True
         # next pass: remaining members of the flagged groups only
         rows = rows[flagged[gi] & ~outlier_s[rows]]
+    return outlier_s
+
+
+def standard_outliers(
+    intensity: np.ndarray,
+    weight: np.ndarray,
+    g: np.ndarray,
+    group_id: np.ndarray,
+    zmax: float = 6.0,
+    order: GroupOrder | None = None,
+) -> np.ndarray:
+    """DIALS 'standard' rejection: iterative, at most one outlier per group per pass.
+
+    z_i = |I_i - g_i I_(-i)| / sqrt(1/w_i + g_i^2 / sum_{j!=i} w_j g_j^2) with I_(-i) the
+    weighted mean of the other members; groups with <= 2 active members are not tested.
+    order: `group_order(group_id)` precomputed (saves the sort when called repeatedly).
+    """
+    o = _resolve_order(group_id, order)
+    n_groups = o.n_groups
+    i_s = np.take(np.asarray(intensity, dtype=np.float64), o.order)  # take: ~10 % faster than [] here
+    g_s = np.take(np.asarray(g, dtype=np.float64), o.order)
+    w_s = _capped_sorted(np.take(np.asarray(weight, dtype=np.float64), o.order), o.gid_sorted, n_groups, 10.0)
+    outlier_s = np.zeros(o.n, dtype=bool)
+    # Groups are independent: the passes run on blocks of whole groups of ~_BLOCK_ROWS rows, whose
+    # temporaries stay in cache (at 10^7 rows every pass over all rows streamed from memory)
+    for lo, hi in _group_blocks(o.gid_sorted, _BLOCK_ROWS):
+        gid_block = o.gid_sorted[lo:hi] - o.gid_sorted[lo]
+        outlier_s[lo:hi] = _standard_block(i_s[lo:hi], w_s[lo:hi], g_s[lo:hi], gid_block,
+                                           int(gid_block[-1]) + 1, zmax)
     outlier = np.empty(o.n, dtype=bool)
     outlier[o.order] = outlier_s
     return outlier

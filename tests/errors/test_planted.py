@@ -55,6 +55,23 @@ def test_standard_outliers_find_planted():
     assert np.count_nonzero(out & ~d["outlier"]) <= 2
 
 
+def test_standard_outliers_same_in_blocks_of_groups(monkeypatch):
+    # the passes run on blocks of whole groups; blocks of ~50 rows (hundreds of blocks, groups of
+    # 2..40 members cut at block edges, shuffled rows) must flag exactly what one block flags
+    from jaxscale.errors import outliers
+
+    d = make_grouped(n_groups=800, a=1.0, b=0.0, seed=7, n_outliers=120, mult_range=(2, 40))
+    perm = np.random.default_rng(1).permutation(d["intensity"].size)
+    args = (d["intensity"][perm], 1.0 / d["true_var"][perm], d["g"][perm], d["group_id"][perm] * 3 + 1)
+    monkeypatch.setattr(outliers, "_BLOCK_ROWS", 1 << 30)
+    whole = standard_outliers(*args)
+    monkeypatch.setattr(outliers, "_BLOCK_ROWS", 50)
+    assert len(outliers._group_blocks(np.sort(args[3]), 50)) > 100
+    blocked = standard_outliers(*args)
+    assert np.count_nonzero(whole) >= 120 and np.all(whole[d["outlier"][perm]])
+    np.testing.assert_array_equal(blocked, whole)
+
+
 def test_standard_iterates_within_a_group():
     # one group of 6 with two gross outliers: two passes flag both; a pair is never tested
     i = np.array([100.0, 101, 99, 100, 400, -300, 100, 500])
