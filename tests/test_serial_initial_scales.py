@@ -73,6 +73,18 @@ def test_initial_scales_identical_with_shuffled_rows():
     np.testing.assert_array_equal(_initial_scales(*shuffled), _full_evaluation_reference(*shuffled))
 
 
+def test_initial_scales_identical_in_small_blocks(monkeypatch):
+    # blocks of ~500 rows: dozens of still blocks and group-mean blocks, stills without rows between
+    import jaxscale.serial as serial
+
+    sim, args = _sim(seed=4)
+    keep = np.isin(sim["experiment_index"], np.arange(0, 400, 7), invert=True)
+    args = tuple(a[keep] for a in args[:5]) + args[5:7] + (1,)  # still 0 has no rows: reference 1
+    monkeypatch.setattr(serial, "_BLOCK_ROWS", 500)
+    assert len(serial._still_blocks(args[3], 500)) > 20
+    np.testing.assert_array_equal(_initial_scales(*args), _full_evaluation_reference(*args))
+
+
 def test_initial_scales_recover_planted_k_and_b():
     sim, args = _sim(seed=3)
     x = _initial_scales(*args)
