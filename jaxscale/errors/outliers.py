@@ -203,19 +203,20 @@ def standard_outliers(
     order: `group_order(group_id)` precomputed (saves the sort when called repeatedly).
     """
     o = _resolve_order(group_id, order)
-    n_groups = o.n_groups
-    i_s = np.take(np.asarray(intensity, dtype=np.float64), o.order)  # take: ~10 % faster than [] here
-    g_s = np.take(np.asarray(g, dtype=np.float64), o.order)
-    w_s = _capped_sorted(np.take(np.asarray(weight, dtype=np.float64), o.order), o.gid_sorted, n_groups, 10.0)
-    outlier_s = np.zeros(o.n, dtype=bool)
-    # Groups are independent: the passes run on blocks of whole groups of ~_BLOCK_ROWS rows, whose
-    # temporaries stay in cache (at 10^7 rows every pass over all rows streamed from memory)
+    intensity = np.asarray(intensity, dtype=np.float64)
+    weight = np.asarray(weight, dtype=np.float64)
+    g = np.asarray(g, dtype=np.float64)
+    outlier = np.zeros(o.n, dtype=bool)
+    # Groups are independent: gather, weight cap and passes run on blocks of whole groups of
+    # ~_BLOCK_ROWS rows whose arrays stay in cache (at 10^7 rows, passes over all rows streamed
+    # from memory and each temporary was fresh memory: 45x the 10^6 time for 10x the rows)
     for lo, hi in _group_blocks(o.gid_sorted, _BLOCK_ROWS):
+        rows = o.order[lo:hi]
         gid_block = o.gid_sorted[lo:hi] - o.gid_sorted[lo]
-        outlier_s[lo:hi] = _standard_block(i_s[lo:hi], w_s[lo:hi], g_s[lo:hi], gid_block,
-                                           int(gid_block[-1]) + 1, zmax)
-    outlier = np.empty(o.n, dtype=bool)
-    outlier[o.order] = outlier_s
+        n_block_groups = int(gid_block[-1]) + 1
+        w_block = _capped_sorted(np.take(weight, rows), gid_block, n_block_groups, 10.0)
+        outlier[rows] = _standard_block(np.take(intensity, rows), w_block, np.take(g, rows), gid_block,
+                                        n_block_groups, zmax)
     return outlier
 
 
