@@ -4,8 +4,9 @@ All functions work on flat arrays of one "global" table: unscaled intensity I, w
 (1/V or the error-model 1/V'), inverse scale g and integer group id; they return a boolean
 outlier mask. Rows are sorted by group once (`group_order`, reusable across calls on the same
 rows, e.g. every rejection of a 10^7-observation serial job); each rejection pass is then O(n)
-with `np.bincount` and `reduceat` over contiguous groups. The only Python loop is over
-rejection passes of the standard algorithm (few).
+with `np.bincount` and `reduceat` over contiguous groups. The only Python loops are over
+rejection passes of the standard algorithm (few) and over blocks of whole groups of ~2^17 rows
+(n / 2^17 of them), which keep the arrays of a pass in cache.
 """
 from __future__ import annotations
 
