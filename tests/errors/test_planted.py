@@ -72,6 +72,20 @@ def test_standard_outliers_same_in_blocks_of_groups(monkeypatch):
     np.testing.assert_array_equal(blocked, whole)
 
 
+def test_group_order_is_the_stable_argsort():
+    from jaxscale.errors.outliers import group_order
+
+    rng = np.random.default_rng(2)
+    cases = [rng.integers(0, 50, 1000), rng.integers(-5, 70_000, 20_000), rng.integers(-100, 100, 500).astype(np.int8),
+             rng.integers(0, 2**31, 5000).astype(np.int32), rng.integers(-2**40, 2**40, 1000),
+             rng.integers(0, 300, 1000).astype(np.uint64), np.zeros(0, dtype=np.int64)]
+    for ids in cases:
+        o = group_order(ids)
+        expected = np.argsort(ids, kind="stable")
+        np.testing.assert_array_equal(o.order, expected)
+        np.testing.assert_array_equal(o.gid_sorted, np.unique(ids, return_inverse=True)[1][expected])
+
+
 def test_standard_iterates_within_a_group():
     # one group of 6 with two gross outliers: two passes flag both; a pair is never tested
     i = np.array([100.0, 101, 99, 100, 400, -300, 100, 500])
