@@ -1277,7 +1277,9 @@ def _output_tables(scaler: _Scaler, experiments: list, prepared: list, params: A
     out_experiments = []
     for pos, k in enumerate(range(len(experiments)) if datasets is None else datasets):  # loop over data sets
         expt, prep = experiments[k], prepared[k]
-        t = prep.table.copy()
+        # the columns are shared, not copied: every column the output changes is replaced by a
+        # new array (set_scaled_columns), and a deep copy was the peak memory of a 10^6-row job
+        t = ReflectionTable(dict(prep.table.columns), dict(prep.table.identifiers), dict(prep.table.dials_types))
         n = len(t)
         sel = o.dataset == k
         rows = o.row[sel]
@@ -1305,7 +1307,9 @@ def _output_tables(scaler: _Scaler, experiments: list, prepared: list, params: A
         n_small = int(np.count_nonzero(g < cutoff))
         if n_small:
             log(f"{n_small} reflections of data set {k} have inverse scale < {cutoff} and are excluded")
-    table = ReflectionTable.concatenate(out_tables)
+    # one data set: its table as it is (concatenating would copy every column once more: the
+    # peak memory of a 10^6-row job)
+    table = out_tables[0] if len(out_tables) == 1 else ReflectionTable.concatenate(out_tables)
     return table, out_experiments
 
 
