@@ -207,10 +207,12 @@ def _read_datasets(params: Any, inputs: Sequence[str], log: "_Log | None" = None
         for expt in expts:  # loop over experiments
             k = by_ident.get(expt.identifier)
             if len(expts) == 1:  # DIALS keeps unindexed (id -1) rows with the one experiment
-                rows = np.arange(len(table))
+                # the whole table, its columns shared with the table just read (dropped after
+                # this loop) instead of copied: a copy of every column less at peak
+                sub = ReflectionTable(dict(table.columns), dict(table.identifiers), dict(table.dials_types))
             else:
                 rows = np.flatnonzero(ids == k) if k is not None else np.zeros(0, dtype=np.int64)
-            sub = table.select(rows)
+                sub = table.select(rows)
             sub.identifiers = {0: expt.identifier}
             sub["id"] = np.where(np.asarray(sub["id"]) < 0, -1, 0).astype(np.int32)
             experiments.append(expt)
