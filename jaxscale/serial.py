@@ -38,7 +38,7 @@ import optax
 
 from jaxscale.compilation import Program
 from jaxscale.errors import determine_outliers, refine_error_model
-from jaxscale.errors.outliers import group_order, normalised_intensity_outliers
+from jaxscale.errors.outliers import blocks_of_runs, group_order, normalised_intensity_outliers
 from jaxscale.exceptions import InputError
 from jaxscale.optimize.structured import StructuredSolver, minimise_structured, precompile_step, variance_diagonal
 from jaxscale.target.sharding import (
@@ -367,19 +367,7 @@ def _rows_of_stills(still_mask: np.ndarray, e: np.ndarray, rows: np.ndarray | No
     return rows[still_mask[e[rows]]]
 
 
-_BLOCK_ROWS = 1 << 17
-
-
-def _still_blocks(e_sorted: np.ndarray, block_rows: int) -> list[tuple[int, int]]:
-    """(start, stop) of consecutive row blocks of whole stills (rows sorted by still), each about
-    block_rows rows."""
-    if e_sorted.size == 0:
-        return []
-    starts = np.flatnonzero(np.r_[True, e_sorted[1:] != e_sorted[:-1]])
-    cuts = np.unique(starts[np.minimum(np.searchsorted(starts, np.arange(0, e_sorted.size, block_rows)),
-                                       starts.size - 1)])
-    bounds = np.r_[cuts, e_sorted.size]
-    return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
+_BLOCK_ROWS = 1 << 17  # rows per block of whole stills (cache-sized; errors.outliers uses the same)
 
 
 def _gauss_newton_stills(
@@ -477,7 +465,7 @@ def _initial_scales(
 
     e_b, intensity_b, w_b, s_b = still_sorted(e), still_sorted(intensity), still_sorted(w), still_sorted(s)
     group_b = still_sorted(group_id)
-    blocks = _still_blocks(e_b, _BLOCK_ROWS)
+    blocks = blocks_of_runs(e_b, _BLOCK_ROWS)  # whole stills
     for _ in range(n_outer):  # few passes: group means from the current scales
         den, num = np.zeros(n_groups), np.zeros(n_groups)
         for lo in range(0, e.size, _BLOCK_ROWS):  # rows in order: np.add.at adds as one bincount would

@@ -81,7 +81,7 @@ def test_initial_scales_identical_in_small_blocks(monkeypatch):
     keep = np.isin(sim["experiment_index"], np.arange(0, 400, 7), invert=True)
     args = tuple(a[keep] for a in args[:5]) + args[5:7] + (1,)  # still 0 has no rows: reference 1
     monkeypatch.setattr(serial, "_BLOCK_ROWS", 500)
-    assert len(serial._still_blocks(args[3], 500)) > 20
+    assert len(serial.blocks_of_runs(args[3], 500)) > 20
     np.testing.assert_array_equal(_initial_scales(*args), _full_evaluation_reference(*args))
 
 

@@ -46,7 +46,8 @@ def _stable_argsort_ids(ids: np.ndarray) -> np.ndarray:
 
 
 def group_order(group_id: np.ndarray) -> GroupOrder:
-    """Sort rows by group id once (O(n log n)); any integer ids (need not be compact)."""
+    """Sort rows by group id once (O(n) by radix for ids spanning < 2^32); any integer ids
+    (need not be compact)."""
     group_id = np.asarray(group_id)
     order = _stable_argsort_ids(group_id)
     g_sorted = group_id[order]
@@ -162,15 +163,15 @@ def _first_max_sorted(z: np.ndarray, gid_s: np.ndarray, n_groups: int) -> tuple[
 _BLOCK_ROWS = 1 << 17
 
 
-def _group_blocks(gid_sorted: np.ndarray, block_rows: int) -> list[tuple[int, int]]:
-    """(start, stop) of consecutive row blocks of whole groups, each about block_rows rows (a
-    larger group is a block of its own)."""
-    starts = _segment_starts(gid_sorted)
+def blocks_of_runs(ids_sorted: np.ndarray, block_rows: int) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive row blocks of whole runs of equal ids (groups, stills) in a
+    sorted id array, each about block_rows rows (a longer run is a block of its own)."""
+    starts = _segment_starts(ids_sorted)
     if starts.size == 0:
         return []
-    cuts = np.unique(starts[np.minimum(np.searchsorted(starts, np.arange(0, gid_sorted.size, block_rows)),
+    cuts = np.unique(starts[np.minimum(np.searchsorted(starts, np.arange(0, ids_sorted.size, block_rows)),
                                        starts.size - 1)])
-    bounds = np.r_[cuts, gid_sorted.size]
+    bounds = np.r_[cuts, ids_sorted.size]
     return list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
 
 
@@ -227,7 +228,7 @@ def standard_outliers(
     # Groups are independent: gather, weight cap and passes run on blocks of whole groups of
     # ~_BLOCK_ROWS rows whose arrays stay in cache (at 10^7 rows, passes over all rows streamed
     # from memory and each temporary was fresh memory: 45x the 10^6 time for 10x the rows)
-    for lo, hi in _group_blocks(o.gid_sorted, _BLOCK_ROWS):
+    for lo, hi in blocks_of_runs(o.gid_sorted, _BLOCK_ROWS):
         rows = o.order[lo:hi]
         gid_block = o.gid_sorted[lo:hi] - o.gid_sorted[lo]
         n_block_groups = int(gid_block[-1]) + 1

@@ -66,7 +66,7 @@ def test_standard_outliers_same_in_blocks_of_groups(monkeypatch):
     monkeypatch.setattr(outliers, "_BLOCK_ROWS", 1 << 30)
     whole = standard_outliers(*args)
     monkeypatch.setattr(outliers, "_BLOCK_ROWS", 50)
-    assert len(outliers._group_blocks(np.sort(args[3]), 50)) > 100
+    assert len(outliers.blocks_of_runs(np.sort(args[3]), 50)) > 100
     blocked = standard_outliers(*args)
     assert np.count_nonzero(whole) >= 120 and np.all(whole[d["outlier"][perm]])
     np.testing.assert_array_equal(blocked, whole)
