@@ -25,6 +25,14 @@ finally:
 if _os.environ.get("JAXSCALE_X64", "1") != "0":
     _jax.config.update("jax_enable_x64", True)
 
+# Source locations of lowered programs without Python tracebacks: JAX otherwise attaches up
+# to 100 frames to every operation, which doubles the MLIR text and costs ~15 % of each XLA
+# compile and part of each lowering (quartz: the objective compiles in 54 instead of 62 ms).
+# Only XLA dumps and profiles lose detail; set the JAX_* variables to keep them.
+for _name, _value in (("jax_include_full_tracebacks_in_locations", False), ("jax_traceback_in_locations_limit", 0)):
+    if _name.upper() not in _os.environ:
+        _jax.config.update(_name, _value)
+
 __version__ = "0.1.0"
 
 def compilation_cache_dir() -> str | None:

@@ -89,3 +89,21 @@ def test_a_cache_folder_chosen_through_jax_still_caches_small_programs(tmp_path)
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "5"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split()[1] == "5.0"
+
+
+def test_lowered_programs_carry_no_tracebacks_unless_asked():
+    """jaxscale drops the Python call stacks JAX attaches to every lowered operation (smaller
+    programs, faster compiles); a caller's JAX_* setting wins."""
+    import subprocess
+    import sys
+
+    code = ("import jaxscale, jax, jax.numpy as jnp\n"
+            "def f(x):\n    return jnp.sin(x) * 2.0\n"
+            "print(jax.jit(f).lower(1.0).as_text(debug_info=True).count('callsite('))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "JAXSCALE_"))}
+    env["JAXSCALE_CACHE_DIR"] = ""
+    quiet = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    env["JAX_TRACEBACK_IN_LOCATIONS_LIMIT"] = "10"
+    env["JAX_INCLUDE_FULL_TRACEBACKS_IN_LOCATIONS"] = "1"
+    full = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert int(quiet.stdout) == 0 < int(full.stdout)
