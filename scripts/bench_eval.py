@@ -257,7 +257,16 @@ def blk_where_t(x, obs):
     return acc[:, 0].sum(), acc[:, 1:]
 
 
-BLOCK_TRANSPOSED = {"blk_where_t"}
+def blk_complex_t(x, obs):
+    """blk_complex_nt on transposed blocks (`transpose_blocks`): the layout's effect alone."""
+    cdt = jnp.complex128 if x.dtype == jnp.float64 else jnp.complex64
+    sums = _fold_blocks(_p1_complex_step(x, True), jnp.zeros(obs.n_groups, cdt), obs, _bc())
+    ih = sharding._safe_divide(sums.real, sums.imag)
+    acc = _fold_blocks(_p2_step(x, ih, True), jnp.zeros((obs.n_experiments, 3), x.dtype), obs, _bc())
+    return acc[:, 0].sum(), acc[:, 1:]
+
+
+BLOCK_TRANSPOSED = {"blk_where_t", "blk_complex_t"}
 
 
 def _pass2_step(x, ih, acc, blk, decay, gather_2d):
@@ -351,10 +360,275 @@ def current(x, obs):
     return value, grad
 
 
+def session3(x, obs):
+    """The session-3 evaluation: the current one with the group sums in one run of blocks
+    (sharding.CPU_GROUP_SUM_STREAMS = 1)."""
+    value, grad, _ = sharding._local_value_and_grad(x, obs, None, sharding.KBStillsTarget().block_chunks, 1)
+    return value, grad
+
+
 def current_one_block(x, obs):
     """sharding._local_value_and_grad as one block (no loop: whole-array temporaries)."""
     value, grad, _ = sharding._local_value_and_grad(x, obs, None, None)
     return value, grad
+
+
+# --- session 4 experiments: fewer kernels per block (docs/serial.md, session 4)
+def _fold(step, carry, rows: dict, chunks: dict, chunk: int, block_chunks: int):
+    """carry = step(carry, row_block, chunk_block) over blocks of `block_chunks` chunks (rows:
+    arrays of n_rows, chunks: arrays of n_chunks, each sliced to the block), then the tail."""
+    n_chunks = next(iter(chunks.values())).shape[0]
+    n_full, tail = divmod(n_chunks, block_chunks)
+
+    def sliced(first, n):
+        return ({k: jax.lax.dynamic_slice_in_dim(a, first * chunk, n * chunk) for k, a in rows.items()},
+                {k: jax.lax.dynamic_slice_in_dim(a, first, n) for k, a in chunks.items()})
+
+    if n_full:
+        carry = jax.lax.fori_loop(0, n_full, lambda i, c: step(c, *sliced(i * block_chunks, block_chunks)), carry)
+    if tail:
+        carry = step(carry, *sliced(n_full * block_chunks, tail))
+    return carry
+
+
+def _fold_streams(step, carry, rows: dict, chunks: dict, chunk: int, block_chunks: int, n_streams: int = 2):
+    """As `_fold`, the full blocks split into `n_streams` runs of consecutive blocks, one loop
+    whose iteration i takes block i of every run into that run's own carry (the steps of one
+    iteration are independent: XLA CPU's thunk executor may run them at once); the leftover
+    full blocks and the tail go to the last carries. Returns the list of carries."""
+    n_chunks = next(iter(chunks.values())).shape[0]
+    n_full, tail = divmod(n_chunks, block_chunks)
+    per_stream = n_full // n_streams
+
+    def sliced(first, n):
+        return ({k: jax.lax.dynamic_slice_in_dim(a, first * chunk, n * chunk) for k, a in rows.items()},
+                {k: jax.lax.dynamic_slice_in_dim(a, first, n) for k, a in chunks.items()})
+
+    carries = [carry] * n_streams
+    if per_stream:
+        def body(i, cs):
+            return tuple(step(cs[j], *sliced((i + j * per_stream) * block_chunks, block_chunks))
+                         for j in range(n_streams))
+        carries = list(jax.lax.fori_loop(0, per_stream, body, tuple(carries)))
+    for j, b in enumerate(range(per_stream * n_streams, n_full)):  # leftover full blocks
+        carries[j] = step(carries[j], *sliced(b * block_chunks, block_chunks))
+    if tail:
+        carries[-1] = step(carries[-1], *sliced(n_full * block_chunks, tail))
+    return carries
+
+
+def _pipelined_group_sums(updates_fn, sums, rows: dict, chunks: dict, chunk: int, block_chunks: int):
+    """Group sums with the loop software-pipelined: iteration i scatters block i's updates
+    (computed in iteration i-1) and computes block i+1's, two independent kernels that XLA
+    CPU's thunk executor may run at the same time."""
+    n_chunks = next(iter(chunks.values())).shape[0]
+    n_full, tail = divmod(n_chunks, block_chunks)
+
+    def sliced(first, n):
+        return ({k: jax.lax.dynamic_slice_in_dim(a, first * chunk, n * chunk) for k, a in rows.items()},
+                {k: jax.lax.dynamic_slice_in_dim(a, first, n) for k, a in chunks.items()})
+
+    def ids(first, n):
+        return jax.lax.dynamic_slice_in_dim(rows["h"], first * chunk, n * chunk)
+
+    if n_full:
+        def body(i, carry):
+            sums_, upd = carry
+            sums_ = sharding._scatter_add(sums_, ids(i * block_chunks, block_chunks), upd)
+            following = jnp.minimum(i + 1, n_full - 1) * block_chunks
+            return sums_, updates_fn(*sliced(following, block_chunks))
+        first = updates_fn(*sliced(0, block_chunks))
+        sums, _ = jax.lax.fori_loop(0, n_full, body, (sums, first))
+    if tail:
+        sums = sharding._scatter_add(sums, ids(n_full * block_chunks, tail), updates_fn(*sliced(n_full * block_chunks, tail)))
+    return sums
+
+
+def _session4(x, obs, kb_pre=True, complex_reduce=False, value="block", split=False, block_chunks=None,
+              w_i2=None, pipelined=False, products_apart=False, two_streams=False,
+              streams_pass1_only=False):
+    """Experimental evaluation. kb_pre: k and B gathered per chunk once before both loops
+    (f[n_chunks] each, sliced into each block's fusion) instead of gathered in every block;
+    complex_reduce: pass 2 reduces (w r^2, df/dk + i df/dB) so that the scatter takes the
+    reduce output; value: "block" (summed per block, as now), "chunk" (a f[block_chunks]
+    carry, summed at the end), "groups" (f = sum w I^2 - sum_h S1^2/S2 from the group sums);
+    split: each block's scatters in two halves into two accumulators (concurrent kernels)."""
+    bc = block_chunks or sharding.CPU_BLOCK_CHUNKS
+    c = obs.chunk
+    cdtype = jnp.result_type(x.dtype, jnp.complex64)
+    rows = dict(i=obs.intensity, w=obs.weight, s=obs.inv_two_d_sq, h=obs.group_id)
+    chunks = dict(e=obs.chunk_experiment)
+    if kb_pre:
+        chunks.update(k=sharding._take(x[:, 0], obs.chunk_experiment), b=sharding._take(x[:, 1], obs.chunk_experiment))
+
+    def kb(ch):
+        if kb_pre:
+            return ch["k"][:, None], ch["b"][:, None]
+        return (sharding._take(x[:, 0], ch["e"])[:, None], sharding._take(x[:, 1], ch["e"])[:, None])
+
+    def pass1_updates(r, ch):
+        k, b = kb(ch)
+        s = r["s"].reshape(-1, c)
+        g = k * jnp.exp(b * s)
+        wg = r["w"].reshape(-1, c) * g
+        return jax.lax.complex(wg * r["i"].reshape(-1, c), wg * g).reshape(-1)
+
+    def pass1(sums, r, ch):
+        k, b = kb(ch)
+        s = r["s"].reshape(-1, c)
+        g = k * jnp.exp(b * s)
+        wg = r["w"].reshape(-1, c) * g
+        upd = jax.lax.complex(wg * r["i"].reshape(-1, c), wg * g).reshape(-1)
+        if not split:
+            return sharding._scatter_add(sums, r["h"], upd)
+        half = upd.shape[0] // 2
+        return (sharding._scatter_add(sums[0], r["h"][:half], upd[:half]),
+                sharding._scatter_add(sums[1], r["h"][half:], upd[half:]))
+
+    zero_g = jnp.zeros(obs.n_groups, cdtype)
+    if pipelined:  # the scatter of block i beside the updates of block i+1 (independent kernels)
+        sums = _pipelined_group_sums(pass1_updates, zero_g, rows, chunks, c, bc)
+    elif two_streams:
+        sums = sum(_fold_streams(pass1, zero_g, rows, chunks, c, bc, two_streams))
+    else:
+        sums = _fold(pass1, (zero_g, zero_g) if split else zero_g, rows, chunks, c, bc)
+    if split:
+        sums = sums[0] + sums[1]
+    ih = sharding._safe_divide(sums.real, sums.imag)
+
+    def pass2(carry, r, ch):
+        val, grad = carry
+        k, b = kb(ch)
+        s = r["s"].reshape(-1, c)
+        decay = jnp.exp(b * s)
+        g = k * decay
+        ih_obs = sharding._take(ih, r["h"].reshape(-1, c))
+        res = r["i"].reshape(-1, c) - g * ih_obs
+        wr = r["w"].reshape(-1, c) * res
+        df_dg = -2.0 * wr * ih_obs
+        z = jnp.zeros((), x.dtype)
+        if products_apart:  # the per-row products in their own (contiguous) loop, then the chunk reduce
+            wr2_, dk_, db_ = jax.lax.optimization_barrier((wr * res, df_dg * decay, df_dg * g * s))
+            wr2, dk, db = jax.lax.reduce((wr2_, dk_, db_), (z, z, z), lambda p, q: (p[0] + q[0], p[1] + q[1], p[2] + q[2]), (1,))
+            return val + jnp.sum(wr2), sharding._scatter_add(grad, ch["e"], jax.lax.complex(dk, db), sorted_index=True)
+        if value == "groups":
+            if complex_reduce:
+                (per_chunk,) = jax.lax.reduce((jax.lax.complex(df_dg * decay, df_dg * g * s),), (jnp.zeros((), cdtype),),
+                                              lambda p, q: (p[0] + q[0],), (1,))
+            else:
+                dk, db = jax.lax.reduce((df_dg * decay, df_dg * g * s), (z, z),
+                                        lambda p, q: (p[0] + q[0], p[1] + q[1]), (1,))
+                per_chunk = jax.lax.complex(dk, db)
+            wr2 = None
+        elif complex_reduce:
+            wr2, per_chunk = jax.lax.reduce((wr * res, jax.lax.complex(df_dg * decay, df_dg * g * s)),
+                                            (z, jnp.zeros((), cdtype)),
+                                            lambda p, q: (p[0] + q[0], p[1] + q[1]), (1,))
+        else:
+            wr2, dk, db = jax.lax.reduce((wr * res, df_dg * decay, df_dg * g * s), (z, z, z),
+                                         lambda p, q: (p[0] + q[0], p[1] + q[1], p[2] + q[2]), (1,))
+            per_chunk = jax.lax.complex(dk, db)
+        if value == "block":
+            val = val + jnp.sum(wr2)
+        elif value == "chunk":
+            val = val.at[: wr2.shape[0]].add(wr2) if wr2.shape[0] != val.shape[0] else val + wr2
+        if not split:
+            return val, sharding._scatter_add(grad, ch["e"], per_chunk, sorted_index=True)
+        half = per_chunk.shape[0] // 2
+        return val, (sharding._scatter_add(grad[0], ch["e"][:half], per_chunk[:half], sorted_index=True),
+                     sharding._scatter_add(grad[1], ch["e"][half:], per_chunk[half:], sorted_index=True))
+
+    zero_e = jnp.zeros(obs.n_experiments, cdtype)
+    val0 = jnp.zeros(bc, x.dtype) if value == "chunk" else jnp.zeros((), x.dtype)
+    if two_streams and not streams_pass1_only:
+        parts = _fold_streams(pass2, (val0, zero_e), rows, chunks, c, bc, two_streams)
+        val, grad = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    else:
+        val, grad = _fold(pass2, (val0, (zero_e, zero_e) if split else zero_e), rows, chunks, c, bc)
+    if split:
+        grad = grad[0] + grad[1]
+    if value == "chunk":
+        val = jnp.sum(val)
+    elif value == "groups":
+        if w_i2 is None:  # a constant per weight vector: the variants take it precomputed (measure)
+            w_i2 = jnp.sum(obs.weight * obs.intensity * obs.intensity)
+        val = w_i2 - jnp.sum(_safe_ratio_sq(sums))
+    return val, jnp.stack([grad.real, grad.imag], axis=1)
+
+
+def _safe_ratio_sq(sums):
+    return sharding._safe_divide(sums.real * sums.real, sums.imag)
+
+
+def kb_chunks(x, obs):
+    """current with k, B gathered per chunk once before both loops."""
+    return _session4(x, obs)
+
+
+def kb_gathered(x, obs):
+    """_session4 with k, B gathered per block (as current): checks the framework against current."""
+    return _session4(x, obs, kb_pre=False)
+
+
+def kb_chunks_creduce(x, obs):
+    """kb_chunks + pass 2 reduces the gradient pair as a complex number."""
+    return _session4(x, obs, complex_reduce=True)
+
+
+def kb_chunks_vchunk(x, obs):
+    """kb_chunks + the value summed into a f[block_chunks] carry (no per-block scalar sum)."""
+    return _session4(x, obs, value="chunk")
+
+
+def kb_chunks_vgroups(x, obs, w_i2=None):
+    """kb_chunks + the value from the group sums (pass 2 computes the gradient only)."""
+    return _session4(x, obs, value="groups", w_i2=w_i2)
+
+
+def kb_chunks_vgroups_creduce(x, obs, w_i2=None):
+    return _session4(x, obs, value="groups", complex_reduce=True, w_i2=w_i2)
+
+
+def kb_chunks_split(x, obs):
+    """kb_chunks + each block's scatters as two halves into two accumulators."""
+    return _session4(x, obs, split=True)
+
+
+def vgroups_only(x, obs, w_i2=None):
+    return _session4(x, obs, kb_pre=False, value="groups", w_i2=w_i2)
+
+
+# variants given sum w I^2 precomputed (once per weight vector, outside the timed call)
+TAKES_W_I2 = {"kb_chunks_vgroups", "kb_chunks_vgroups_creduce", "vgroups_only"}
+
+
+def kb_chunks_pipelined(x, obs):
+    """kb_chunks with pass 1 software-pipelined (scatter of block i beside updates of block i+1)."""
+    return _session4(x, obs, pipelined=True)
+
+
+def kb_chunks_products_apart(x, obs):
+    """kb_chunks with pass 2's per-row products computed in a loop of their own (contiguous,
+    no stride-8 deinterleaving) and reduced per chunk after (optimization_barrier between)."""
+    return _session4(x, obs, products_apart=True)
+
+
+def products_apart_only(x, obs):
+    """current (k, B gathered per block) with pass 2's products in a loop of their own."""
+    return _session4(x, obs, kb_pre=False, products_apart=True)
+
+
+def two_streams(x, obs):
+    """current with each pass's loop taking blocks i and i + n/2 into two accumulators."""
+    return _session4(x, obs, kb_pre=False, two_streams=2)
+
+
+def kb_chunks_two_streams(x, obs):
+    return _session4(x, obs, two_streams=2)
+
+
+def split_only(x, obs):
+    return _session4(x, obs, kb_pre=False, split=True)
 
 
 def _variant(name: str):
@@ -362,13 +636,23 @@ def _variant(name: str):
     base, _, block_chunks = name.partition("@")
     if base == "current" and block_chunks:
         return lambda x, obs: sharding._local_value_and_grad(x, obs, None, int(block_chunks))[:2]
+    if base.startswith("p1streams"):  # "p1streamsK[@N]": pass 1 only in K streams
+        return lambda x, obs: _session4(x, obs, kb_pre=False, two_streams=int(base[9:]), streams_pass1_only=True,
+                                        block_chunks=int(block_chunks) if block_chunks else None)
+    if base.startswith("streams"):  # "streamsK[@N]": the loops in K streams (blocks of N chunks)
+        return lambda x, obs: _session4(x, obs, kb_pre=False, two_streams=int(base[7:]),
+                                        block_chunks=int(block_chunks) if block_chunks else None)
     return VARIANTS[name]
 
 
 SHARDED = "sharded"  # not in VARIANTS: the target itself over all devices (XLA_FLAGS host device count)
 VARIANTS = {f.__name__: f for f in (session1, two_scatters_variadic, stacked_scatter_variadic, blocked, blk_complex_nt,
                                     blk_where_t, current_one_block, session2, value_per_still, real_pair_group_sums,
-                                    gather_flat, exp_carried, real_pair_gradient, current)}
+                                    gather_flat, exp_carried, real_pair_gradient, current, kb_chunks,
+                                    kb_gathered, kb_chunks_creduce, kb_chunks_vchunk, kb_chunks_vgroups,
+                                    kb_chunks_vgroups_creduce, kb_chunks_split, vgroups_only, split_only,
+                                    kb_chunks_pipelined, kb_chunks_products_apart, blk_complex_t,
+                                    products_apart_only, two_streams, kb_chunks_two_streams, session3)}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -398,6 +682,9 @@ def measure(n_obs: int, names: list[str], rounds: int, seed: int) -> dict:
                                                sim["experiment_index"], int(sim["n_groups"]), n_exp, mesh=mesh,
                                                dtype=dtype)
             fn = (lambda t: lambda x_, o: t.value_and_grad(x_, o, free, x_))(sharding.KBStillsTarget(mesh))
+        elif name in TAKES_W_I2:
+            w_i2 = jnp.sum(obs.weight * obs.intensity * obs.intensity)
+            fn = (lambda f, c: lambda x_, o: f(x_, o, c))(jax.jit(_variant(name)), w_i2)
         else:
             fn = jax.jit(_variant(name))
         if name in BLOCK_TRANSPOSED:

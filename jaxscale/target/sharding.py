@@ -12,9 +12,9 @@ followed by a sorted scatter over chunks (8x fewer updates). The group sums are 
 of (w g I, w g^2) rows (groups are spread over stills).
 
 Evaluation (`_local_value_and_grad`): two passes over the rows, group sums (one complex
-scatter-add per row on CPU: real w g I, imaginary w g^2) then value and gradient (the three
-per-chunk sums in one variadic reduce), each a `fori_loop` over blocks of `block_chunks`
-chunks on CPU. Written as whole-array operations, XLA materialises ~10
+scatter-add per row on CPU: real w g I, imaginary w g^2; two independent runs of blocks whose
+scatters can run concurrently) then value and gradient (the three per-chunk sums in one
+variadic reduce), each a `fori_loop` over blocks of `block_chunks` chunks on CPU. Written as whole-array operations, XLA materialises ~10
 n-row temporaries (exp, scatter updates, residuals); on CPU each call then gets them as
 fresh memory from the allocator and the kernel faults it in page by page, which cost more
 than the arithmetic (10^4 page faults per evaluation of 10^6 rows, 1.4x10^5 at 10^7). In
@@ -59,6 +59,13 @@ FAST_COMPILE_MAX_ROWS = 1 << 17
 # 8,192-32,768 chunks in float64 (10^6 and 10^7 rows; equal in float32; scripts/bench_eval.py
 # current@N); above 16,384 the temporaries start to be page-faulted per call.
 CPU_BLOCK_CHUNKS = 8192
+# Independent runs of blocks ("streams") in the group-sum loop on CPU: each iteration adds one
+# block of each run into that run's own sums, so XLA CPU's thunk executor can run the runs'
+# scatters (one thread each; the other kernels are already split over threads) at the same
+# time. 2 streams: wall 0.85-0.92x of one stream with a free core, CPU time unchanged on one
+# core (10^6 and 10^7 rows; the value-and-gradient loop in 2 streams cost 6-9 % more on one
+# core at 10^6; docs/serial.md, scripts/bench_eval.py p1streams2 / streams2).
+CPU_GROUP_SUM_STREAMS = 2
 
 
 @jax.tree_util.register_dataclass
@@ -247,15 +254,35 @@ def _block(obs: StillObservations, first_chunk, n_chunks: int) -> StillObservati
     )
 
 
-def _fold_blocks(step, carry, obs: StillObservations, block_chunks: int | None):
+def _fold_blocks(step, carry, obs: StillObservations, block_chunks: int | None, n_streams: int = 1):
     """carry = step(carry, block) over consecutive blocks of `block_chunks` chunks (a loop),
-    then over the remaining chunks; one step over everything when block_chunks is None."""
+    then over the remaining chunks; one step over everything when block_chunks is None.
+
+    n_streams > 1 (carry: sums, starting at zero): the full blocks are cut into n_streams runs
+    of consecutive blocks, each summed into its own copy of the carry, one block of every run
+    per loop iteration (independent steps, which XLA CPU may run concurrently); the blocks
+    left over go to the first copies, the tail to the last; the copies are added at the end."""
     n_chunks = obs.chunk_experiment.shape[0]
     if block_chunks is None or block_chunks >= n_chunks:
         return step(carry, obs)
     n_full, tail = divmod(n_chunks, block_chunks)
-    carry = jax.lax.fori_loop(0, n_full, lambda i, c: step(c, _block(obs, i * block_chunks, block_chunks)), carry)
-    return step(carry, _block(obs, n_full * block_chunks, tail)) if tail else carry
+    if n_streams == 1:
+        carry = jax.lax.fori_loop(0, n_full, lambda i, c: step(c, _block(obs, i * block_chunks, block_chunks)), carry)
+        return step(carry, _block(obs, n_full * block_chunks, tail)) if tail else carry
+    per_stream = n_full // n_streams
+
+    def body(i, carries):
+        return tuple(step(c, _block(obs, (i + j * per_stream) * block_chunks, block_chunks))
+                     for j, c in enumerate(carries))
+
+    carries = [carry] * n_streams
+    if per_stream:
+        carries = list(jax.lax.fori_loop(0, per_stream, body, tuple(carries)))
+    for j, first in enumerate(range(per_stream * n_streams, n_full)):
+        carries[j] = step(carries[j], _block(obs, first * block_chunks, block_chunks))
+    if tail:
+        carries[-1] = step(carries[-1], _block(obs, n_full * block_chunks, tail))
+    return jax.tree.map(lambda *parts: sum(parts[1:], parts[0]), *carries)
 
 
 def _block_decay(x: jax.Array, blk: StillObservations) -> jax.Array:
@@ -292,13 +319,15 @@ def _complex_group_sums_step(x: jax.Array):
     return step
 
 
-def _fold_group_sums(x: jax.Array, obs: StillObservations, block_chunks: int | None) -> jax.Array:
+def _fold_group_sums(x: jax.Array, obs: StillObservations, block_chunks: int | None,
+                     n_streams: int = CPU_GROUP_SUM_STREAMS) -> jax.Array:
     """Local f[n_groups, 2] (sum w g I, sum w g^2): a loop over blocks with complex sums on CPU
-    (block_chunks set), one (n, 2) scatter otherwise."""
+    (block_chunks set; in `n_streams` independent runs of blocks, see `_fold_blocks`), one
+    (n, 2) scatter otherwise."""
     if block_chunks is None or block_chunks >= obs.chunk_experiment.shape[0]:
         return _group_sums_step(x)(jnp.zeros((obs.n_groups, 2), x.dtype), obs)
     cdtype = jnp.result_type(x.dtype, jnp.complex64)
-    sums = _fold_blocks(_complex_group_sums_step(x), jnp.zeros(obs.n_groups, cdtype), obs, block_chunks)
+    sums = _fold_blocks(_complex_group_sums_step(x), jnp.zeros(obs.n_groups, cdtype), obs, block_chunks, n_streams)
     return jnp.stack([sums.real, sums.imag], axis=1)
 
 
@@ -343,14 +372,16 @@ def _fold_value_and_grad(x: jax.Array, ih: jax.Array, obs: StillObservations, bl
     return value, jnp.stack([grad.real, grad.imag], axis=1)
 
 
-def _local_value_and_grad(x: jax.Array, obs: StillObservations, axis: str | None, block_chunks: int | None = None):
+def _local_value_and_grad(x: jax.Array, obs: StillObservations, axis: str | None, block_chunks: int | None = None,
+                          group_sum_streams: int = CPU_GROUP_SUM_STREAMS):
     """(f, df/dx f[n_exp, 2], I_h f[n_groups]) with f = sum w r^2 over all devices.
 
     Two passes over the local rows, each a loop over blocks of `block_chunks` chunks (None:
-    one block): group sums, then value and gradient. On CPU, blocks keep every temporary
-    (exp, the scatter updates) in cache; whole-array temporaries would be fresh memory on
-    each call, faulted in page by page (docs/serial.md)."""
-    sums = _psum(_fold_group_sums(x, obs, block_chunks), axis)
+    one block): group sums (in `group_sum_streams` independent runs of blocks), then value
+    and gradient. On CPU, blocks keep every temporary (exp, the scatter updates) in cache;
+    whole-array temporaries would be fresh memory on each call, faulted in page by page
+    (docs/serial.md)."""
+    sums = _psum(_fold_group_sums(x, obs, block_chunks, group_sum_streams), axis)
     ih = _safe_divide(sums[:, 0], sums[:, 1])
     value, grad = _fold_value_and_grad(x, ih, obs, block_chunks)
     return _psum(value, axis), _psum(grad, axis), ih

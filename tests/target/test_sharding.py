@@ -85,6 +85,29 @@ def test_blocked_evaluation_equals_one_block_and_numpy():
         np.testing.assert_allclose(np.asarray(t.group_mean(xj, obs)), ih, rtol=1e-12)
 
 
+def test_fold_blocks_in_streams_visits_every_chunk_once():
+    """The loop over blocks in 1-3 independent runs (streams) steps over every chunk exactly
+    once, whatever the split into full blocks, leftover blocks and tail: per-chunk visit
+    counts all 1 and the sum of the row values equal to the exact integer sum."""
+    from jaxscale.target.sharding import StillObservations, _fold_blocks
+
+    def step(carry, blk):
+        total, visits = carry
+        return total + jnp.sum(blk.intensity), visits.at[blk.chunk_experiment].add(1)
+
+    for n_chunks in (1, 7, 12, 13):
+        rows = jnp.arange(2 * n_chunks, dtype=jnp.float64)
+        obs = StillObservations(intensity=rows, weight=rows, inv_two_d_sq=rows, group_id=jnp.zeros(rows.shape, jnp.int32),
+                                chunk_experiment=jnp.arange(n_chunks, dtype=jnp.int32), n_groups=1,
+                                n_experiments=n_chunks, chunk=2)
+        carry = (jnp.zeros(()), jnp.zeros(n_chunks, jnp.int32))
+        for block_chunks in (1, 2, 3, 5):
+            for n_streams in (1, 2, 3):
+                total, visits = _fold_blocks(step, carry, obs, block_chunks, n_streams)
+                assert float(total) == n_chunks * (2 * n_chunks - 1), (n_chunks, block_chunks, n_streams)
+                assert np.all(np.asarray(visits) == 1), (n_chunks, block_chunks, n_streams)
+
+
 def test_block_size_is_chosen_by_platform():
     assert KBStillsTarget().block_chunks == (CPU_BLOCK_CHUNKS if jax.devices()[0].platform == "cpu" else None)
     assert KBStillsTarget(block_chunks=None).block_chunks is None
