@@ -360,6 +360,44 @@ def current(x, obs):
     return value, grad
 
 
+def _half_chunk_step(x, ih, carry, blk, parts=2):
+    """sharding._value_and_grad_step with the per-chunk sums taken in `parts` pieces of
+    chunk/parts rows (a narrower reduce: fewer live registers in XLA's unrolled loop), then the
+    pieces added per chunk."""
+    value, grad = carry
+    decay = sharding._block_decay(x, blk)
+    g = sharding._take(x[:, 0], blk.chunk_experiment)[:, None] * decay
+    shape = g.shape
+    s = blk.inv_two_d_sq.reshape(shape)
+    ih_obs = sharding._take(ih, blk.group_id.reshape(shape))
+    r = blk.intensity.reshape(shape) - g * ih_obs
+    wr = blk.weight.reshape(shape) * r
+    df_dg = -2.0 * wr * ih_obs
+    zero = jnp.zeros((), g.dtype)
+    narrow = (shape[0] * parts, shape[1] // parts)
+    wr2, df_dk, df_db = jax.lax.reduce(tuple(v.reshape(narrow) for v in (wr * r, df_dg * decay, df_dg * g * s)),
+                                       (zero,) * 3, lambda a, b: tuple(u + v for u, v in zip(a, b)), (1,))
+    df_dk, df_db = (v.reshape(shape[0], parts).sum(axis=1) for v in (df_dk, df_db))
+    return value + jnp.sum(wr2), sharding._scatter_add(grad, blk.chunk_experiment, jax.lax.complex(df_dk, df_db),
+                                                      sorted_index=True)
+
+
+def half_chunk_reduce(x, obs, parts=2):
+    """current with pass 2's per-chunk sums reduced in halves of 4 rows, then added in pairs."""
+    bc = sharding.KBStillsTarget().block_chunks
+    sums = sharding._fold_group_sums(x, obs, bc)
+    ih = sharding._safe_divide(sums[:, 0], sums[:, 1])
+    cdtype = jnp.result_type(x.dtype, jnp.complex64)
+    value, grad = sharding._fold_blocks(lambda c, blk: _half_chunk_step(x, ih, c, blk, parts),
+                                        (jnp.zeros((), x.dtype), jnp.zeros(obs.n_experiments, cdtype)), obs, bc)
+    return value, jnp.stack([grad.real, grad.imag], axis=1)
+
+
+def quarter_chunk_reduce(x, obs):
+    """half_chunk_reduce in pieces of 2 rows."""
+    return half_chunk_reduce(x, obs, parts=4)
+
+
 def session3(x, obs):
     """The session-3 evaluation: the current one with the group sums in one run of blocks
     (sharding.CPU_GROUP_SUM_STREAMS = 1)."""
@@ -652,7 +690,8 @@ VARIANTS = {f.__name__: f for f in (session1, two_scatters_variadic, stacked_sca
                                     kb_gathered, kb_chunks_creduce, kb_chunks_vchunk, kb_chunks_vgroups,
                                     kb_chunks_vgroups_creduce, kb_chunks_split, vgroups_only, split_only,
                                     kb_chunks_pipelined, kb_chunks_products_apart, blk_complex_t,
-                                    products_apart_only, two_streams, kb_chunks_two_streams, session3)}
+                                    products_apart_only, two_streams, kb_chunks_two_streams, session3,
+                                    half_chunk_reduce, quarter_chunk_reduce)}
 
 
 # ----------------------------------------------------------------------------- timing
@@ -676,6 +715,13 @@ def measure(n_obs: int, names: list[str], rounds: int, seed: int) -> dict:
     diff = {}
     for name in names:
         obs_v = obs
+        base_name = name
+        if name.startswith("chunk") and ":" in name:  # "chunkC:variant": rows laid out in chunks of C rows
+            chunk_rows, _, base_name = name[5:].partition(":")
+            layout = sharding.still_layout(sim["experiment_index"], n_exp, None, chunk=int(chunk_rows))
+            obs_v = sharding.make_observations(sim["intensity"], 1.0 / sim["variance"], sim["d"], sim["group_id"],
+                                               sim["experiment_index"], int(sim["n_groups"]), n_exp, dtype=dtype,
+                                               layout=layout)
         if name == SHARDED:  # KBStillsTarget over all devices (one thread each on CPU)
             mesh = sharding.observation_mesh()
             obs_v = sharding.make_observations(sim["intensity"], 1.0 / sim["variance"], sim["d"], sim["group_id"],
@@ -686,7 +732,7 @@ def measure(n_obs: int, names: list[str], rounds: int, seed: int) -> dict:
             w_i2 = jnp.sum(obs.weight * obs.intensity * obs.intensity)
             fn = (lambda f, c: lambda x_, o: f(x_, o, c))(jax.jit(_variant(name)), w_i2)
         else:
-            fn = jax.jit(_variant(name))
+            fn = jax.jit(_variant(base_name))
         if name in BLOCK_TRANSPOSED:
             obs_v = transpose_blocks(obs, _bc())
         value, grad = fn(x, obs_v)

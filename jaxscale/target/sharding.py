@@ -258,26 +258,25 @@ def _fold_blocks(step, carry, obs: StillObservations, block_chunks: int | None, 
     """carry = step(carry, block) over consecutive blocks of `block_chunks` chunks (a loop),
     then over the remaining chunks; one step over everything when block_chunks is None.
 
-    n_streams > 1 (carry: sums, starting at zero): the full blocks are cut into n_streams runs
-    of consecutive blocks, each summed into its own copy of the carry, one block of every run
-    per loop iteration (independent steps, which XLA CPU may run concurrently); the blocks
-    left over go to the first copies, the tail to the last; the copies are added at the end."""
+    n_streams > 1 (carry: sums, starting at zero) and at least n_streams full blocks: the full
+    blocks are cut into n_streams runs of consecutive blocks, each summed into its own copy of
+    the carry, one block of every run per loop iteration (independent steps, which XLA CPU may
+    run concurrently); the blocks left over go to the first copies, the tail to the last; the
+    copies are added at the end."""
     n_chunks = obs.chunk_experiment.shape[0]
     if block_chunks is None or block_chunks >= n_chunks:
         return step(carry, obs)
     n_full, tail = divmod(n_chunks, block_chunks)
-    if n_streams == 1:
+    per_stream = n_full // n_streams
+    if per_stream == 0 or n_streams == 1:  # one run (fewer full blocks than streams: no concurrency to gain)
         carry = jax.lax.fori_loop(0, n_full, lambda i, c: step(c, _block(obs, i * block_chunks, block_chunks)), carry)
         return step(carry, _block(obs, n_full * block_chunks, tail)) if tail else carry
-    per_stream = n_full // n_streams
 
     def body(i, carries):
         return tuple(step(c, _block(obs, (i + j * per_stream) * block_chunks, block_chunks))
                      for j, c in enumerate(carries))
 
-    carries = [carry] * n_streams
-    if per_stream:
-        carries = list(jax.lax.fori_loop(0, per_stream, body, tuple(carries)))
+    carries = list(jax.lax.fori_loop(0, per_stream, body, (carry,) * n_streams))
     for j, first in enumerate(range(per_stream * n_streams, n_full)):
         carries[j] = step(carries[j], _block(obs, first * block_chunks, block_chunks))
     if tail:
