@@ -261,8 +261,8 @@ def _fold_blocks(step, carry, obs: StillObservations, block_chunks: int | None, 
     n_streams > 1 (carry: sums, starting at zero) and at least n_streams full blocks: the full
     blocks are cut into n_streams runs of consecutive blocks, each summed into its own copy of
     the carry, one block of every run per loop iteration (independent steps, which XLA CPU may
-    run concurrently); the blocks left over go to the first copies, the tail to the last; the
-    copies are added at the end."""
+    run concurrently); the full blocks left over and the tail are one last step (< n_streams + 1
+    blocks) into the last copy; the copies are added at the end."""
     n_chunks = obs.chunk_experiment.shape[0]
     if block_chunks is None or block_chunks >= n_chunks:
         return step(carry, obs)
@@ -277,10 +277,9 @@ def _fold_blocks(step, carry, obs: StillObservations, block_chunks: int | None, 
                      for j, c in enumerate(carries))
 
     carries = list(jax.lax.fori_loop(0, per_stream, body, (carry,) * n_streams))
-    for j, first in enumerate(range(per_stream * n_streams, n_full)):
-        carries[j] = step(carries[j], _block(obs, first * block_chunks, block_chunks))
-    if tail:
-        carries[-1] = step(carries[-1], _block(obs, n_full * block_chunks, tail))
+    first_left = per_stream * n_streams * block_chunks
+    if first_left < n_chunks:  # leftover full blocks and tail as one step: one copy of the step less to compile
+        carries[-1] = step(carries[-1], _block(obs, first_left, n_chunks - first_left))
     return jax.tree.map(lambda *parts: sum(parts[1:], parts[0]), *carries)
 
 
