@@ -61,10 +61,11 @@ FAST_COMPILE_MAX_ROWS = 1 << 17
 CPU_BLOCK_CHUNKS = 8192
 # Independent runs of blocks ("streams") in the group-sum loop on CPU: each iteration adds one
 # block of each run into that run's own sums, so XLA CPU's thunk executor can run the runs'
-# scatters (one thread each; the other kernels are already split over threads) at the same
-# time. 2 streams: wall 0.85-0.92x of one stream with a free core, CPU time unchanged on one
-# core (10^6 and 10^7 rows; the value-and-gradient loop in 2 streams cost 6-9 % more on one
-# core at 10^6; docs/serial.md, scripts/bench_eval.py p1streams2 / streams2).
+# scatters at the same time (the other kernels are already split over threads). 2 streams,
+# wall with a free core (fastest calls): 0.87-1.0x of one stream at 10^6 rows, 0.83-0.98x at
+# 10^7, float32 0.92-0.94x; on one core within +-5 %; ~0.1 s more compilation per program
+# holding the evaluation. The value-and-gradient loop in 2 streams cost 6-9 % more on one
+# core at 10^6 and is not streamed (docs/serial.md; scripts/bench_eval.py session3, streams2).
 CPU_GROUP_SUM_STREAMS = 2
 
 
