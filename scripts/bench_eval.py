@@ -483,14 +483,19 @@ def _pipelined_group_sums(updates_fn, sums, rows: dict, chunks: dict, chunk: int
 
 
 def _session4(x, obs, kb_pre=True, complex_reduce=False, value="block", split=False, block_chunks=None,
-              w_i2=None, pipelined=False, products_apart=False, two_streams=False,
+              w_i2=None, pipelined=False, products_apart=False, n_streams=1,
               streams_pass1_only=False):
     """Experimental evaluation. kb_pre: k and B gathered per chunk once before both loops
     (f[n_chunks] each, sliced into each block's fusion) instead of gathered in every block;
     complex_reduce: pass 2 reduces (w r^2, df/dk + i df/dB) so that the scatter takes the
     reduce output; value: "block" (summed per block, as now), "chunk" (a f[block_chunks]
     carry, summed at the end), "groups" (f = sum w I^2 - sum_h S1^2/S2 from the group sums);
-    split: each block's scatters in two halves into two accumulators (concurrent kernels)."""
+    split: each block's scatters in two halves into two accumulators (concurrent kernels);
+    w_i2: sum w I^2 for value="groups" (given precomputed, as the target would hold it);
+    pipelined: pass 1's scatter of block i beside the updates of block i+1; products_apart:
+    pass 2's per-row products in their own loop (optimization_barrier), then the chunk reduce;
+    n_streams: both loops (or pass 1 only: streams_pass1_only) in n_streams independent runs
+    of blocks (`_fold_streams`)."""
     bc = block_chunks or sharding.CPU_BLOCK_CHUNKS
     c = obs.chunk
     cdtype = jnp.result_type(x.dtype, jnp.complex64)
@@ -526,8 +531,8 @@ def _session4(x, obs, kb_pre=True, complex_reduce=False, value="block", split=Fa
     zero_g = jnp.zeros(obs.n_groups, cdtype)
     if pipelined:  # the scatter of block i beside the updates of block i+1 (independent kernels)
         sums = _pipelined_group_sums(pass1_updates, zero_g, rows, chunks, c, bc)
-    elif two_streams:
-        sums = sum(_fold_streams(pass1, zero_g, rows, chunks, c, bc, two_streams))
+    elif n_streams > 1:
+        sums = sum(_fold_streams(pass1, zero_g, rows, chunks, c, bc, n_streams))
     else:
         sums = _fold(pass1, (zero_g, zero_g) if split else zero_g, rows, chunks, c, bc)
     if split:
@@ -578,8 +583,8 @@ def _session4(x, obs, kb_pre=True, complex_reduce=False, value="block", split=Fa
 
     zero_e = jnp.zeros(obs.n_experiments, cdtype)
     val0 = jnp.zeros(bc, x.dtype) if value == "chunk" else jnp.zeros((), x.dtype)
-    if two_streams and not streams_pass1_only:
-        parts = _fold_streams(pass2, (val0, zero_e), rows, chunks, c, bc, two_streams)
+    if n_streams > 1 and not streams_pass1_only:
+        parts = _fold_streams(pass2, (val0, zero_e), rows, chunks, c, bc, n_streams)
         val, grad = sum(p[0] for p in parts), sum(p[1] for p in parts)
     else:
         val, grad = _fold(pass2, (val0, (zero_e, zero_e) if split else zero_e), rows, chunks, c, bc)
@@ -599,12 +604,12 @@ def _safe_ratio_sq(sums):
 
 
 def kb_chunks(x, obs):
-    """current with k, B gathered per chunk once before both loops."""
+    """The session-3 evaluation with k, B gathered per chunk once before both loops."""
     return _session4(x, obs)
 
 
 def kb_gathered(x, obs):
-    """_session4 with k, B gathered per block (as current): checks the framework against current."""
+    """_session4 with k, B gathered per block (as session 3): the experiments' own baseline."""
     return _session4(x, obs, kb_pre=False)
 
 
@@ -624,6 +629,7 @@ def kb_chunks_vgroups(x, obs, w_i2=None):
 
 
 def kb_chunks_vgroups_creduce(x, obs, w_i2=None):
+    """kb_chunks_vgroups + the complex reduce of kb_chunks_creduce."""
     return _session4(x, obs, value="groups", complex_reduce=True, w_i2=w_i2)
 
 
@@ -633,6 +639,7 @@ def kb_chunks_split(x, obs):
 
 
 def vgroups_only(x, obs, w_i2=None):
+    """session-3 code with the value from the group sums."""
     return _session4(x, obs, kb_pre=False, value="groups", w_i2=w_i2)
 
 
@@ -652,20 +659,23 @@ def kb_chunks_products_apart(x, obs):
 
 
 def products_apart_only(x, obs):
-    """current (k, B gathered per block) with pass 2's products in a loop of their own."""
+    """The session-3 evaluation with pass 2's products in a loop of their own."""
     return _session4(x, obs, kb_pre=False, products_apart=True)
 
 
 def two_streams(x, obs):
-    """current with each pass's loop taking blocks i and i + n/2 into two accumulators."""
-    return _session4(x, obs, kb_pre=False, two_streams=2)
+    """Both loops in two runs of blocks (blocks i and i + n/2 of each iteration into two
+    accumulators; = "streams2"; "p1streams2" streams pass 1 only, as sharding does now)."""
+    return _session4(x, obs, kb_pre=False, n_streams=2)
 
 
 def kb_chunks_two_streams(x, obs):
-    return _session4(x, obs, two_streams=2)
+    """two_streams with k, B gathered per chunk once (kb_chunks)."""
+    return _session4(x, obs, n_streams=2)
 
 
 def split_only(x, obs):
+    """session-3 code with each block's group-sum and gradient scatters in two halves."""
     return _session4(x, obs, kb_pre=False, split=True)
 
 
@@ -675,10 +685,10 @@ def _variant(name: str):
     if base == "current" and block_chunks:
         return lambda x, obs: sharding._local_value_and_grad(x, obs, None, int(block_chunks))[:2]
     if base.startswith("p1streams"):  # "p1streamsK[@N]": pass 1 only in K streams
-        return lambda x, obs: _session4(x, obs, kb_pre=False, two_streams=int(base[9:]), streams_pass1_only=True,
+        return lambda x, obs: _session4(x, obs, kb_pre=False, n_streams=int(base[9:]), streams_pass1_only=True,
                                         block_chunks=int(block_chunks) if block_chunks else None)
     if base.startswith("streams"):  # "streamsK[@N]": the loops in K streams (blocks of N chunks)
-        return lambda x, obs: _session4(x, obs, kb_pre=False, two_streams=int(base[7:]),
+        return lambda x, obs: _session4(x, obs, kb_pre=False, n_streams=int(base[7:]),
                                         block_chunks=int(block_chunks) if block_chunks else None)
     return VARIANTS[name]
 
