@@ -14,8 +14,8 @@ of (w g I, w g^2) rows (groups are spread over stills).
 Evaluation (`_local_value_and_grad`): two passes over the rows, group sums (one complex
 scatter-add per row on CPU: real w g I, imaginary w g^2; two independent runs of blocks whose
 scatters can run concurrently) then value and gradient (the three per-chunk sums in one
-variadic reduce), each a `fori_loop` over blocks of `block_chunks` chunks on CPU. Written as whole-array operations, XLA materialises ~10
-n-row temporaries (exp, scatter updates, residuals); on CPU each call then gets them as
+variadic reduce), each a `fori_loop` over blocks of `block_chunks` chunks on CPU. Written as
+whole-array operations, XLA materialises ~10 n-row temporaries (exp, scatter updates, residuals); on CPU each call then gets them as
 fresh memory from the allocator and the kernel faults it in page by page, which cost more
 than the arithmetic (10^4 page faults per evaluation of 10^6 rows, 1.4x10^5 at 10^7). In
 blocks, the temporaries are ~1 MB, reused and cache-resident (docs/serial.md).
@@ -262,7 +262,7 @@ def _fold_blocks(step, carry, obs: StillObservations, block_chunks: int | None, 
     n_streams > 1 (carry: sums, starting at zero) and at least n_streams full blocks: the full
     blocks are cut into n_streams runs of consecutive blocks, each summed into its own copy of
     the carry, one block of every run per loop iteration (independent steps, which XLA CPU may
-    run concurrently); the full blocks left over and the tail are one last step (< n_streams + 1
+    run concurrently); the full blocks left over and the tail are one last step (< n_streams
     blocks) into the last copy; the copies are added at the end."""
     n_chunks = obs.chunk_experiment.shape[0]
     if block_chunks is None or block_chunks >= n_chunks:
