@@ -15,9 +15,9 @@ Evaluation (`_local_value_and_grad`): two passes over the rows, group sums (one 
 scatter-add per row on CPU: real w g I, imaginary w g^2; two independent runs of blocks whose
 scatters can run concurrently) then value and gradient (the three per-chunk sums in one
 variadic reduce), each a `fori_loop` over blocks of `block_chunks` chunks on CPU. Written as
-whole-array operations, XLA materialises ~10 n-row temporaries (exp, scatter updates, residuals); on CPU each call then gets them as
-fresh memory from the allocator and the kernel faults it in page by page, which cost more
-than the arithmetic (10^4 page faults per evaluation of 10^6 rows, 1.4x10^5 at 10^7). In
+whole-array operations, XLA materialises ~10 n-row temporaries (exp, scatter updates,
+residuals); on CPU each call then gets them as fresh memory from the allocator and the kernel
+faults it in page by page, which cost more than the arithmetic (10^4 page faults per evaluation of 10^6 rows, 1.4x10^5 at 10^7). In
 blocks, the temporaries are ~1 MB, reused and cache-resident (docs/serial.md).
 
 Observations are split across the devices of a 1-D mesh (axis "obs") with `jax.sharding`:
