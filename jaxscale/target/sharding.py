@@ -17,8 +17,9 @@ scatters can run concurrently) then value and gradient (the three per-chunk sums
 variadic reduce), each a `fori_loop` over blocks of `block_chunks` chunks on CPU. Written as
 whole-array operations, XLA materialises ~10 n-row temporaries (exp, scatter updates,
 residuals); on CPU each call then gets them as fresh memory from the allocator and the kernel
-faults it in page by page, which cost more than the arithmetic (10^4 page faults per evaluation of 10^6 rows, 1.4x10^5 at 10^7). In
-blocks, the temporaries are ~1 MB, reused and cache-resident (docs/serial.md).
+faults it in page by page, which cost more than the arithmetic (10^4 page faults per
+evaluation of 10^6 rows, 1.4x10^5 at 10^7). In blocks, the temporaries are ~1 MB, reused and
+cache-resident (docs/serial.md).
 
 Observations are split across the devices of a 1-D mesh (axis "obs") with `jax.sharding`:
 whole chunks go to each device (their number padded with empty chunks to a multiple of the
