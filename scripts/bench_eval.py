@@ -354,8 +354,8 @@ def exp_carried(x, obs):
 
 
 def current(x, obs):
-    """What KBStillsTarget evaluates now (sharding._local_value_and_grad, one device, the
-    target's block size for this platform)."""
+    """What KBStillsTarget evaluates without the native kernel (sharding._local_value_and_grad,
+    one device, the target's block size for this platform; XLA's loops)."""
     value, grad, _ = sharding._local_value_and_grad(x, obs, None, sharding.KBStillsTarget().block_chunks)
     return value, grad
 
@@ -396,6 +396,13 @@ def half_chunk_reduce(x, obs, parts=2):
 def quarter_chunk_reduce(x, obs):
     """half_chunk_reduce in pieces of 2 rows."""
     return half_chunk_reduce(x, obs, parts=4)
+
+
+def native(x, obs):
+    """The native CPU kernel (jaxscale/target/native_kb.cc, XLA FFI): what KBStillsTarget
+    evaluates on CPU when the kernel builds (`current` stays the XLA loops)."""
+    value, grad, _ = sharding._local_value_and_grad(x, obs, None, sharding.KBStillsTarget().block_chunks, native=True)
+    return value, grad
 
 
 def session3(x, obs):
@@ -701,7 +708,7 @@ VARIANTS = {f.__name__: f for f in (session1, two_scatters_variadic, stacked_sca
                                     kb_chunks_vgroups_creduce, kb_chunks_split, vgroups_only, split_only,
                                     kb_chunks_pipelined, kb_chunks_products_apart, blk_complex_t,
                                     products_apart_only, two_streams, kb_chunks_two_streams, session3,
-                                    half_chunk_reduce, quarter_chunk_reduce)}
+                                    half_chunk_reduce, quarter_chunk_reduce, native)}
 
 
 # ----------------------------------------------------------------------------- timing

@@ -46,6 +46,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxscale.compilation import Program
+from jaxscale.target import native_kb
 
 AXIS = "obs"
 # Largest problem (observation rows, padding included) whose programs compile with the fast
@@ -373,17 +374,19 @@ def _fold_value_and_grad(x: jax.Array, ih: jax.Array, obs: StillObservations, bl
 
 
 def _local_value_and_grad(x: jax.Array, obs: StillObservations, axis: str | None, block_chunks: int | None = None,
-                          group_sum_streams: int = CPU_GROUP_SUM_STREAMS):
+                          group_sum_streams: int = CPU_GROUP_SUM_STREAMS, native: bool = False):
     """(f, df/dx f[n_exp, 2], I_h f[n_groups]) with f = sum w r^2 over all devices.
 
     Two passes over the local rows, each a loop over blocks of `block_chunks` chunks (None:
     one block): group sums (in `group_sum_streams` independent runs of blocks), then value
     and gradient. On CPU, blocks keep every temporary (exp, the scatter updates) in cache;
     whole-array temporaries would be fresh memory on each call, faulted in page by page
-    (docs/serial.md)."""
-    sums = _psum(_fold_group_sums(x, obs, block_chunks, group_sum_streams), axis)
+    (docs/serial.md). native: both passes as the native CPU kernel instead (`native_kb`, one
+    custom call each, the psum between them as here; see `KBStillsTarget`)."""
+    local_sums = native_kb.group_sums(x, obs) if native else _fold_group_sums(x, obs, block_chunks, group_sum_streams)
+    sums = _psum(local_sums, axis)
     ih = _safe_divide(sums[:, 0], sums[:, 1])
-    value, grad = _fold_value_and_grad(x, ih, obs, block_chunks)
+    value, grad = native_kb.value_and_grad(x, ih, obs) if native else _fold_value_and_grad(x, ih, obs, block_chunks)
     return _psum(value, axis), _psum(grad, axis), ih
 
 
@@ -465,6 +468,8 @@ class KBStillsTarget:
     def _configure(self, mesh: Mesh | None, block_chunks: int | None) -> None:
         self.mesh = mesh
         self.block_chunks = block_chunks
+        device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+        self.on_cpu = device.platform == "cpu"
         program = partial(Program, rows=observation_rows, max_fast_rows=FAST_COMPILE_MAX_ROWS)
         self.value_and_grad = program(self._value_and_grad)
         self.value = program(self._value)
@@ -490,7 +495,15 @@ class KBStillsTarget:
     # raw (unmasked) pieces -------------------------------------------------
     def raw_value_and_grad(self, x: jax.Array, obs: StillObservations):
         """(f, df/dx, I_h) at x (no fixed-parameter handling)."""
-        return self._wrap(partial(_local_value_and_grad, block_chunks=self.block_chunks), (P(), P(), P()))(x, obs)
+        native = self.uses_native_kernel(x.dtype)
+        return self._wrap(partial(_local_value_and_grad, block_chunks=self.block_chunks, native=native),
+                          (P(), P(), P()))(x, obs)
+
+    def uses_native_kernel(self, dtype) -> bool:
+        """Whether the evaluation runs as the native CPU kernel (`native_kb`, docs/serial.md):
+        on CPU devices, float64 or float32, when the kernel builds and JAXSCALE_NATIVE_KERNEL
+        is not "0" (decided when a program is traced); XLA's loops otherwise."""
+        return self.on_cpu and native_kb.available(dtype)
 
     def residual_fn(self, x: jax.Array, obs: StillObservations) -> jax.Array:
         """sqrt(w) r f[n_rows] (sharded like the observations); differentiable by jvp/vjp."""

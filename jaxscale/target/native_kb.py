@@ -1,0 +1,121 @@
+"""A native CPU kernel (XLA FFI) for the two passes of the per-still KB target on one device.
+
+`native_kb.cc` computes what `sharding._local_value_and_grad` computes for one device's rows,
+in two custom calls so that the sharded path can `psum` the group sums between them:
+`group_sums(x, obs)` -> f[n_groups, 2] (sum w g I, sum w g^2) and
+`value_and_grad(x, ih, obs)` -> (sum w r^2, f[n_exp, 2]). XLA CPU's code for these passes is
+bound by its exp, the scatter's per-update overhead and register spills (docs/serial.md); the
+hand-written loop streams each row once per pass with a vectorised inline exp.
+
+The shared library is built on first use with the system C++ compiler (`-march=native`: it
+runs where it is built) into the jaxscale cache folder (else a temp folder), named by a hash
+of the source, compiler, jaxlib version and flags; built to a temp name and renamed, so
+processes building at once do not see a partial file. No compiler, a failed build or
+JAXSCALE_NATIVE_KERNEL=0: `available()` is False and the XLA path is used.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native_kb.cc")
+# IEEE arithmetic (no -ffast-math); `#pragma omp simd` loops vectorised (-fopenmp-simd, no OpenMP runtime).
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-fPIC", "-shared", "-w")
+LIBS = ()
+ENV_SWITCH = "JAXSCALE_NATIVE_KERNEL"  # "0": never build or use the kernel
+_TARGETS = {np.dtype(np.float64): ("jaxscale_kb_group_sums_f64", "jaxscale_kb_value_and_grad_f64"),
+            np.dtype(np.float32): ("jaxscale_kb_group_sums_f32", "jaxscale_kb_value_and_grad_f32")}
+_SYMBOLS = {"jaxscale_kb_group_sums_f64": "KbGroupSumsF64", "jaxscale_kb_value_and_grad_f64": "KbValueAndGradF64",
+            "jaxscale_kb_group_sums_f32": "KbGroupSumsF32", "jaxscale_kb_value_and_grad_f32": "KbValueAndGradF32"}
+_lock = threading.Lock()
+
+
+def compiler() -> str | None:
+    """The C++ compiler to build with ($CXX, else c++ or g++ on PATH), None if there is none."""
+    for name in (os.environ.get("CXX"), "c++", "g++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _library_path(cxx: str) -> Path:
+    """Where the library for this source, compiler, jaxlib and flags lives (cache folder)."""
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), version.encode(), jax.lib.__version__.encode(), " ".join(FLAGS + LIBS).encode()):
+        key.update(part)
+        key.update(b"\0")
+    from jaxscale import compilation_cache_dir  # noqa: PLC0415 (the package imports this module)
+
+    folder = Path(compilation_cache_dir() or Path(tempfile.gettempdir()) / "jaxscale")
+    return folder / "native" / f"native_kb_{key.hexdigest()[:20]}.so"
+
+
+def _build(cxx: str, path: Path) -> None:
+    """Compile the library to a temp name beside `path`, then rename (atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp, *LIBS],
+                       check=True, capture_output=True, timeout=300)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def _load() -> bool:
+    """Build (if needed), load and register the kernels once per process; False on failure."""
+    cxx = compiler()
+    if cxx is None:
+        log.debug("native KB kernel: no C++ compiler, using the XLA path")
+        return False
+    try:
+        path = _library_path(cxx)
+        if not path.exists():
+            _build(cxx, path)
+        lib = ctypes.CDLL(str(path))
+        for name, symbol in _SYMBOLS.items():
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    except (OSError, subprocess.SubprocessError, AttributeError) as err:
+        log.debug("native KB kernel unavailable (%s), using the XLA path", err)
+        return False
+    return True
+
+
+def available(dtype=jnp.float64) -> bool:
+    """Whether the native kernel can run for `dtype` (float64 or float32) in this process."""
+    if os.environ.get(ENV_SWITCH, "1") == "0" or np.dtype(dtype) not in _TARGETS:
+        return False
+    with _lock:
+        return _load()
+
+
+def group_sums(x: jax.Array, obs) -> jax.Array:
+    """f[n_groups, 2] (sum w g I, sum w g^2) over `obs`'s (local) rows; `available()` first."""
+    name = _TARGETS[np.dtype(x.dtype)][0]
+    call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((obs.n_groups, 2), x.dtype))
+    return call(x, obs.intensity, obs.weight, obs.inv_two_d_sq, obs.group_id, obs.chunk_experiment)
+
+
+def value_and_grad(x: jax.Array, ih: jax.Array, obs) -> tuple[jax.Array, jax.Array]:
+    """(sum w r^2, f[n_exp, 2] (df/dk, df/dB)) over `obs`'s (local) rows given I_h f[n_groups]."""
+    name = _TARGETS[np.dtype(x.dtype)][1]
+    call = jax.ffi.ffi_call(name, (jax.ShapeDtypeStruct((), x.dtype), jax.ShapeDtypeStruct(x.shape, x.dtype)))
+    return call(x, ih, obs.intensity, obs.weight, obs.inv_two_d_sq, obs.group_id, obs.chunk_experiment)

@@ -1,0 +1,124 @@
+"""The native CPU kernel (XLA FFI) of the per-still KB evaluation against the XLA path:
+group sums, value and gradient at 1e-12 relative (padding rows, excluded rows, empty groups,
+stills over several chunks, random x), the target using it, and the fallback without it."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxscale.serial import simulate_flat_stills
+from jaxscale.target import native_kb
+from jaxscale.target.sharding import CPU_BLOCK_CHUNKS, KBStillsTarget, _local_value_and_grad, make_observations
+
+needs_compiler = pytest.mark.skipif(native_kb.compiler() is None, reason="no C++ compiler")
+
+
+def _observations(n_exp=60, per=37, n_groups=500, seed=0, dtype=jnp.float64):
+    """Stills of 37 rows (5 chunks, the last padded with 3 zero-weight rows), every 11th row
+    excluded (weight 0), 50 groups that no row measures, k and B random."""
+    sim = simulate_flat_stills(n_exp, per, n_groups, seed=seed)
+    w = 1.0 / sim["variance"]
+    w[::11] = 0.0
+    rng = np.random.default_rng(seed)
+    x = np.stack([np.exp(rng.normal(0, 0.3, n_exp)), rng.normal(0, 8, n_exp)], 1)
+    obs = make_observations(sim["intensity"], w, sim["d"], sim["group_id"], sim["experiment_index"], n_groups + 50,
+                            n_exp, dtype=dtype)
+    return obs, jnp.asarray(x, dtype=dtype)
+
+
+def _relative(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@needs_compiler
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_native_passes_equal_the_xla_path_float64(seed):
+    obs, x = _observations(seed=seed)
+    assert obs.intensity.shape[0] == 60 * 5 * 8  # 5 chunks per still, padding included
+    assert native_kb.available(jnp.float64)
+    for block_chunks in (CPU_BLOCK_CHUNKS, 7, None):  # the XLA loop in blocks, and one block
+        ref_value, ref_grad, ref_ih = jax.jit(lambda x_, o: _local_value_and_grad(x_, o, None, block_chunks))(x, obs)
+        value, grad, ih = jax.jit(lambda x_, o: _local_value_and_grad(x_, o, None, block_chunks, native=True))(x, obs)
+        assert abs(float(value) - float(ref_value)) <= 1e-12 * abs(float(ref_value))
+        assert _relative(grad, ref_grad) <= 1e-12
+        assert _relative(ih, ref_ih) <= 1e-12
+        assert np.all(np.asarray(ih)[-50:] == 0)  # groups without rows: I_h 0, as the XLA path
+    # the group sums themselves, against numpy in float64
+    sums = np.asarray(jax.jit(native_kb.group_sums)(x, obs))
+    e = np.repeat(np.asarray(obs.chunk_experiment), obs.chunk)
+    xn, s, w, i_obs = np.asarray(x), np.asarray(obs.inv_two_d_sq), np.asarray(obs.weight), np.asarray(obs.intensity)
+    g = xn[e, 0] * np.exp(xn[e, 1] * s)
+    gid = np.asarray(obs.group_id)
+    expected = np.stack([np.bincount(gid, w * g * i_obs, obs.n_groups), np.bincount(gid, w * g * g, obs.n_groups)], 1)
+    assert _relative(sums, expected) <= 1e-12
+    assert np.allclose(sums, expected, rtol=1e-12, atol=0)
+
+
+@needs_compiler
+def test_native_exp_is_accurate_over_a_wide_range_of_b():
+    """The kernel's own exp: rows whose B s spans -700..700 (1 ulp-level agreement with numpy)."""
+    n = 8 * 64
+    s = np.linspace(0.0, 7.0, n)
+    b = 100.0
+    obs = make_observations(np.ones(n), np.ones(n), np.sqrt(0.5 / np.maximum(s, 1e-300)), np.arange(n) % n,
+                            np.zeros(n, np.int64), n, 1)
+    x = jnp.asarray([[1.0, b]])
+    sums = np.asarray(jax.jit(native_kb.group_sums)(x, obs))  # column 0: w g I = exp(B s)
+    expected = np.exp(b * np.asarray(obs.inv_two_d_sq))
+    np.testing.assert_allclose(sums[:, 0], expected, rtol=4e-16)
+    x_neg = jnp.asarray([[1.0, -b]])
+    sums = np.asarray(jax.jit(native_kb.group_sums)(x_neg, obs))
+    np.testing.assert_allclose(sums[:, 0], np.exp(-b * np.asarray(obs.inv_two_d_sq)), rtol=4e-16, atol=0)
+
+
+@needs_compiler
+def test_native_passes_float32_close_to_xla_path():
+    obs, x = _observations(dtype=jnp.float32)
+    ref_value, ref_grad, ref_ih = jax.jit(lambda x_, o: _local_value_and_grad(x_, o, None, CPU_BLOCK_CHUNKS))(x, obs)
+    value, grad, ih = jax.jit(lambda x_, o: _local_value_and_grad(x_, o, None, CPU_BLOCK_CHUNKS, native=True))(x, obs)
+    assert value.dtype == grad.dtype == jnp.float32
+    assert abs(float(value) - float(ref_value)) <= 1e-5 * abs(float(ref_value))
+    assert _relative(grad, ref_grad) <= 1e-5
+    assert _relative(ih, ref_ih) <= 1e-5
+
+
+@needs_compiler
+def test_target_uses_native_kernel_on_cpu_and_matches_xla():
+    obs, x = _observations(seed=3)
+    t = KBStillsTarget()
+    on_cpu = jax.devices()[0].platform == "cpu"
+    assert t.uses_native_kernel(jnp.float64) == on_cpu
+    free = jnp.ones(x.shape, bool)
+    value, grad = t.value_and_grad(x, obs, free, x)
+    ref_value, ref_grad, _ = _local_value_and_grad(x, obs, None, t.block_chunks, native=False)
+    assert abs(float(value) - float(ref_value)) <= 1e-12 * abs(float(ref_value))
+    assert _relative(grad, ref_grad) <= 1e-12
+
+
+def test_fallback_without_compiler_or_when_switched_off(monkeypatch, tmp_path):
+    """No compiler, a failing build or JAXSCALE_NATIVE_KERNEL=0: the kernel is not used and
+    the target evaluates the XLA path (same numbers)."""
+    monkeypatch.setattr(native_kb, "compiler", lambda: None)
+    assert native_kb._load.__wrapped__() is False
+    monkeypatch.undo()
+    if native_kb.compiler() is not None:  # a build that fails (bad flag): no library, False
+        monkeypatch.setattr(native_kb, "FLAGS", native_kb.FLAGS + ("-fno-such-flag-for-jaxscale",))
+        monkeypatch.setattr(native_kb, "_library_path", lambda cxx: tmp_path / "native_kb_test.so")
+        assert native_kb._load.__wrapped__() is False
+        assert not (tmp_path / "native_kb_test.so").exists() and not list(tmp_path.iterdir())
+        monkeypatch.undo()
+    monkeypatch.setenv(native_kb.ENV_SWITCH, "0")
+    assert not native_kb.available(jnp.float64)
+    t = KBStillsTarget()
+    assert not t.uses_native_kernel(jnp.float64)
+    obs, x = _observations(seed=4)
+    value, grad, ih = t.raw_value_and_grad(x, obs)  # traced now, with the switch off: the XLA loops
+    jaxpr = str(jax.make_jaxpr(t.raw_value_and_grad)(x, obs))
+    assert "ffi_call" not in jaxpr
+    ref_value, ref_grad, _ = _local_value_and_grad(x, obs, None, t.block_chunks)
+    assert float(value) == float(ref_value)
+    np.testing.assert_array_equal(np.asarray(grad), np.asarray(ref_grad))
+    assert not native_kb.available(jnp.float16)
