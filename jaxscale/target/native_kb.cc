@@ -6,8 +6,8 @@
 //   pass 2: r = I - g I_h, value = sum w r^2,
 //           grad[e] += (sum -2 w r I_h exp(B s), sum -2 w r I_h g s) over the rows of still e.
 // One exp per row per pass, vectorised over the rows of a few chunks (`#pragma omp simd`, exp
-// inline). The value and gradient are accumulated in double (float32 inputs too); the group
-// sums in the data type, like the XLA path.
+// inline). The value and gradient are summed per still in the data type, then in double; the
+// group sums in the data type, like the XLA path.
 #include <cstdint>
 #include <cstring>
 
@@ -141,23 +141,27 @@ void group_sums(const T* x, const T* intensity, const T* weight, const T* s, con
   }
 }
 
-// The gradient sums of consecutive chunks of one still are accumulated per lane and reduced
-// (and added to the still's row) only when the still changes: one horizontal sum per still.
+// The value and the gradient sums of consecutive chunks of one still are accumulated per lane
+// in the data type and reduced (in double, into the total and the still's row) only when the
+// still changes: one horizontal sum per still. (Lanes in double for float32 data: pass 2
+// 1.9 instead of 1.6 ns per row.)
 template <typename T, int C>
 void value_and_grad(const T* x, const T* ih, const T* intensity, const T* weight, const T* s,
                     const int32_t* group_id, const int32_t* chunk_experiment, int64_t n_chunks,
                     double* value_out, double* grad) {
   alignas(64) T arg[kBlockChunks * C], decay[kBlockChunks * C];
-  double value[C] = {}, dk[C] = {}, db[C] = {};
+  T value[C] = {}, dk[C] = {}, db[C] = {};
+  double total = 0.0;
   int64_t current = n_chunks > 0 ? chunk_experiment[0] : 0;
   auto flush = [&](int64_t e) {
-    double sk = 0.0, sb = 0.0;
+    double sv = 0.0, sk = 0.0, sb = 0.0;
     for (int j = 0; j < C; ++j) {
+      sv += value[j];
       sk += dk[j];
       sb += db[j];
-      dk[j] = 0.0;
-      db[j] = 0.0;
+      value[j] = dk[j] = db[j] = T(0);
     }
+    total += sv;
     grad[2 * e] += sk;
     grad[2 * e + 1] += sb;
   };
@@ -182,16 +186,14 @@ void value_and_grad(const T* x, const T* ih, const T* intensity, const T* weight
         const T r = intensity[row + j] - g * ih_j;
         const T wr = weight[row + j] * r;
         const T df_dg = T(-2) * wr * ih_j;  // the dI_h/dp term is zero at the closed-form I_h
-        value[j] += static_cast<double>(wr * r);
-        dk[j] += static_cast<double>(df_dg * d);
-        db[j] += static_cast<double>(df_dg * g * sj);
+        value[j] += wr * r;
+        dk[j] += df_dg * d;
+        db[j] += df_dg * g * sj;
       }
     }
   }
   if (n_chunks > 0) flush(current);
-  double v = 0.0;
-  for (int j = 0; j < C; ++j) v += value[j];
-  *value_out = v;
+  *value_out = total;
 }
 
 // Runtime chunk size: dispatch to the compiled sizes, else a generic (scalar) loop.
@@ -241,9 +243,11 @@ ffi::Error GroupSums(ffi::Buffer<DT> x, ffi::Buffer<DT> intensity, ffi::Buffer<D
                      ffi::Buffer<ffi::S32> chunk_experiment, ffi::ResultBuffer<DT> sums) {
   using T = ffi::NativeType<DT>;
   const int64_t n_rows = intensity.element_count(), n_chunks = chunk_experiment.element_count();
-  if (n_chunks == 0 || n_rows % n_chunks != 0) return ffi::Error::InvalidArgument("rows not in whole chunks");
+  if (n_chunks == 0 ? n_rows != 0 : n_rows % n_chunks != 0) {
+    return ffi::Error::InvalidArgument("rows not in whole chunks");
+  }
   std::memset(sums->typed_data(), 0, sums->element_count() * sizeof(T));
-  group_sums_any<T>(n_rows / n_chunks, x.typed_data(), intensity.typed_data(), weight.typed_data(),
+  group_sums_any<T>(n_chunks > 0 ? n_rows / n_chunks : 1, x.typed_data(), intensity.typed_data(), weight.typed_data(),
                     inv_two_d_sq.typed_data(), group_id.typed_data(), chunk_experiment.typed_data(), n_chunks,
                     sums->typed_data());
   return ffi::Error::Success();
@@ -256,11 +260,13 @@ ffi::Error ValueAndGrad(ffi::Buffer<DT> x, ffi::Buffer<DT> ih, ffi::Buffer<DT> i
                         ffi::ResultBuffer<DT> grad) {
   using T = ffi::NativeType<DT>;
   const int64_t n_rows = intensity.element_count(), n_chunks = chunk_experiment.element_count();
-  if (n_chunks == 0 || n_rows % n_chunks != 0) return ffi::Error::InvalidArgument("rows not in whole chunks");
+  if (n_chunks == 0 ? n_rows != 0 : n_rows % n_chunks != 0) {
+    return ffi::Error::InvalidArgument("rows not in whole chunks");
+  }
   const int64_t n_grad = grad->element_count();
   double* grad_acc = new double[n_grad]();  // n_exp x 2, small next to the rows
   double v = 0.0;
-  value_and_grad_any<T>(n_rows / n_chunks, x.typed_data(), ih.typed_data(), intensity.typed_data(),
+  value_and_grad_any<T>(n_chunks > 0 ? n_rows / n_chunks : 1, x.typed_data(), ih.typed_data(), intensity.typed_data(),
                         weight.typed_data(), inv_two_d_sq.typed_data(), group_id.typed_data(),
                         chunk_experiment.typed_data(), n_chunks, &v, grad_acc);
   T* out = grad->typed_data();

@@ -10,7 +10,8 @@ import pytest
 
 from jaxscale.serial import simulate_flat_stills
 from jaxscale.target import native_kb
-from jaxscale.target.sharding import CPU_BLOCK_CHUNKS, KBStillsTarget, _local_value_and_grad, make_observations
+from jaxscale.target.sharding import (CPU_BLOCK_CHUNKS, KBStillsTarget, _local_value_and_grad, make_observations,
+                                      still_layout)
 
 needs_compiler = pytest.mark.skipif(native_kb.compiler() is None, reason="no C++ compiler")
 
@@ -55,6 +56,24 @@ def test_native_passes_equal_the_xla_path_float64(seed):
     expected = np.stack([np.bincount(gid, w * g * i_obs, obs.n_groups), np.bincount(gid, w * g * g, obs.n_groups)], 1)
     assert _relative(sums, expected) <= 1e-12
     assert np.allclose(sums, expected, rtol=1e-12, atol=0)
+
+
+@needs_compiler
+@pytest.mark.parametrize("chunk", [4, 16, 3])
+def test_native_passes_other_chunk_sizes(chunk):
+    """Chunks of 4 and 16 rows (compiled sizes) and of 3 (the generic loop) give the XLA numbers."""
+    sim = simulate_flat_stills(30, 23, 200, seed=5)
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(np.stack([np.exp(rng.normal(0, 0.3, 30)), rng.normal(0, 8, 30)], 1))
+    layout = still_layout(sim["experiment_index"], 30, None, chunk=chunk)
+    obs = make_observations(sim["intensity"], 1.0 / sim["variance"], sim["d"], sim["group_id"],
+                            sim["experiment_index"], 200, 30, layout=layout)
+    assert obs.chunk == chunk
+    ref_value, ref_grad, ref_ih = _local_value_and_grad(x, obs, None, None)
+    value, grad, ih = _local_value_and_grad(x, obs, None, None, native=True)
+    assert abs(float(value) - float(ref_value)) <= 1e-12 * abs(float(ref_value))
+    assert _relative(grad, ref_grad) <= 1e-12
+    assert _relative(ih, ref_ih) <= 1e-12
 
 
 @needs_compiler
