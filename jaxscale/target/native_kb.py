@@ -93,7 +93,7 @@ def _load() -> bool:
         lib = ctypes.CDLL(str(path))
         for name, symbol in _SYMBOLS.items():
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
-    except (OSError, subprocess.SubprocessError, AttributeError) as err:
+    except Exception as err:  # noqa: BLE001 (any failure to build, load or register: the XLA path)
         log.debug("native KB kernel unavailable (%s), using the XLA path", err)
         return False
     return True
