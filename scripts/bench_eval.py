@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 
 import jaxscale  # noqa: E402,F401
 from jaxscale.serial import simulate_flat_stills  # noqa: E402
-from jaxscale.target import sharding  # noqa: E402
+from jaxscale.target import native_kb, sharding  # noqa: E402
 
 OBS_PER_STILL = 100
 
@@ -401,7 +401,15 @@ def quarter_chunk_reduce(x, obs):
 def native(x, obs):
     """The native CPU kernel (jaxscale/target/native_kb.cc, XLA FFI): what KBStillsTarget
     evaluates on CPU when the kernel builds (`current` stays the XLA loops)."""
-    value, grad, _ = sharding._local_value_and_grad(x, obs, None, sharding.KBStillsTarget().block_chunks, native=True)
+    value, grad, _ = sharding._local_value_and_grad(x, obs, None, None, native=True,
+                                                    native_threads=native_kb.threads_for(1))
+    return value, grad
+
+
+def native2(x, obs):
+    """The native kernel in two threads per call (rows split in halves from 2^17 rows on;
+    the target's choice with JAXSCALE_NATIVE_THREADS=2)."""
+    value, grad, _ = sharding._local_value_and_grad(x, obs, None, None, native=True, native_threads=2)
     return value, grad
 
 
@@ -708,7 +716,7 @@ VARIANTS = {f.__name__: f for f in (session1, two_scatters_variadic, stacked_sca
                                     kb_chunks_vgroups_creduce, kb_chunks_split, vgroups_only, split_only,
                                     kb_chunks_pipelined, kb_chunks_products_apart, blk_complex_t,
                                     products_apart_only, two_streams, kb_chunks_two_streams, session3,
-                                    half_chunk_reduce, quarter_chunk_reduce, native)}
+                                    half_chunk_reduce, quarter_chunk_reduce, native, native2)}
 
 
 # ----------------------------------------------------------------------------- timing

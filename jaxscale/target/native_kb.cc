@@ -10,6 +10,9 @@
 // group sums in the data type, like the XLA path.
 #include <cstdint>
 #include <cstring>
+#include <system_error>
+#include <thread>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -237,19 +240,58 @@ void value_and_grad_any(int64_t chunk, const T* x, const T* ih, const T* i, cons
   }
 }
 
+// Rows from which a call may run in two threads (the caller's `threads` = 2): below, the
+// second thread's start and the private sums it adds cost more than its half of the rows saves.
+constexpr int64_t kMinRowsForTwoThreads = 1 << 17;
+
+// work(first_chunk, n_chunks, part) over chunks [0, n_chunks) as one part, or as two halves
+// (part 1 on a new thread) when parts = 2; the number of parts used (1 if no thread starts).
+template <typename Work>
+int run_in_parts(int64_t n_chunks, int parts, Work&& work) {
+  if (parts < 2) {
+    work(0, n_chunks, 0);
+    return 1;
+  }
+  const int64_t half = n_chunks / 2;
+  std::thread second;
+  try {
+    second = std::thread([&] { work(half, n_chunks - half, 1); });
+  } catch (const std::system_error&) {
+    work(0, n_chunks, 0);
+    return 1;
+  }
+  work(0, half, 0);
+  second.join();
+  return 2;
+}
+
+inline int parts_for(int64_t threads, int64_t n_rows) {
+  return threads >= 2 && n_rows >= kMinRowsForTwoThreads ? 2 : 1;
+}
+
 template <ffi::DataType DT>
 ffi::Error GroupSums(ffi::Buffer<DT> x, ffi::Buffer<DT> intensity, ffi::Buffer<DT> weight,
                      ffi::Buffer<DT> inv_two_d_sq, ffi::Buffer<ffi::S32> group_id,
-                     ffi::Buffer<ffi::S32> chunk_experiment, ffi::ResultBuffer<DT> sums) {
+                     ffi::Buffer<ffi::S32> chunk_experiment, ffi::ResultBuffer<DT> sums, int64_t threads) {
   using T = ffi::NativeType<DT>;
   const int64_t n_rows = intensity.element_count(), n_chunks = chunk_experiment.element_count();
   if (n_chunks == 0 ? n_rows != 0 : n_rows % n_chunks != 0) {
     return ffi::Error::InvalidArgument("rows not in whole chunks");
   }
-  std::memset(sums->typed_data(), 0, sums->element_count() * sizeof(T));
-  group_sums_any<T>(n_chunks > 0 ? n_rows / n_chunks : 1, x.typed_data(), intensity.typed_data(), weight.typed_data(),
-                    inv_two_d_sq.typed_data(), group_id.typed_data(), chunk_experiment.typed_data(), n_chunks,
-                    sums->typed_data());
+  const int64_t chunk = n_chunks > 0 ? n_rows / n_chunks : 1, n_sums = sums->element_count();
+  const int parts = parts_for(threads, n_rows);
+  std::memset(sums->typed_data(), 0, n_sums * sizeof(T));
+  std::vector<T> second_sums(parts == 2 ? n_sums : 0);  // the second thread's own sums
+  auto work = [&](int64_t first, int64_t n, int part) {
+    const int64_t row = first * chunk;
+    group_sums_any<T>(chunk, x.typed_data(), intensity.typed_data() + row, weight.typed_data() + row,
+                      inv_two_d_sq.typed_data() + row, group_id.typed_data() + row,
+                      chunk_experiment.typed_data() + first, n, part == 0 ? sums->typed_data() : second_sums.data());
+  };
+  if (run_in_parts(n_chunks, parts, work) == 2) {
+    T* out = sums->typed_data();
+    for (int64_t i = 0; i < n_sums; ++i) out[i] += second_sums[i];
+  }
   return ffi::Error::Success();
 }
 
@@ -257,22 +299,26 @@ template <ffi::DataType DT>
 ffi::Error ValueAndGrad(ffi::Buffer<DT> x, ffi::Buffer<DT> ih, ffi::Buffer<DT> intensity, ffi::Buffer<DT> weight,
                         ffi::Buffer<DT> inv_two_d_sq, ffi::Buffer<ffi::S32> group_id,
                         ffi::Buffer<ffi::S32> chunk_experiment, ffi::ResultBuffer<DT> value,
-                        ffi::ResultBuffer<DT> grad) {
+                        ffi::ResultBuffer<DT> grad, int64_t threads) {
   using T = ffi::NativeType<DT>;
   const int64_t n_rows = intensity.element_count(), n_chunks = chunk_experiment.element_count();
   if (n_chunks == 0 ? n_rows != 0 : n_rows % n_chunks != 0) {
     return ffi::Error::InvalidArgument("rows not in whole chunks");
   }
-  const int64_t n_grad = grad->element_count();
-  double* grad_acc = new double[n_grad]();  // n_exp x 2, small next to the rows
-  double v = 0.0;
-  value_and_grad_any<T>(n_chunks > 0 ? n_rows / n_chunks : 1, x.typed_data(), ih.typed_data(), intensity.typed_data(),
-                        weight.typed_data(), inv_two_d_sq.typed_data(), group_id.typed_data(),
-                        chunk_experiment.typed_data(), n_chunks, &v, grad_acc);
+  const int64_t chunk = n_chunks > 0 ? n_rows / n_chunks : 1, n_grad = grad->element_count();
+  const int parts = parts_for(threads, n_rows);
+  std::vector<double> grad_sums[2] = {std::vector<double>(n_grad), std::vector<double>(parts == 2 ? n_grad : 0)};
+  double values[2] = {0.0, 0.0};
+  auto work = [&](int64_t first, int64_t n, int part) {
+    const int64_t row = first * chunk;
+    value_and_grad_any<T>(chunk, x.typed_data(), ih.typed_data(), intensity.typed_data() + row,
+                          weight.typed_data() + row, inv_two_d_sq.typed_data() + row, group_id.typed_data() + row,
+                          chunk_experiment.typed_data() + first, n, &values[part], grad_sums[part].data());
+  };
+  const int used = run_in_parts(n_chunks, parts, work);
   T* out = grad->typed_data();
-  for (int64_t i = 0; i < n_grad; ++i) out[i] = static_cast<T>(grad_acc[i]);
-  delete[] grad_acc;
-  *value->typed_data() = static_cast<T>(v);
+  for (int64_t i = 0; i < n_grad; ++i) out[i] = static_cast<T>(used == 2 ? grad_sums[0][i] + grad_sums[1][i] : grad_sums[0][i]);
+  *value->typed_data() = static_cast<T>(values[0] + values[1]);
   return ffi::Error::Success();
 }
 
@@ -286,7 +332,8 @@ ffi::Error ValueAndGrad(ffi::Buffer<DT> x, ffi::Buffer<DT> ih, ffi::Buffer<DT> i
                                                          .Arg<ffi::Buffer<DT>>()                      \
                                                          .Arg<ffi::Buffer<ffi::S32>>()                \
                                                          .Arg<ffi::Buffer<ffi::S32>>()                \
-                                                         .Ret<ffi::Buffer<DT>>());
+                                                         .Ret<ffi::Buffer<DT>>()                      \
+                                                         .Attr<int64_t>("threads"));
 #define KB_VALUE_AND_GRAD(NAME, DT)                                                                   \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, ValueAndGrad<DT>, ffi::Ffi::Bind()                              \
                                                             .Arg<ffi::Buffer<DT>>()                   \
@@ -297,7 +344,8 @@ ffi::Error ValueAndGrad(ffi::Buffer<DT> x, ffi::Buffer<DT> ih, ffi::Buffer<DT> i
                                                             .Arg<ffi::Buffer<ffi::S32>>()             \
                                                             .Arg<ffi::Buffer<ffi::S32>>()             \
                                                             .Ret<ffi::Buffer<DT>>()                   \
-                                                            .Ret<ffi::Buffer<DT>>());
+                                                            .Ret<ffi::Buffer<DT>>()                   \
+                                                            .Attr<int64_t>("threads"));
 
 KB_GROUP_SUMS(KbGroupSumsF64, ffi::F64)
 KB_GROUP_SUMS(KbGroupSumsF32, ffi::F32)

@@ -37,6 +37,7 @@ SOURCE = Path(__file__).with_name("native_kb.cc")
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-fPIC", "-shared", "-w")
 LIBS = ()
 ENV_SWITCH = "JAXSCALE_NATIVE_KERNEL"  # "0": never build or use the kernel
+THREADS_SWITCH = "JAXSCALE_NATIVE_THREADS"  # "2": two threads per call (one device; see threads_for)
 _TARGETS = {np.dtype(np.float64): ("jaxscale_kb_group_sums_f64", "jaxscale_kb_value_and_grad_f64"),
             np.dtype(np.float32): ("jaxscale_kb_group_sums_f32", "jaxscale_kb_value_and_grad_f32")}
 _SYMBOLS = {"jaxscale_kb_group_sums_f64": "KbGroupSumsF64", "jaxscale_kb_value_and_grad_f64": "KbValueAndGradF64",
@@ -107,15 +108,31 @@ def available(dtype=jnp.float64) -> bool:
         return _load()
 
 
-def group_sums(x: jax.Array, obs) -> jax.Array:
+def threads_for(n_devices: int) -> int:
+    """Threads per call: 1, or 2 with JAXSCALE_NATIVE_THREADS=2 for one device when this
+    process may use 2+ cores (the rows split in halves from 2^17 rows on, native_kb.cc).
+    Not the default: with the second core free, 10^6-10^7 rows took 1.3-1.5x less wall and
+    9-30 % more CPU; with it busy, 4-37 % more wall (docs/serial.md)."""
+    if os.environ.get(THREADS_SWITCH, "1") != "2" or n_devices != 1:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return 2 if cores >= 2 else 1
+
+
+def group_sums(x: jax.Array, obs, threads: int = 1) -> jax.Array:
     """f[n_groups, 2] (sum w g I, sum w g^2) over `obs`'s (local) rows; `available()` first."""
     name = _TARGETS[np.dtype(x.dtype)][0]
     call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((obs.n_groups, 2), x.dtype))
-    return call(x, obs.intensity, obs.weight, obs.inv_two_d_sq, obs.group_id, obs.chunk_experiment)
+    return call(x, obs.intensity, obs.weight, obs.inv_two_d_sq, obs.group_id, obs.chunk_experiment,
+                threads=np.int64(threads))
 
 
-def value_and_grad(x: jax.Array, ih: jax.Array, obs) -> tuple[jax.Array, jax.Array]:
+def value_and_grad(x: jax.Array, ih: jax.Array, obs, threads: int = 1) -> tuple[jax.Array, jax.Array]:
     """(sum w r^2, f[n_exp, 2] (df/dk, df/dB)) over `obs`'s (local) rows given I_h f[n_groups]."""
     name = _TARGETS[np.dtype(x.dtype)][1]
     call = jax.ffi.ffi_call(name, (jax.ShapeDtypeStruct((), x.dtype), jax.ShapeDtypeStruct(x.shape, x.dtype)))
-    return call(x, ih, obs.intensity, obs.weight, obs.inv_two_d_sq, obs.group_id, obs.chunk_experiment)
+    return call(x, ih, obs.intensity, obs.weight, obs.inv_two_d_sq, obs.group_id, obs.chunk_experiment,
+                threads=np.int64(threads))

@@ -374,7 +374,8 @@ def _fold_value_and_grad(x: jax.Array, ih: jax.Array, obs: StillObservations, bl
 
 
 def _local_value_and_grad(x: jax.Array, obs: StillObservations, axis: str | None, block_chunks: int | None = None,
-                          group_sum_streams: int = CPU_GROUP_SUM_STREAMS, native: bool = False):
+                          group_sum_streams: int = CPU_GROUP_SUM_STREAMS, native: bool = False,
+                          native_threads: int = 1):
     """(f, df/dx f[n_exp, 2], I_h f[n_groups]) with f = sum w r^2 over all devices.
 
     Two passes over the local rows, each a loop over blocks of `block_chunks` chunks (None:
@@ -382,11 +383,14 @@ def _local_value_and_grad(x: jax.Array, obs: StillObservations, axis: str | None
     and gradient. On CPU, blocks keep every temporary (exp, the scatter updates) in cache;
     whole-array temporaries would be fresh memory on each call, faulted in page by page
     (docs/serial.md). native: both passes as the native CPU kernel instead (`native_kb`, one
-    custom call each, the psum between them as here; see `KBStillsTarget`)."""
-    local_sums = native_kb.group_sums(x, obs) if native else _fold_group_sums(x, obs, block_chunks, group_sum_streams)
+    custom call each, in `native_threads` threads, the psum between them as here; see
+    `KBStillsTarget`)."""
+    local_sums = (native_kb.group_sums(x, obs, native_threads) if native
+                  else _fold_group_sums(x, obs, block_chunks, group_sum_streams))
     sums = _psum(local_sums, axis)
     ih = _safe_divide(sums[:, 0], sums[:, 1])
-    value, grad = native_kb.value_and_grad(x, ih, obs) if native else _fold_value_and_grad(x, ih, obs, block_chunks)
+    value, grad = (native_kb.value_and_grad(x, ih, obs, native_threads) if native
+                   else _fold_value_and_grad(x, ih, obs, block_chunks))
     return _psum(value, axis), _psum(grad, axis), ih
 
 
@@ -496,8 +500,9 @@ class KBStillsTarget:
     def raw_value_and_grad(self, x: jax.Array, obs: StillObservations):
         """(f, df/dx, I_h) at x (no fixed-parameter handling)."""
         native = self.uses_native_kernel(x.dtype)
-        return self._wrap(partial(_local_value_and_grad, block_chunks=self.block_chunks, native=native),
-                          (P(), P(), P()))(x, obs)
+        threads = native_kb.threads_for(1 if self.mesh is None else self.mesh.devices.size)
+        return self._wrap(partial(_local_value_and_grad, block_chunks=self.block_chunks, native=native,
+                                  native_threads=threads), (P(), P(), P()))(x, obs)
 
     def uses_native_kernel(self, dtype) -> bool:
         """Whether the evaluation runs as the native CPU kernel (`native_kb`, docs/serial.md):

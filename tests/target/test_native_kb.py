@@ -77,6 +77,33 @@ def test_native_passes_other_chunk_sizes(chunk):
 
 
 @needs_compiler
+def test_native_passes_in_two_threads_equal_one_thread():
+    """From 2^17 rows a call may split the rows between two threads (halves meeting inside a
+    still): same numbers up to rounding; the switch picks 2 only when asked, for one device."""
+    obs, x = _observations(n_exp=1400, per=100, n_groups=3000, seed=6)  # 1400 x 104 rows > 2^17
+    assert obs.intensity.shape[0] >= 1 << 17
+    one = _local_value_and_grad(x, obs, None, None, native=True, native_threads=1)
+    two = _local_value_and_grad(x, obs, None, None, native=True, native_threads=2)
+    ref = _local_value_and_grad(x, obs, None, CPU_BLOCK_CHUNKS)
+    for got in (one, two):
+        assert abs(float(got[0]) - float(ref[0])) <= 1e-12 * abs(float(ref[0]))
+        assert _relative(got[1], ref[1]) <= 1e-12
+        assert _relative(got[2], ref[2]) <= 1e-12
+    assert not np.array_equal(np.asarray(one[2]), np.asarray(two[2]))  # the split happened (sums in another order)
+
+
+def test_thread_switch(monkeypatch):
+    monkeypatch.delenv(native_kb.THREADS_SWITCH, raising=False)
+    assert native_kb.threads_for(1) == 1
+    monkeypatch.setenv(native_kb.THREADS_SWITCH, "2")
+    assert native_kb.threads_for(4) == 1
+    monkeypatch.setattr(native_kb.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert native_kb.threads_for(1) == 1
+    monkeypatch.setattr(native_kb.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert native_kb.threads_for(1) == 2
+
+
+@needs_compiler
 def test_native_exp_is_accurate_over_a_wide_range_of_b():
     """The kernel's own exp: rows whose B s spans -700..700 (1 ulp-level agreement with numpy)."""
     n = 8 * 64
