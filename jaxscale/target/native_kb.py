@@ -74,6 +74,7 @@ def _build(cxx: str, path: Path) -> None:
     try:
         subprocess.run([cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp, *LIBS],
                        check=True, capture_output=True, timeout=300)
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 (and the compiler keeping it) would hide it from other users
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
