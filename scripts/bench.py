@@ -41,6 +41,11 @@ null where DIALS was not run or did not finish. Set JAXSCALE_X64=0 for float32 t
 --xla_force_host_platform_device_count, set before JAX starts its backend), so the evaluation and
 the job's programs are sharded over N threads (`devices` in each row); an XLA_FLAGS that already
 sets the count is left as it is. The numpy baseline is one thread either way.
+
+On CPU the evaluation is the native kernel (jaxscale/target/native_kb.py) where it builds:
+the benchmark builds it first if this machine has none yet (native_kernel: whether it is used,
+native_setup_s: build or load seconds), as every later run would find it; JAXSCALE_NATIVE_KERNEL=0
+times the XLA loops instead.
 """
 from __future__ import annotations
 
@@ -481,6 +486,20 @@ def use_host_devices(n: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} {HOST_DEVICE_FLAG}={n}".strip()
 
 
+def prepare_native_kernel() -> dict:
+    """Build the native CPU kernel of the evaluation if this machine has none yet (once per
+    machine, ~4 s; a run never waits for it and uses the XLA path until a background build has
+    finished), so that evaluations and jobs measure what every later run gets."""
+    import jax.numpy as jnp
+
+    import jaxscale  # noqa: F401
+    from jaxscale.target import native_kb
+
+    t0 = time.perf_counter()
+    ok = native_kb.available(jnp.float64, build=True)
+    return {"native_kernel": ok, "native_setup_s": time.perf_counter() - t0}
+
+
 def main(argv=None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     use_host_devices(args.host_devices)
@@ -496,9 +515,10 @@ def main(argv=None) -> int:
         print(json.dumps(run_cli_phases(args.cli_phases)))
         return 0
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    native = prepare_native_kernel()
     rows = []
     for n_obs in sizes:
-        row = {"n_obs": n_obs, "n_experiments": max(n_obs // OBS_PER_STILL, 1), "load_before": _load()}
+        row = {"n_obs": n_obs, "n_experiments": max(n_obs // OBS_PER_STILL, 1), "load_before": _load(), **native}
         if not args.no_eval:
             row.update(measure_evaluation(n_obs, args.repeats, args.seed))
         else:

@@ -7,21 +7,25 @@ in two custom calls so that the sharded path can `psum` the group sums between t
 bound by its exp, the scatter's per-update overhead and register spills (docs/serial.md); the
 hand-written loop streams each row once per pass with a vectorised inline exp.
 
-The shared library is built on first use with the system C++ compiler (`-march=native`: it
-runs where it is built) into the jaxscale cache folder (else a temp folder), named by a hash
-of the source, compiler, jaxlib version and flags; built to a temp name and renamed, so
-processes building at once do not see a partial file. No compiler, a failed build or
-JAXSCALE_NATIVE_KERNEL=0: `available()` is False and the XLA path is used.
+The shared library is built with the system C++ compiler (`-march=native`: it runs where it
+is built) into `library_dir()` (the user's cache folder, apart from the XLA compilation cache:
+it is a per-machine build, like an installed extension), named by a hash of the source,
+compiler, jaxlib version, flags and CPU; built to a temp name and renamed, so processes
+building at once do not see a partial file. A run never waits for it: where the library is
+missing, `available()` starts the build in a detached background process and this process
+uses the XLA path (`available(build=True)` builds first: benchmarks, tests). No compiler, a
+failed build or JAXSCALE_NATIVE_KERNEL=0: `available()` is False and the XLA path is used.
 """
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -53,17 +57,41 @@ def compiler() -> str | None:
     return None
 
 
+def library_dir() -> Path:
+    """Folder of built libraries: $JAXSCALE_NATIVE_DIR, else <user cache>/jaxscale/native
+    ($XDG_CACHE_HOME or ~/.cache). Not the compilation cache folder: a run timed with a fresh
+    JAXSCALE_CACHE_DIR (a cold compile) should not rebuild the library each time."""
+    env = os.environ.get("JAXSCALE_NATIVE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "jaxscale" / "native"
+
+
+def _cpu() -> str:
+    """What `-march=native` compiles for: machine, processor and (Linux) the CPU's model and
+    feature flags, so that a cache folder shared between different machines (a cluster
+    home) holds one library per CPU kind."""
+    parts = [platform.machine(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo") as f:
+            block = f.read().split("\n\n", 1)[0]  # the first processor
+        parts += [line for line in block.splitlines() if line.split(":")[0].strip() in
+                  ("vendor_id", "model name", "flags", "Features", "CPU implementer", "CPU part")]
+    except OSError:
+        pass
+    return "\n".join(parts)
+
+
 def _library_path(cxx: str) -> Path:
-    """Where the library for this source, compiler, jaxlib and flags lives (cache folder)."""
+    """Where the library for this source, compiler, jaxlib, flags and CPU lives."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), jax.lib.__version__.encode(), " ".join(FLAGS + LIBS).encode()):
+    for part in (SOURCE.read_bytes(), version.encode(), jax.lib.__version__.encode(), " ".join(FLAGS + LIBS).encode(),
+                 _cpu().encode()):
         key.update(part)
         key.update(b"\0")
-    from jaxscale import compilation_cache_dir  # noqa: PLC0415 (the package imports this module)
-
-    folder = Path(compilation_cache_dir() or Path(tempfile.gettempdir()) / "jaxscale")
-    return folder / "native" / f"native_kb_{key.hexdigest()[:20]}.so"
+    return library_dir() / f"native_kb_{key.hexdigest()[:20]}.so"
 
 
 def _build(cxx: str, path: Path) -> None:
@@ -81,9 +109,19 @@ def _build(cxx: str, path: Path) -> None:
             os.unlink(tmp)
 
 
-@functools.cache
-def _load() -> bool:
-    """Build (if needed), load and register the kernels once per process; False on failure."""
+def _start_background_build() -> None:
+    """Build the library in a detached process (it outlives this one), for the next run."""
+    try:
+        subprocess.Popen([sys.executable, "-m", "jaxscale.target.native_kb"], start_new_session=True,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log.debug("native KB kernel: building in the background; this run uses the XLA path")
+    except OSError as err:
+        log.debug("native KB kernel: background build not started (%s)", err)
+
+
+def _load(build: bool) -> bool:
+    """Load and register the kernels; where the library is missing, build it first (`build`)
+    or start a background build and return False. False on any failure."""
     cxx = compiler()
     if cxx is None:
         log.debug("native KB kernel: no C++ compiler, using the XLA path")
@@ -91,6 +129,9 @@ def _load() -> bool:
     try:
         path = _library_path(cxx)
         if not path.exists():
+            if not build:
+                _start_background_build()
+                return False
             _build(cxx, path)
         lib = ctypes.CDLL(str(path))
         for name, symbol in _SYMBOLS.items():
@@ -101,12 +142,22 @@ def _load() -> bool:
     return True
 
 
-def available(dtype=jnp.float64) -> bool:
-    """Whether the native kernel can run for `dtype` (float64 or float32) in this process."""
+_loaded: bool | None = None  # this process's answer, once given (programs traced later agree)
+_build_tried = False
+
+
+def available(dtype=jnp.float64, build: bool = False) -> bool:
+    """Whether the native kernel runs for `dtype` (float64 or float32) in this process. The
+    first call decides for the whole process; `build=True` builds a missing library first
+    (blocking, ~4 s once per machine) instead of leaving it to a background build."""
+    global _loaded, _build_tried
     if os.environ.get(ENV_SWITCH, "1") == "0" or np.dtype(dtype) not in _TARGETS:
         return False
     with _lock:
-        return _load()
+        if _loaded is None or (not _loaded and build and not _build_tried):
+            _build_tried = _build_tried or build
+            _loaded = _load(build)
+        return _loaded
 
 
 def threads_for(n_devices: int) -> int:
@@ -137,3 +188,11 @@ def value_and_grad(x: jax.Array, ih: jax.Array, obs, threads: int = 1) -> tuple[
     call = jax.ffi.ffi_call(name, (jax.ShapeDtypeStruct((), x.dtype), jax.ShapeDtypeStruct(x.shape, x.dtype)))
     return call(x, ih, obs.intensity, obs.weight, obs.inv_two_d_sq, obs.group_id, obs.chunk_experiment,
                 threads=np.int64(threads))
+
+
+if __name__ == "__main__":  # the detached background build (`_start_background_build`)
+    _cxx = compiler()
+    if _cxx is not None and os.environ.get(ENV_SWITCH, "1") != "0":
+        _target = _library_path(_cxx)
+        if not _target.exists():
+            _build(_cxx, _target)

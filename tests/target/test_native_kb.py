@@ -16,6 +16,14 @@ from jaxscale.target.sharding import (CPU_BLOCK_CHUNKS, KBStillsTarget, _local_v
 needs_compiler = pytest.mark.skipif(native_kb.compiler() is None, reason="no C++ compiler")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _library_built():
+    """The kernels built and registered (a run would leave a missing library to a background
+    build and use the XLA path meanwhile)."""
+    if native_kb.compiler() is not None:
+        assert native_kb.available(jnp.float64, build=True)
+
+
 def _observations(n_exp=60, per=37, n_groups=500, seed=0, dtype=jnp.float64):
     """Stills of 37 rows (5 chunks, the last padded with 3 zero-weight rows), every 11th row
     excluded (weight 0), 50 groups that no row measures, k and B random."""
@@ -39,7 +47,7 @@ def _relative(a, b):
 def test_native_passes_equal_the_xla_path_float64(seed):
     obs, x = _observations(seed=seed)
     assert obs.intensity.shape[0] == 60 * 5 * 8  # 5 chunks per still, padding included
-    assert native_kb.available(jnp.float64)
+    assert native_kb.available(jnp.float64)  # built by the fixture
     for block_chunks in (CPU_BLOCK_CHUNKS, 7, None):  # the XLA loop in blocks, and one block
         ref_value, ref_grad, ref_ih = jax.jit(lambda x_, o: _local_value_and_grad(x_, o, None, block_chunks))(x, obs)
         value, grad, ih = jax.jit(lambda x_, o: _local_value_and_grad(x_, o, None, block_chunks, native=True))(x, obs)
@@ -148,12 +156,12 @@ def test_fallback_without_compiler_or_when_switched_off(monkeypatch, tmp_path):
     """No compiler, a failing build or JAXSCALE_NATIVE_KERNEL=0: the kernel is not used and
     the target evaluates the XLA path (same numbers)."""
     monkeypatch.setattr(native_kb, "compiler", lambda: None)
-    assert native_kb._load.__wrapped__() is False
+    assert native_kb._load(build=True) is False
     monkeypatch.undo()
     if native_kb.compiler() is not None:  # a build that fails (bad flag): no library, False
         monkeypatch.setattr(native_kb, "FLAGS", native_kb.FLAGS + ("-fno-such-flag-for-jaxscale",))
         monkeypatch.setattr(native_kb, "_library_path", lambda cxx: tmp_path / "native_kb_test.so")
-        assert native_kb._load.__wrapped__() is False
+        assert native_kb._load(build=True) is False
         assert not (tmp_path / "native_kb_test.so").exists() and not list(tmp_path.iterdir())
         monkeypatch.undo()
     monkeypatch.setenv(native_kb.ENV_SWITCH, "0")
@@ -168,3 +176,39 @@ def test_fallback_without_compiler_or_when_switched_off(monkeypatch, tmp_path):
     assert float(value) == float(ref_value)
     np.testing.assert_array_equal(np.asarray(grad), np.asarray(ref_grad))
     assert not native_kb.available(jnp.float16)
+
+
+@needs_compiler
+def test_a_missing_library_is_built_in_the_background_not_by_the_run(monkeypatch, tmp_path):
+    """Without `build`, a missing library is not built by the calling process (a run never
+    waits ~4 s for the compiler): a detached build is started and the XLA path is used. That
+    build (`python -m jaxscale.target.native_kb`) writes the library where the next run looks."""
+    started = []
+    monkeypatch.setenv("JAXSCALE_NATIVE_DIR", str(tmp_path / "lib"))
+    monkeypatch.setattr(native_kb, "_start_background_build", lambda: started.append(1))
+    assert native_kb._load(build=False) is False
+    assert started == [1] and not (tmp_path / "lib").exists()
+    import os
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, "-m", "jaxscale.target.native_kb"], check=True, timeout=300,
+                   env=dict(os.environ, JAXSCALE_NATIVE_DIR=str(tmp_path / "lib")))
+    built = native_kb._library_path(native_kb.compiler())
+    assert built.parent == tmp_path / "lib" and built.exists()
+    assert [p.name for p in (tmp_path / "lib").iterdir()] == [built.name]  # no temp file left
+
+
+def test_library_folder_and_name(monkeypatch, tmp_path):
+    """The library lives apart from the compilation cache (a fresh JAXSCALE_CACHE_DIR does not
+    rebuild it) and its name depends on the CPU it is built for (-march=native)."""
+    monkeypatch.delenv("JAXSCALE_NATIVE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("JAXSCALE_CACHE_DIR", str(tmp_path / "cold"))
+    assert native_kb.library_dir() == tmp_path / "xdg" / "jaxscale" / "native"
+    monkeypatch.setenv("JAXSCALE_NATIVE_DIR", str(tmp_path / "n"))
+    assert native_kb.library_dir() == tmp_path / "n"
+    cxx = native_kb.compiler()
+    if cxx is not None:
+        here = native_kb._library_path(cxx)
+        monkeypatch.setattr(native_kb, "_cpu", lambda: "another CPU")
+        assert native_kb._library_path(cxx) != here and native_kb._library_path(cxx).parent == here.parent
