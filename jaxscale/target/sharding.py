@@ -176,7 +176,14 @@ def make_observations(
     layout: StillLayout | None = None,
 ) -> StillObservations:
     """Lay the rows out by still in chunks (`still_layout`, or the one given: reuse it when
-    only the weights change) and place them on the mesh; padding rows have weight 0."""
+    only the weights change) and place them on the mesh; padding rows have weight 0.
+
+    Group and still ids must lie in [0, n_groups) and [0, n_experiments): the evaluation
+    (the native kernel and XLA's gathers and scatters alike) indexes with them unchecked."""
+    for name, ids, bound in (("group_id", group_id, n_groups), ("experiment_id", experiment_id, n_experiments)):
+        ids = np.asarray(ids)
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= int(bound)):
+            raise ValueError(f"{name} outside [0, {int(bound)}): {int(ids.min())}..{int(ids.max())}")
     if layout is None:
         layout = still_layout(experiment_id, n_experiments, mesh)
     f = lambda a: place_rows(to_slots(np.asarray(a, dtype=np.float64), layout), mesh, dtype)  # noqa: E731

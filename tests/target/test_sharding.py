@@ -11,6 +11,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxscale.serial import simulate_flat_stills
 from jaxscale.target.objective import make_problem, residuals
@@ -202,3 +203,17 @@ def test_sharded_over_four_cpu_devices_equals_single_device():
         assert np.abs(np.asarray(run["grad_blocked"]) - g1).max() <= 1e-10 * np.abs(g1).max()
     np.testing.assert_allclose(four["scale"], one["scale"], rtol=1e-10)
     np.testing.assert_allclose(four["B"], one["B"], rtol=1e-10, atol=1e-10)
+
+
+def test_ids_outside_their_range_are_refused():
+    """The evaluation indexes with group and still ids unchecked (native kernel, XLA gathers and
+    scatters): make_observations refuses ids outside [0, n)."""
+    ones = np.ones(4)
+    ok = make_observations(ones, ones, 2.0 * ones, np.array([0, 1, 1, 2]), np.array([0, 0, 1, 1]), 3, 2)
+    assert ok.n_groups == 3
+    with pytest.raises(ValueError, match="group_id"):
+        make_observations(ones, ones, 2.0 * ones, np.array([0, 1, 1, 3]), np.array([0, 0, 1, 1]), 3, 2)
+    with pytest.raises(ValueError, match="group_id"):
+        make_observations(ones, ones, 2.0 * ones, np.array([0, -1, 1, 2]), np.array([0, 0, 1, 1]), 3, 2)
+    with pytest.raises(ValueError, match="experiment_id"):
+        make_observations(ones, ones, 2.0 * ones, np.array([0, 1, 1, 2]), np.array([0, 0, 1, 2]), 3, 2)
