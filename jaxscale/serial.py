@@ -34,7 +34,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxscale.compilation import Program
 from jaxscale.errors import determine_outliers, refine_error_model
@@ -231,6 +230,8 @@ def _lbfgs_step(target: KBStillsTarget, memory_size: int):
     objective in the step's program. Here `start` computes them once instead, so the step
     holds only the line search's two copies (on 100 stills: ~1/4 less to trace, lower and
     compile), and a round compiles two programs instead of three (init, value_and_grad, step)."""
+    import optax  # noqa: PLC0415 (~0.05 s to import: only where a serial job runs)
+
     key = (id(target), memory_size)
     hit = _LBFGS_CACHE.get(key)
     if hit is not None and hit[0] is target:
@@ -300,8 +301,10 @@ def lbfgs_round(
         before_compile()
         start_lowered.compile()
         step_lowered.compile()
+    from optax.tree_utils import tree_get  # noqa: PLC0415 (optax is imported only where a serial job runs)
+
     state = start(x, obs, free, anchor)
-    value, grad = optax.tree_utils.tree_get(state, "value"), optax.tree_utils.tree_get(state, "grad")
+    value, grad = tree_get(state, "value"), tree_get(state, "grad")
     n_f = float(max(n_reflections, 1))
     history = [float(np.sqrt(float(value) / n_f))]
     limit = np.inf if max_iterations is None else max_iterations
@@ -734,8 +737,10 @@ def scale_stills(
         t0 = time.perf_counter()
         start, _ = _lbfgs_step(target, lbfgs_memory)
 
+        from optax.tree_utils import tree_get  # noqa: PLC0415
+
         def sum_sq(x_try, obs_):  # sum w r^2 (= the sum of squared residuals sqrt(w) r) by the compiled L-BFGS
-            return optax.tree_utils.tree_get(start(x_try, obs_, free_j, x_try), "value")  # start: no program more
+            return tree_get(start(x_try, obs_, free_j, x_try), "value")  # start: no program more
 
         res = minimise_structured(target.residual_fn, target.block_diagonal_fn, _on_device(x, dtype), obs, free,
                                   n_refl(), engine=full_matrix_engine, rmsd_tolerance=rmsd_tolerance, solver=solver,

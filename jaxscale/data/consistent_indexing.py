@@ -21,6 +21,7 @@ Method (after Brehm & Diederichs 2014 and Gildea & Winter 2018, as dials.cosym):
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -28,7 +29,6 @@ import gemmi
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import scipy.sparse as sp
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
@@ -237,7 +237,11 @@ def _bucket(size: int) -> int:
 
 
 # --- embedding ----------------------------------------------------------------------------------
-_LBFGS = optax.lbfgs()
+@functools.cache
+def _lbfgs():
+    import optax  # noqa: PLC0415 (~0.05 s to import: only where indexing is checked)
+
+    return optax.lbfgs()
 
 
 def _functional(x: jax.Array, p: jax.Array, q: jax.Array, r: jax.Array, w: jax.Array) -> jax.Array:
@@ -249,13 +253,15 @@ def _functional(x: jax.Array, p: jax.Array, q: jax.Array, r: jax.Array, w: jax.A
 @jax.jit
 def _run_lbfgs(x0: jax.Array, p, q, r, w, max_iter: jax.Array, rtol: jax.Array):
     """L-BFGS (optax, zoom line search) on `_functional` until the relative change is below rtol."""
+    import optax  # noqa: PLC0415
+
     fun = lambda x: _functional(x, p, q, r, w)  # noqa: E731
     value_and_grad = optax.value_and_grad_from_state(fun)
 
     def body(carry):
         x, state, f_prev, _, it = carry
         value, grad = value_and_grad(x, state=state)
-        updates, state = _LBFGS.update(grad, state, x, value=value, grad=grad, value_fn=fun)
+        updates, state = _lbfgs().update(grad, state, x, value=value, grad=grad, value_fn=fun)
         return optax.apply_updates(x, updates), state, value, f_prev, it + 1
 
     def cond(carry):
@@ -264,7 +270,7 @@ def _run_lbfgs(x0: jax.Array, p, q, r, w, max_iter: jax.Array, rtol: jax.Array):
         return (it < max_iter) & (moving | (it < 3))
 
     inf = jnp.asarray(jnp.inf, x0.dtype)
-    x, _, _, _, it = jax.lax.while_loop(cond, body, (x0, _LBFGS.init(x0), inf, inf, jnp.asarray(0)))
+    x, _, _, _, it = jax.lax.while_loop(cond, body, (x0, _lbfgs().init(x0), inf, inf, jnp.asarray(0)))
     return x, fun(x0), fun(x), it
 
 

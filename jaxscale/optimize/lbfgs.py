@@ -17,7 +17,11 @@ search fails (scitbx restores the best point and ends the round).
 `minimise_lbfgs` runs the iterations and the line search as a host loop around the target's
 one compiled `value_and_grad` plus a small jitted optax direction update: the search logic
 is plain numpy on scalars (`more_thuente_search_host`), so nothing besides the objective is
-traced or compiled per problem. `scale_by_more_thuente_linesearch` is the same search
+traced or compiled per problem. Up to `compilation.HOST_MAX_ROWS` parameters (every rotation
+job) the direction is optax's computed by its numpy twin (`_host_lbfgs_direction`, the same
+operations; tested against optax), since tracing, lowering and compiling the optax program
+(~0.2 s, and ~0.05 s to import optax) cost more than all the directions of a run; optax is
+then not imported at all. `scale_by_more_thuente_linesearch` is the same search
 (shared code, `xp=jax.numpy`) as a traceable optax transformation.
 """
 from __future__ import annotations
@@ -29,9 +33,8 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from jaxscale.compilation import Program, precompile
+from jaxscale.compilation import Program, host_evaluation, precompile
 from jaxscale.target.objective import ScalingTarget, TargetData, n_reflections
 
 RMSD_CONVERGED = "RMSD no longer decreasing"
@@ -264,6 +267,7 @@ def scale_by_more_thuente_linesearch(
     """optax line search (for `optax.lbfgs(linesearch=...)`) with scitbx's More-Thuente
     search; the trial step starts at 1 (optax scales the first L-BFGS direction by 1/|g|,
     which is scitbx's first step)."""
+    import optax  # noqa: PLC0415 (imported where used: small jobs need none of it)
 
     def init_fn(params):
         return MoreThuenteState(
@@ -313,6 +317,8 @@ def _lbfgs_direction(memory_size: int) -> Callable:
     search: `scale_by_lbfgs` then the sign flip). Small (parameter-sized) program, one per
     memory size and parameter count."""
     if memory_size not in _DIRECTION_CACHE:
+        import optax  # noqa: PLC0415 (~0.05 s to import; small jobs take the host twin below)
+
         precondition = optax.scale_by_lbfgs(memory_size=memory_size)
 
         def direction(grad: jax.Array, state, x: jax.Array):
@@ -324,16 +330,75 @@ def _lbfgs_direction(memory_size: int) -> Callable:
     return _DIRECTION_CACHE[memory_size]
 
 
-def _lbfgs_state(x: np.ndarray, memory_size: int) -> optax.ScaleByLBFGSState:
+class HostLBFGSState(NamedTuple):
+    """`optax.ScaleByLBFGSState` as numpy arrays (fields and meaning the same)."""
+
+    count: int
+    params: np.ndarray  # f[n]
+    updates: np.ndarray  # f[n]
+    diff_params_memory: np.ndarray  # f[m, n]
+    diff_updates_memory: np.ndarray  # f[m, n]
+    weights_memory: np.ndarray  # f[m]
+
+
+def _host_lbfgs_direction(grad: np.ndarray, state: HostLBFGSState, x: np.ndarray) -> tuple[np.ndarray, HostLBFGSState]:
+    """numpy twin of `_lbfgs_direction` (optax 0.2's `scale_by_lbfgs` update, then the sign
+    flip), operation for operation: the new pair goes into slot (k-1) mod m, gamma = s.y/y.y
+    (first step: min(1, 1/|g|)), and the two-loop recursion visits the slots from
+    k mod m on, the first loop in reverse. For parameter-sized jobs, where compiling the
+    optax program (~0.2 s of tracing, lowering and XLA) costs more than every direction of
+    a run computed here; tests/optimize check it against optax."""
+    m = state.weights_memory.size
+    k = state.count
+    memory_idx, prev_idx = k % m, (k - 1) % m
+    diff_params, diff_updates = x - state.params, grad - state.updates
+    curvature = float(np.dot(diff_updates, diff_params))
+    weight = 0.0 if curvature == 0.0 else 1.0 / curvature
+    if k == 0:
+        diff_params, diff_updates, weight = np.zeros_like(diff_params), np.zeros_like(diff_updates), 0.0
+    dp_mem, du_mem, w_mem = state.diff_params_memory.copy(), state.diff_updates_memory.copy(), state.weights_memory.copy()
+    dp_mem[prev_idx], du_mem[prev_idx], w_mem[prev_idx] = diff_params, diff_updates, weight
+    if k > 0:
+        numerator, denominator = float(np.dot(diff_updates, diff_params)), float(np.dot(diff_updates, diff_updates))
+        identity_scale = numerator / denominator if denominator > 0.0 else 1.0
+    else:
+        norm = float(np.sqrt(np.dot(grad, grad)))
+        identity_scale = min(1.0, 1.0 / norm) if norm > 0.0 else 1.0
+    order = (memory_idx + np.arange(m)) % m
+    vec = grad.copy()
+    alphas = np.zeros(m)
+    for j in range(m - 1, -1, -1):  # the memory slots (m ~ 5), last first
+        i = order[j]
+        alphas[j] = w_mem[i] * float(np.dot(dp_mem[i], vec))
+        vec = vec - alphas[j] * du_mem[i]
+    vec = identity_scale * vec
+    for j in range(m):
+        i = order[j]
+        beta = w_mem[i] * float(np.dot(du_mem[i], vec))
+        vec = vec + (alphas[j] - beta) * dp_mem[i]
+    return -1.0 * vec, HostLBFGSState(k + 1, x, grad, dp_mem, du_mem, w_mem)
+
+
+def _lbfgs_state(x: np.ndarray, memory_size: int):
     """`optax.scale_by_lbfgs(memory_size).init(x)` built on the host (no compilation)."""
+    import optax  # noqa: PLC0415
+
     zeros = np.zeros((memory_size, x.size))
     return optax.ScaleByLBFGSState(count=np.asarray(0, np.int32), params=np.zeros_like(x), updates=np.zeros_like(x),
                                    diff_params_memory=zeros, diff_updates_memory=zeros.copy(),
                                    weights_memory=np.zeros(memory_size))
 
 
+def _host_lbfgs_state(x: np.ndarray, memory_size: int) -> HostLBFGSState:
+    zeros = np.zeros((memory_size, x.size))
+    return HostLBFGSState(0, np.zeros_like(x), np.zeros_like(x), zeros, zeros.copy(), np.zeros(memory_size))
+
+
 def precompile_direction(n_params: int, memory_size: int = 5) -> None:
-    """Compile the L-BFGS direction for n_params parameters in the background."""
+    """Compile the L-BFGS direction for n_params parameters in the background (nothing to
+    compile where the host twin computes it)."""
+    if host_evaluation(n_params):
+        return
     x = jax.ShapeDtypeStruct((n_params,), np.float64)
     state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype),
                          _lbfgs_state(np.zeros(n_params), memory_size))
@@ -353,8 +418,10 @@ def lbfgs_steps(
     x = np.array(x, dtype=np.float64)
     if value is None or grad is None:
         value, grad = value_and_grad(x)
-    direction_of = _lbfgs_direction(memory_size)
-    state = _lbfgs_state(x, memory_size)
+    if host_evaluation(x.size):  # parameter-sized: numpy, nothing to compile
+        direction_of, state = _host_lbfgs_direction, _host_lbfgs_state(x, memory_size)
+    else:
+        direction_of, state = _lbfgs_direction(memory_size), _lbfgs_state(x, memory_size)
     first = True
     while True:
         direction, state = direction_of(grad, state, x)

@@ -49,3 +49,29 @@ def test_host_equals_traced_with_failure():
         np.testing.assert_allclose(xh, xt, rtol=1e-10, atol=1e-12)
         assert failed_h == failed_t
     assert host[-1][3]
+
+
+def test_host_direction_equals_optax_over_a_wrapped_memory():
+    """The numpy twin of the L-BFGS direction (used for parameter-sized jobs) gives optax's
+    `scale_by_lbfgs` direction and memory at every step: the first step's 1/|g| scaling, the
+    memory wrapping around (12 steps, m = 5) and a repeated point (zero curvature pair)."""
+    from jaxscale.optimize.lbfgs import (_host_lbfgs_direction, _host_lbfgs_state, _lbfgs_direction,
+                                         _lbfgs_state)
+
+    rng = np.random.default_rng(3)
+    n, m = 17, 5
+    a = rng.normal(size=(n, n))
+    hess = a @ a.T + n * np.eye(n)
+    grad_of = lambda x: hess @ x + np.sin(x)  # noqa: E731 - a smooth, non-quadratic gradient
+    x = rng.normal(size=n)
+    traced, t_state = _lbfgs_direction(m), _lbfgs_state(x, m)
+    h_state = _host_lbfgs_state(x, m)
+    for k in range(12):
+        g = grad_of(x)
+        d_opt, t_state = traced(g, t_state, x)
+        d_host, h_state = _host_lbfgs_direction(g, h_state, x)
+        np.testing.assert_allclose(d_host, np.asarray(d_opt), rtol=1e-12, atol=1e-14 * np.abs(d_host).max())
+        np.testing.assert_allclose(h_state.weights_memory, np.asarray(t_state.weights_memory), rtol=1e-12)
+        assert h_state.count == int(t_state.count)
+        if k != 6:  # step 7 repeats the point: s = y = 0, a zero-curvature pair
+            x = x + 0.3 * d_host
