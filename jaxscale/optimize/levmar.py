@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxscale.compilation import Program, precompile
+from jaxscale.compilation import Program, host_evaluation, precompile
 from jaxscale.models.component import take
 from jaxscale.models.linear import slot_slope
 from jaxscale.optimize.lbfgs import MAX_ITERATIONS, RMSD_CONVERGED, OptimisationResult
@@ -164,6 +164,62 @@ class NormalEquations:
         return nm, grad, s
 
 
+def host_normal_equations(target: ScalingTarget, data: TargetData, max_elements: int = 1 << 22):
+    """numpy twin of `NormalEquations.build` over the whole problem (x -> (N, grad, sum r^2)),
+    the same exact Jacobian from the links' closed-form slot slopes, for problems small enough
+    (`compilation.host_evaluation`, J at most `max_elements` dense entries) that tracing and
+    compiling the builder costs more than every build of the round; None where it does not
+    apply (other residuals, bases or links, a fixed reference I_h, larger problems)."""
+    p = data.problem
+    n_rows, n = int(np.shape(p.weight)[0]), target.n_params
+    if (not host_evaluation(n_rows) or n_rows * n > max_elements or p.ih_reference is not None
+            or type(target).chunk_residuals is not ScalingTarget.chunk_residuals):
+        return None
+    links = _host_twins_of_variance(target, data.bases, n_rows)
+    if links is None:
+        return None
+    host = {k: {name: np.asarray(v) for name, v in data.bases[k].items()} for k in target.components}
+    weight, intensity = np.asarray(p.weight, np.float64), np.asarray(p.intensity, np.float64)
+    gid, n_groups = np.asarray(p.group_id).astype(np.int64), int(p.n_groups)
+    anchor, restraint = np.asarray(data.anchor, np.float64), np.asarray(target.restraint_weights, np.float64)
+    sw = np.sqrt(weight)
+    row_of = {k: np.broadcast_to(np.arange(n_rows)[:, None], host[k]["idx"].shape) for k in target.components}
+    cols_of = {k: host[k]["idx"].astype(np.int64) + target.slices[k].start for k in target.components}
+
+    def build(x: np.ndarray, free: np.ndarray):
+        x_eff = np.where(free, x, anchor)
+        params = target.unravel(x_eff)
+        factors = {k: twin(params[k], host[k]) for k, (twin, _) in links.items()}
+        g = None
+        for f in factors.values():  # the product in the order of `inverse_scale`
+            g = f if g is None else g * f
+        big_g = np.zeros((n_rows, n))  # dg/dp, dense (small problems only)
+        for k, (_, slope) in links.items():  # loop over model components (few)
+            others = np.ones(n_rows)
+            for other, f in factors.items():
+                if other != k:
+                    others = others * f
+            d = others[:, None] * slope(factors[k], host[k]) * free[cols_of[k]]  # fixed: no derivative
+            np.add.at(big_g, (row_of[k], cols_of[k]), d)  # repeated columns add up
+        wg = weight * g
+        num = np.bincount(gid, wg * intensity, n_groups)
+        den = np.bincount(gid, wg * g, n_groups)
+        ok = den > 0
+        ih = np.where(ok, num / np.where(ok, den, 1.0), 0.0)
+        ih_obs = ih[gid]
+        c = weight * (intensity - 2.0 * ih_obs * g)
+        dih = np.zeros((n_groups, n))
+        np.add.at(dih, gid, c[:, None] * big_g)
+        dih = np.where(ok[:, None], dih / np.where(ok, den, 1.0)[:, None], 0.0)  # dI_h/dp f[n_groups, n]
+        jac = -sw[:, None] * (ih_obs[:, None] * big_g + g[:, None] * dih[gid])
+        r = sw * (intensity - g * ih_obs)
+        wp = restraint * free  # restraint rows sqrt(w_p) p_eff, derivative sqrt(w_p) on free parameters
+        return (jac.T @ jac + np.diag(wp), jac.T @ r + wp * x_eff,
+                float(r @ r) + float(np.sum(restraint * x_eff**2)))
+
+    return build
+
+
 def _chunk_rows(x: Any, chunks: ChunkData, free: Any) -> int:
     """Observation rows of a `NormalEquations.build` call (all chunks, padding included)."""
     return int(np.prod(np.shape(chunks.target.problem.weight)))
@@ -191,6 +247,8 @@ def precompile_full_matrix(target: ScalingTarget, data: TargetData, chunk_size: 
     """Compile the normal equations of `minimise_full_matrix(target, data)` in the background,
     for a problem that is one chunk (a later problem padded to the same sizes shares it;
     the number of chunks of a larger one follows its live rows, which outliers change)."""
+    if host_normal_equations(target, data) is not None:  # built in numpy: nothing to compile
+        return
     free = np.asarray(data.free, dtype=bool)
     chunks = chunk_by_groups(data.problem, data.bases, np.asarray(data.anchor), free,
                              chunk_size=_chunk_size(data.problem, chunk_size))
@@ -231,9 +289,12 @@ def minimise_full_matrix(
     free = np.asarray(data.free, dtype=bool)
     anchor = np.asarray(data.anchor)
     x = np.where(free, np.asarray(anchor if x0 is None else x0, dtype=np.float64), anchor)
-    chunks = chunk_by_groups(data.problem, data.bases, anchor, free, chunk_size=_chunk_size(data.problem, chunk_size))
-    ne = _normal_equations(target)
-    free_j = jax.device_put(free)
+    host_build = host_normal_equations(target, data)
+    if host_build is None:
+        chunks = chunk_by_groups(data.problem, data.bases, anchor, free,
+                                 chunk_size=_chunk_size(data.problem, chunk_size))
+        ne = _normal_equations(target)
+        free_j = jax.device_put(free)
     idx = np.flatnonzero(free)
     n_free = idx.size
     n_refl = int(n_reflections(data.problem))
@@ -243,7 +304,10 @@ def minimise_full_matrix(
         max_iterations = 100 if engine == "LevMar" else 20
 
     def build(xv):
-        nm, grad, s = ne.build(jax.device_put(np.asarray(xv, dtype=np.float64)), chunks, free_j)
+        if host_build is not None:  # small problem: numpy, nothing to compile
+            nm, grad, s = host_build(np.asarray(xv, dtype=np.float64), free)
+        else:
+            nm, grad, s = ne.build(jax.device_put(np.asarray(xv, dtype=np.float64)), chunks, free_j)
         nm = np.asarray(nm)[np.ix_(idx, idx)]
         return nm, np.asarray(grad)[idx], float(s)
 
@@ -365,6 +429,9 @@ def inverse_scale_variance(
     """var(g_i) = D_i Sigma D_i^T with D_i = dg_i/dp, for every observation of `bases`
     (f[n_obs]); computed in chunks of rows (one compiled program for all chunks, the last
     padded) so neither D nor a copy of the bases is held whole."""
+    host = _host_variance(target, x, covariance, bases, n_obs)
+    if host is not None:
+        return host
     size = int(min(chunk_size, max(n_obs, 1)))
     fn = _variance_function(target, bases)
     x_d = jax.device_put(np.asarray(x, dtype=np.float64))
@@ -379,8 +446,57 @@ def inverse_scale_variance(
     return out
 
 
+def _host_twins_of_variance(target: ScalingTarget, bases: Any, n_obs: int) -> dict | None:
+    """{component: (numpy twin of its apply, its slot slope)} when `inverse_scale_variance`
+    can run in numpy (small job, slot bases, every link with both), else None."""
+    if not host_evaluation(n_obs) or not _has_slot_bases(target, bases):
+        return None
+    twins = target._host_twins()
+    if twins is None:
+        return None
+    out = {k: (twins[k], slot_slope(comp.apply)) for k, comp in target.components.items()}
+    return out if all(slope is not None for _, slope in out.values()) else None
+
+
+def _host_variance(target: ScalingTarget, x: np.ndarray, covariance: np.ndarray, bases: Any,
+                   n_obs: int) -> np.ndarray | None:
+    """numpy twin of the variance program (`_variance_function`, dense rows): var(g_i) =
+    D_i Sigma D_i^T with D_i = dg_i/dp from the links' closed-form slot slopes, for jobs small
+    enough (`compilation.host_evaluation`) that tracing and compiling the program costs more
+    than this; None where it does not apply."""
+    links = _host_twins_of_variance(target, bases, n_obs)
+    if links is None:
+        return None
+    params = target.unravel(np.asarray(x, dtype=np.float64))
+    host = {k: {name: np.asarray(v) for name, v in bases[k].items()} for k in target.components}
+    factors = {k: twin(params[k], host[k]) for k, (twin, _) in links.items()}
+    slopes = {}
+    for k, (_, slope) in links.items():  # loop over model components (few): d g / d slot values
+        others = np.ones(n_obs)
+        for other, f in factors.items():
+            if other != k:
+                others = others * f
+        slopes[k] = others[:, None] * slope(factors[k], host[k])  # f[n_obs, K_k]
+    n = target.n_params
+    cov = np.asarray(covariance, dtype=np.float64)
+    out = np.empty(n_obs)
+    size = max(1, min(n_obs, (1 << 20) // max(n, 1)))  # dense rows of D in chunks of <= 8 MB
+    for start in range(0, n_obs, size):  # loop over chunks of rows
+        stop = min(start + size, n_obs)
+        rows = np.zeros((stop - start, n))
+        for k in links:  # components (few); repeated columns add up
+            cols = host[k]["idx"][start:stop].astype(np.int64) + target.slices[k].start
+            np.add.at(rows, (np.broadcast_to(np.arange(stop - start)[:, None], cols.shape), cols),
+                      slopes[k][start:stop])
+        out[start:stop] = np.einsum("ij,ij->i", rows @ cov, rows)
+    return out
+
+
 def precompile_variance(target: ScalingTarget, bases: Any, n_obs: int, chunk_size: int = 8192) -> None:
-    """Compile `inverse_scale_variance(target, x, covariance, bases, n_obs)` in the background."""
+    """Compile `inverse_scale_variance(target, x, covariance, bases, n_obs)` in the background
+    (nothing to compile where its numpy twin runs)."""
+    if _host_twins_of_variance(target, bases, n_obs) is not None:
+        return
     size = int(min(chunk_size, max(n_obs, 1)))
     n = target.n_params
     chunk = jax.tree.map(lambda a: jax.ShapeDtypeStruct((size, *np.shape(a)[1:]), a.dtype), bases)

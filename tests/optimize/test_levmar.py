@@ -118,8 +118,13 @@ def test_closed_form_slopes_equal_autodiff_bitwise(case, monkeypatch, absorption
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("on_host", [True, False])  # the numpy twin (small jobs) / the compiled program
 @pytest.mark.parametrize("n_scale", [6, 300])  # dense rows of D / (slot, slot) gathers
-def test_inverse_scale_variance_equals_dense(n_scale):
+def test_inverse_scale_variance_equals_dense(n_scale, on_host, monkeypatch):
+    from jaxscale.optimize import levmar
+
+    if not on_host:
+        monkeypatch.setattr(levmar, "_host_variance", lambda *args: None)
     rng = np.random.default_rng(4)
     comps, params, bases = _model(rng, 700, n_scale)
     target = ScalingTarget(comps, params)
@@ -128,6 +133,37 @@ def test_inverse_scale_variance_equals_dense(n_scale):
     cov = a @ a.T * 1e-4
     cov[0], cov[:, 0] = 0.0, 0.0  # a fixed parameter
     n = int(np.asarray(bases["scale"]["idx"]).shape[0])
+    assert (levmar._host_twins_of_variance(target, bases, n) is not None) is True  # a job small enough
     var = inverse_scale_variance(target, x, cov, bases, n, chunk_size=128)  # last chunk padded
     d = np.asarray(jax.jacfwd(target.inverse_scale)(jnp.asarray(x), bases))
     np.testing.assert_allclose(var, np.einsum("ip,pq,iq->i", d, cov, d), rtol=1e-11, atol=1e-18)
+
+
+def test_host_normal_equations_equal_the_compiled_builder(case):
+    """The numpy twin of the normal-equation builder (small problems) gives the compiled
+    builder's N, gradient and sum of squares: fixed parameters, zero-weight rows, restraints."""
+    from jaxscale.optimize.levmar import host_normal_equations
+    from jaxscale.target.objective import TargetData
+
+    rng, comps, params, bases, target, gid, intensity, weight, ih = case
+    problem = make_problem(intensity, weight, gid)
+    x = target.x0 * (1 + 0.01 * rng.normal(size=target.n_params))
+    free = np.ones(target.n_params, bool)
+    free[[0, 7]] = False
+    assert np.any(np.asarray(target.restraint_weights) > 0)  # restraint rows are part of the comparison
+    data = TargetData(problem=problem, bases=bases, anchor=jnp.asarray(x * 0.98), free=jnp.asarray(free))
+    build = host_normal_equations(target, data)
+    assert build is not None
+    nm, grad, s = build(x, free)
+    chunks = chunk_by_groups(problem, bases, x * 0.98, free, chunk_size=10000)
+    nm_ref, grad_ref, s_ref = NormalEquations(target).build(jnp.asarray(x), chunks, jnp.asarray(free))
+    scale = np.abs(np.asarray(nm_ref)).max()
+    np.testing.assert_allclose(nm, np.asarray(nm_ref), rtol=1e-11, atol=1e-13 * scale)
+    np.testing.assert_allclose(grad, np.asarray(grad_ref), rtol=1e-11, atol=1e-13 * np.abs(np.asarray(grad_ref)).max())
+    assert np.isclose(s, float(s_ref), rtol=1e-13)
+    # other cases keep the compiled builder
+    targeted = TargetData(problem=make_problem(intensity, weight, gid, ih_reference=ih), bases=bases,
+                          anchor=data.anchor, free=data.free)
+    assert host_normal_equations(target, targeted) is None
+    assert host_normal_equations(_DenseTarget(comps, params), data) is None
+    assert host_normal_equations(target, data, max_elements=10) is None
