@@ -379,19 +379,18 @@ def _host_lbfgs_direction(grad: np.ndarray, state: HostLBFGSState, x: np.ndarray
     return -1.0 * vec, HostLBFGSState(k + 1, x, grad, dp_mem, du_mem, w_mem)
 
 
+def _host_lbfgs_state(x: np.ndarray, memory_size: int) -> HostLBFGSState:
+    """`optax.scale_by_lbfgs(memory_size).init(x)` as numpy arrays."""
+    zeros = np.zeros((memory_size, x.size))
+    return HostLBFGSState(0, np.zeros_like(x), np.zeros_like(x), zeros, zeros.copy(), np.zeros(memory_size))
+
+
 def _lbfgs_state(x: np.ndarray, memory_size: int):
     """`optax.scale_by_lbfgs(memory_size).init(x)` built on the host (no compilation)."""
     import optax  # noqa: PLC0415
 
-    zeros = np.zeros((memory_size, x.size))
-    return optax.ScaleByLBFGSState(count=np.asarray(0, np.int32), params=np.zeros_like(x), updates=np.zeros_like(x),
-                                   diff_params_memory=zeros, diff_updates_memory=zeros.copy(),
-                                   weights_memory=np.zeros(memory_size))
-
-
-def _host_lbfgs_state(x: np.ndarray, memory_size: int) -> HostLBFGSState:
-    zeros = np.zeros((memory_size, x.size))
-    return HostLBFGSState(0, np.zeros_like(x), np.zeros_like(x), zeros, zeros.copy(), np.zeros(memory_size))
+    fields = _host_lbfgs_state(x, memory_size)._asdict()
+    return optax.ScaleByLBFGSState(**{**fields, "count": np.asarray(0, np.int32)})
 
 
 def precompile_direction(n_params: int, memory_size: int = 5) -> None:

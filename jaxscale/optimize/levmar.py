@@ -175,7 +175,7 @@ def host_normal_equations(target: ScalingTarget, data: TargetData, max_elements:
     if (not host_evaluation(n_rows) or n_rows * n > max_elements or p.ih_reference is not None
             or type(target).chunk_residuals is not ScalingTarget.chunk_residuals):
         return None
-    links = _host_twins_of_variance(target, data.bases, n_rows)
+    links = _host_links(target, data.bases, n_rows)
     if links is None:
         return None
     host = {k: {name: np.asarray(v) for name, v in data.bases[k].items()} for k in target.components}
@@ -188,19 +188,10 @@ def host_normal_equations(target: ScalingTarget, data: TargetData, max_elements:
 
     def build(x: np.ndarray, free: np.ndarray):
         x_eff = np.where(free, x, anchor)
-        params = target.unravel(x_eff)
-        factors = {k: twin(params[k], host[k]) for k, (twin, _) in links.items()}
-        g = None
-        for f in factors.values():  # the product in the order of `inverse_scale`
-            g = f if g is None else g * f
+        g, slot_d = _host_slot_derivatives(target, links, x_eff, host)
         big_g = np.zeros((n_rows, n))  # dg/dp, dense (small problems only)
-        for k, (_, slope) in links.items():  # loop over model components (few)
-            others = np.ones(n_rows)
-            for other, f in factors.items():
-                if other != k:
-                    others = others * f
-            d = others[:, None] * slope(factors[k], host[k]) * free[cols_of[k]]  # fixed: no derivative
-            np.add.at(big_g, (row_of[k], cols_of[k]), d)  # repeated columns add up
+        for k, d in slot_d.items():  # loop over model components (few); fixed parameters: no derivative
+            np.add.at(big_g, (row_of[k], cols_of[k]), d * free[cols_of[k]])  # repeated columns add up
         wg = weight * g
         num = np.bincount(gid, wg * intensity, n_groups)
         den = np.bincount(gid, wg * g, n_groups)
@@ -446,10 +437,11 @@ def inverse_scale_variance(
     return out
 
 
-def _host_twins_of_variance(target: ScalingTarget, bases: Any, n_obs: int) -> dict | None:
-    """{component: (numpy twin of its apply, its slot slope)} when `inverse_scale_variance`
-    can run in numpy (small job, slot bases, every link with both), else None."""
-    if not host_evaluation(n_obs) or not _has_slot_bases(target, bases):
+def _host_links(target: ScalingTarget, bases: Any, n_rows: int) -> dict | None:
+    """{component: (numpy twin of its apply, its closed-form slot slope)} when a job of n_rows
+    rows may run in numpy instead of a compiled program (small job, slot bases, every link
+    with both), else None."""
+    if not host_evaluation(n_rows) or not _has_slot_bases(target, bases):
         return None
     twins = target._host_twins()
     if twins is None:
@@ -458,25 +450,36 @@ def _host_twins_of_variance(target: ScalingTarget, bases: Any, n_obs: int) -> di
     return out if all(slope is not None for _, slope in out.values()) else None
 
 
+def _host_slot_derivatives(target: ScalingTarget, links: dict, x_eff: np.ndarray,
+                           host_bases: dict) -> tuple[np.ndarray, dict]:
+    """numpy twin of `slot_derivatives`: g f[n] and, per component, dg/d(its slot values)
+    f[n, K_c] (the slot columns are the basis' idx + the component's offset)."""
+    params = target.unravel(x_eff)
+    factors = {k: twin(params[k], host_bases[k]) for k, (twin, _) in links.items()}
+    g = None
+    for f in factors.values():  # the product in the order of `inverse_scale`
+        g = f if g is None else g * f
+    slot_d = {}
+    for k, (_, slope) in links.items():  # loop over model components (few)
+        others = np.ones_like(g)
+        for other, f in factors.items():
+            if other != k:
+                others = others * f
+        slot_d[k] = others[:, None] * slope(factors[k], host_bases[k])
+    return g, slot_d
+
+
 def _host_variance(target: ScalingTarget, x: np.ndarray, covariance: np.ndarray, bases: Any,
                    n_obs: int) -> np.ndarray | None:
     """numpy twin of the variance program (`_variance_function`, dense rows): var(g_i) =
     D_i Sigma D_i^T with D_i = dg_i/dp from the links' closed-form slot slopes, for jobs small
     enough (`compilation.host_evaluation`) that tracing and compiling the program costs more
     than this; None where it does not apply."""
-    links = _host_twins_of_variance(target, bases, n_obs)
+    links = _host_links(target, bases, n_obs)
     if links is None:
         return None
-    params = target.unravel(np.asarray(x, dtype=np.float64))
     host = {k: {name: np.asarray(v) for name, v in bases[k].items()} for k in target.components}
-    factors = {k: twin(params[k], host[k]) for k, (twin, _) in links.items()}
-    slopes = {}
-    for k, (_, slope) in links.items():  # loop over model components (few): d g / d slot values
-        others = np.ones(n_obs)
-        for other, f in factors.items():
-            if other != k:
-                others = others * f
-        slopes[k] = others[:, None] * slope(factors[k], host[k])  # f[n_obs, K_k]
+    _, slopes = _host_slot_derivatives(target, links, np.asarray(x, dtype=np.float64), host)
     n = target.n_params
     cov = np.asarray(covariance, dtype=np.float64)
     out = np.empty(n_obs)
@@ -495,7 +498,7 @@ def _host_variance(target: ScalingTarget, x: np.ndarray, covariance: np.ndarray,
 def precompile_variance(target: ScalingTarget, bases: Any, n_obs: int, chunk_size: int = 8192) -> None:
     """Compile `inverse_scale_variance(target, x, covariance, bases, n_obs)` in the background
     (nothing to compile where its numpy twin runs)."""
-    if _host_twins_of_variance(target, bases, n_obs) is not None:
+    if _host_links(target, bases, n_obs) is not None:
         return
     size = int(min(chunk_size, max(n_obs, 1)))
     n = target.n_params

@@ -133,7 +133,7 @@ def test_inverse_scale_variance_equals_dense(n_scale, on_host, monkeypatch):
     cov = a @ a.T * 1e-4
     cov[0], cov[:, 0] = 0.0, 0.0  # a fixed parameter
     n = int(np.asarray(bases["scale"]["idx"]).shape[0])
-    assert (levmar._host_twins_of_variance(target, bases, n) is not None) is True  # a job small enough
+    assert (levmar._host_links(target, bases, n) is not None) is True  # a job small enough
     var = inverse_scale_variance(target, x, cov, bases, n, chunk_size=128)  # last chunk padded
     d = np.asarray(jax.jacfwd(target.inverse_scale)(jnp.asarray(x), bases))
     np.testing.assert_allclose(var, np.einsum("ip,pq,iq->i", d, cov, d), rtol=1e-11, atol=1e-18)
