@@ -27,7 +27,7 @@ then not imported at all. `scale_by_more_thuente_linesearch` is the same search
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.flatten_util
@@ -36,6 +36,9 @@ import numpy as np
 
 from jaxscale.compilation import Program, host_evaluation, precompile
 from jaxscale.target.objective import ScalingTarget, TargetData, n_reflections
+
+if TYPE_CHECKING:  # annotations only: optax is imported where it is used
+    import optax
 
 RMSD_CONVERGED = "RMSD no longer decreasing"
 GRADIENT_SMALL = "gradient norm below tolerance"
