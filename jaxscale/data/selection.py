@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from math import ceil, floor
-from typing import TYPE_CHECKING
 
 import gemmi
 import numpy as np
@@ -18,8 +17,6 @@ import numpy as np
 from jaxscale.data.symmetry import d_star_sq as _d_star_sq
 from jaxscale.data.symmetry import epsilon
 
-if TYPE_CHECKING:  # scipy.sparse (0.1 s to import) only when several data sets are selected
-    import scipy.sparse as sp
 
 METHODS = ("auto", "quasi_random", "random", "use_all", "intensity_ranges")
 
@@ -116,28 +113,71 @@ def _groups_above_isigma(group_id, intensity, variance, rows, cutoff):
     return rows & ok[group_id]
 
 
-def _greedy_class_fill(matrix: sp.csc_matrix, min_per_class: float, min_total: float, max_total: float) -> np.ndarray:
+@dataclass(frozen=True)
+class ClassMatrix:
+    """A sparse (n_classes, n_cols) count matrix as its nonzero entries, indexed both ways
+    (numpy only: scipy.sparse costs ~0.1 s to import for this one use)."""
+
+    n_classes: int
+    n_cols: int
+    order: np.ndarray  # i[n_cols]: the original column id of each column
+    col_ptr: np.ndarray  # i[n_cols + 1]: entries of column j are col_class/col_count[ptr[j]:ptr[j+1]]
+    col_class: np.ndarray
+    col_count: np.ndarray
+    row_ptr: np.ndarray  # i[n_classes + 1]: columns of row c are row_col[ptr[c]:ptr[c+1]], ascending
+    row_col: np.ndarray
+
+    @classmethod
+    def from_pairs(cls, classes: np.ndarray, cols: np.ndarray, n_classes: int, n_cols: int,
+                   by_coverage: bool = False) -> "ClassMatrix":
+        """Counts of each (class, column) pair among the given pairs (one per reflection);
+        by_coverage: columns renumbered by decreasing coverage (stable), `order` old ids of the new."""
+        keys, counts = np.unique(np.asarray(classes, np.int64) * n_cols + np.asarray(cols, np.int64),
+                                 return_counts=True)
+        classes, cols = np.divmod(keys, n_cols)
+        order = np.arange(n_cols)
+        if by_coverage:
+            order = np.argsort(-np.bincount(cols, minlength=n_cols), kind="stable")
+            rank = np.empty(n_cols, np.int64)
+            rank[order] = np.arange(n_cols)
+            cols = rank[cols]
+        by_row, by_col = np.lexsort((cols, classes)), np.lexsort((classes, cols))
+        col_ptr = np.concatenate([[0], np.cumsum(np.bincount(cols, minlength=n_cols))])
+        row_ptr = np.concatenate([[0], np.cumsum(np.bincount(classes, minlength=n_classes))])
+        return cls(n_classes, n_cols, order, col_ptr, classes[by_col], counts[by_col].astype(np.float64),
+                   row_ptr, cols[by_row])
+
+    def column(self, j: int) -> np.ndarray:
+        """f[n_classes]: column j, dense."""
+        out = np.zeros(self.n_classes)
+        lo, hi = self.col_ptr[j], self.col_ptr[j + 1]
+        out[self.col_class[lo:hi]] = self.col_count[lo:hi]
+        return out
+
+    def row_columns(self, c: int) -> np.ndarray:
+        """Columns with a nonzero count in row c, ascending."""
+        return self.row_col[self.row_ptr[c]:self.row_ptr[c + 1]]
+
+
+def _greedy_class_fill(matrix: ClassMatrix, min_per_class: float, min_total: float, max_total: float) -> np.ndarray:
     """DIALS' `_loop_over_class_matrix` on a (n_classes, n_groups) count matrix whose
     columns are already sorted by coverage; returns the chosen columns (bool).
 
     Sequential by nature: one step per chosen group (not per reflection).
     """
-    n_classes, n_cols = matrix.shape
-    dense_rows = matrix.tocsr()
+    n_classes, n_cols = matrix.n_classes, matrix.n_cols
     unused = np.ones(n_cols, dtype=bool)
 
-    def column(j):
-        return matrix[:, j].toarray().ravel()
-
     def add_for(row, totals):
-        candidates = np.flatnonzero(unused & (dense_rows[row].toarray().ravel() != 0))
+        cols = matrix.row_columns(row)
+        candidates = cols[unused[cols]]
         if candidates.size == 0:
             return False
         unused[candidates[0]] = False
-        totals += column(candidates[0])
+        totals += matrix.column(candidates[0])
         return True
 
-    totals = column(0).astype(np.float64)
+    totals = matrix.column(0)
     unused[0] = False
     deficit = np.zeros(n_classes)
     total_deficit = 0.0
@@ -198,20 +238,14 @@ def select_connected_across_datasets(
     _, classes = np.unique(np.where(pool, dataset_id, -1), return_inverse=True)
     classes = classes.reshape(-1) - (1 if (~pool).any() else 0)
     chosen_group = np.zeros(int(group_id.max()) + 1, dtype=bool)
-    import scipy.sparse as sp
-
     for b in range(n_bins):  # <= 20 resolution bins
         in_bin = pool & (res_bin == b)
         if not in_bin.any():
             continue
         groups, col = np.unique(group_id[in_bin], return_inverse=True)
-        counts = sp.coo_matrix(
-            (np.ones(col.size), (classes[in_bin], col.reshape(-1))), shape=(n_datasets, groups.size)
-        ).tocsc()
-        coverage = np.diff((counts > 0).tocsc().indptr)
-        order = np.argsort(-coverage, kind="stable")
-        used = _greedy_class_fill(counts[:, order], mpc, mint, maxt)
-        chosen_group[groups[order[used]]] = True
+        counts = ClassMatrix.from_pairs(classes[in_bin], col.reshape(-1), n_datasets, groups.size, by_coverage=True)
+        used = _greedy_class_fill(counts, mpc, mint, maxt)
+        chosen_group[groups[counts.order[used]]] = True
     return pool & chosen_group[group_id]
 
 

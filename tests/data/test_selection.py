@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import gemmi
 import numpy as np
-import scipy.sparse as sp
 
 from jaxscale.data.prepare import prepare_dataset, suitable_for_scaling
 from jaxscale.data.selection import (
+    ClassMatrix,
     _greedy_class_fill,
     preselection,
     quasi_normalised_esq,
@@ -40,8 +40,25 @@ def test_greedy_fill_docstring_example():
     m = np.array([[3, 3, 2, 0, 1, 1, 1], [0, 2, 0, 0, 3, 2, 1], [2, 1, 1, 5, 0, 4, 0]], dtype=float)
     order = np.argsort(-(m > 0).sum(axis=0), kind="stable")
     assert order.tolist() == [1, 5, 0, 2, 4, 6, 3]
-    used = _greedy_class_fill(sp.csc_matrix(m[:, order]), 5, 0, 1000)
+    classes, cols = np.nonzero(m)
+    pairs = np.repeat(np.stack([classes, cols]), m[classes, cols].astype(int), axis=1)  # one per reflection
+    matrix = ClassMatrix.from_pairs(*pairs, *m.shape, by_coverage=True)
+    assert matrix.order.tolist() == order.tolist()
+    used = _greedy_class_fill(matrix, 5, 0, 1000)
     assert sorted(order[used].tolist()) == [0, 1, 4, 5]
+
+
+def test_class_matrix_counts_and_orders_by_coverage():
+    rng = np.random.default_rng(3)
+    classes, cols = rng.integers(0, 4, 200), rng.integers(0, 30, 200)
+    dense = np.zeros((4, 30))
+    np.add.at(dense, (classes, cols), 1.0)
+    matrix = ClassMatrix.from_pairs(classes, cols, 4, 30, by_coverage=True)
+    assert matrix.order.tolist() == np.argsort(-(dense > 0).sum(axis=0), kind="stable").tolist()
+    for j in range(30):  # loop over the columns and rows of a small test matrix
+        assert np.array_equal(matrix.column(j), dense[:, matrix.order[j]])
+    for c in range(4):
+        assert matrix.row_columns(c).tolist() == np.flatnonzero(dense[c, matrix.order]).tolist()
 
 
 def _synthetic(n_groups=3000, n_datasets=3, seed=0):
