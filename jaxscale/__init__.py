@@ -12,6 +12,12 @@ shape); delete the folder to reclaim space.
 import gc as _gc
 import os as _os
 
+# numpy's BLAS only ever sees parameter-sized problems here (host twins of small jobs, a few
+# hundred unknowns), where its threads cost more than they give; with the other cores busy,
+# OpenBLAS's spinning threads made the 10 Cholesky factorisations of a 100-still job take 0.07-2 s
+# instead of 3 ms. One thread unless the caller chose (set before numpy is first imported).
+_os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 # Importing JAX creates ~200k long-lived objects; with the collector running, its full
 # passes over them cost ~0.1-0.2 s of every process. Nothing collectable is made here.
 _gc_was_enabled = _gc.isenabled()

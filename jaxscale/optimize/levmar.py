@@ -183,15 +183,17 @@ def host_normal_equations(target: ScalingTarget, data: TargetData, max_elements:
     gid, n_groups = np.asarray(p.group_id).astype(np.int64), int(p.n_groups)
     anchor, restraint = np.asarray(data.anchor, np.float64), np.asarray(target.restraint_weights, np.float64)
     sw = np.sqrt(weight)
-    row_of = {k: np.broadcast_to(np.arange(n_rows)[:, None], host[k]["idx"].shape) for k in target.components}
-    cols_of = {k: host[k]["idx"].astype(np.int64) + target.slices[k].start for k in target.components}
+    cols = np.concatenate([host[k]["idx"].astype(np.int64) + target.slices[k].start for k in target.components],
+                          axis=1)  # i[n_rows, S]: every component's slot columns
+    row_cells = np.arange(n_rows)[:, None] * n + cols  # flat cells of a dense f[n_rows, n]
+    group_cells = gid[:, None] * n + cols  # ... and of a dense f[n_groups, n]
 
     def build(x: np.ndarray, free: np.ndarray):
         x_eff = np.where(free, x, anchor)
         g, slot_d = _host_slot_derivatives(target, links, x_eff, host)
-        big_g = np.zeros((n_rows, n))  # dg/dp, dense (small problems only)
-        for k, d in slot_d.items():  # loop over model components (few); fixed parameters: no derivative
-            np.add.at(big_g, (row_of[k], cols_of[k]), d * free[cols_of[k]])  # repeated columns add up
+        d = np.concatenate(list(slot_d.values()), axis=1) * free[cols]  # fixed parameters: no derivative
+        # dg/dp dense (small problems only); slots sharing a column add up
+        big_g = np.bincount(row_cells.ravel(), d.ravel(), n_rows * n).reshape(n_rows, n)
         wg = weight * g
         num = np.bincount(gid, wg * intensity, n_groups)
         den = np.bincount(gid, wg * g, n_groups)
@@ -199,8 +201,7 @@ def host_normal_equations(target: ScalingTarget, data: TargetData, max_elements:
         ih = np.where(ok, num / np.where(ok, den, 1.0), 0.0)
         ih_obs = ih[gid]
         c = weight * (intensity - 2.0 * ih_obs * g)
-        dih = np.zeros((n_groups, n))
-        np.add.at(dih, gid, c[:, None] * big_g)
+        dih = np.bincount(group_cells.ravel(), (c[:, None] * d).ravel(), n_groups * n).reshape(n_groups, n)
         dih = np.where(ok[:, None], dih / np.where(ok, den, 1.0)[:, None], 0.0)  # dI_h/dp f[n_groups, n]
         jac = -sw[:, None] * (ih_obs[:, None] * big_g + g[:, None] * dih[gid])
         r = sw * (intensity - g * ih_obs)
@@ -480,19 +481,26 @@ def _host_variance(target: ScalingTarget, x: np.ndarray, covariance: np.ndarray,
         return None
     host = {k: {name: np.asarray(v) for name, v in bases[k].items()} for k in target.components}
     _, slopes = _host_slot_derivatives(target, links, np.asarray(x, dtype=np.float64), host)
+    d = np.concatenate(list(slopes.values()), axis=1)  # f[n_obs, S]: every component's slot slopes
+    cols = np.concatenate([host[k]["idx"].astype(np.int64) + target.slices[k].start for k in slopes], axis=1)
     n = target.n_params
     cov = np.asarray(covariance, dtype=np.float64)
+    if not _dense_variance_rows(n, cols.shape[1]):  # sum over slot pairs d_a Sigma_ab d_b
+        return np.einsum("ia,iab,ib->i", d, cov[cols[:, :, None], cols[:, None, :]], d)
     out = np.empty(n_obs)
     size = max(1, min(n_obs, (1 << 20) // max(n, 1)))  # dense rows of D in chunks of <= 8 MB
     for start in range(0, n_obs, size):  # loop over chunks of rows
         stop = min(start + size, n_obs)
-        rows = np.zeros((stop - start, n))
-        for k in links:  # components (few); repeated columns add up
-            cols = host[k]["idx"][start:stop].astype(np.int64) + target.slices[k].start
-            np.add.at(rows, (np.broadcast_to(np.arange(stop - start)[:, None], cols.shape), cols),
-                      slopes[k][start:stop])
+        cells = np.arange(stop - start)[:, None] * n + cols[start:stop]
+        rows = np.bincount(cells.ravel(), d[start:stop].ravel(), (stop - start) * n).reshape(stop - start, n)
         out[start:stop] = np.einsum("ij,ij->i", rows @ cov, rows)
     return out
+
+
+def _dense_variance_rows(n_params: int, n_slots: int) -> bool:
+    """Whether var(g) goes through dense rows D (C x n: C n^2 BLAS flops) rather than slot
+    pairs (C S^2 gathers, each ~50x dearer than a flop)."""
+    return n_params <= 8 * n_slots
 
 
 def precompile_variance(target: ScalingTarget, bases: Any, n_obs: int, chunk_size: int = 8192) -> None:
@@ -514,8 +522,7 @@ def _variance_function(target: ScalingTarget, bases: Any):
         return hit[1]
     slots = _has_slot_bases(target, bases)
     n_slots = sum(int(np.shape(bases[k]["idx"])[1]) for k in target.components) if slots else 0
-    # dense rows D (C x n) cost C n^2 BLAS flops, slot pairs C S^2 gathers (~50x dearer each)
-    dense = target.n_params <= 8 * n_slots
+    dense = _dense_variance_rows(target.n_params, n_slots)
 
     def run(x, cov, chunk_bases):
         if not slots:
