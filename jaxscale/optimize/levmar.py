@@ -164,52 +164,126 @@ class NormalEquations:
         return nm, grad, s
 
 
-def host_normal_equations(target: ScalingTarget, data: TargetData, max_elements: int = 1 << 22):
+def host_normal_equations(target: ScalingTarget, data: TargetData, max_elements: int = 1 << 22,
+                          route: str | None = None):
     """numpy twin of `NormalEquations.build` over the whole problem (x -> (N, grad, sum r^2)),
     the same exact Jacobian from the links' closed-form slot slopes, for problems small enough
-    (`compilation.host_evaluation`, J at most `max_elements` dense entries) that tracing and
-    compiling the builder costs more than every build of the round; None where it does not
-    apply (other residuals, bases or links, a fixed reference I_h, larger problems)."""
+    (`compilation.host_evaluation`, and J at most `max_elements` entries, dense or as pairs of
+    slots within a group) that tracing and compiling the builder costs more than every build of
+    the round; None where it does not apply (other residuals, bases or links, a fixed reference
+    I_h, larger problems). route: "pairs" or "dense" to force one (tests), else the cheaper."""
     p = data.problem
     n_rows, n = int(np.shape(p.weight)[0]), target.n_params
-    if (not host_evaluation(n_rows) or n_rows * n > max_elements or p.ih_reference is not None
+    if (not host_evaluation(n_rows) or p.ih_reference is not None
             or type(target).chunk_residuals is not ScalingTarget.chunk_residuals):
         return None
     links = _host_links(target, data.bases, n_rows)
     if links is None:
         return None
     host = {k: {name: np.asarray(v) for name, v in data.bases[k].items()} for k in target.components}
-    weight, intensity = np.asarray(p.weight, np.float64), np.asarray(p.intensity, np.float64)
     gid, n_groups = np.asarray(p.group_id).astype(np.int64), int(p.n_groups)
-    anchor, restraint = np.asarray(data.anchor, np.float64), np.asarray(target.restraint_weights, np.float64)
-    sw = np.sqrt(weight)
     cols = np.concatenate([host[k]["idx"].astype(np.int64) + target.slices[k].start for k in target.components],
                           axis=1)  # i[n_rows, S]: every component's slot columns
-    row_cells = np.arange(n_rows)[:, None] * n + cols  # flat cells of a dense f[n_rows, n]
-    group_cells = gid[:, None] * n + cols  # ... and of a dense f[n_groups, n]
+    pairs = _GroupSlotPairs(gid, cols, n)
+    # J^T J as sums over pairs of slots within a group (each pair ~ a few gathers and a scatter)
+    # or from the dense J (n_rows n^2 BLAS flops, ~50x cheaper each): the cheaper that fits
+    if route is None:
+        route = "pairs" if 50 * pairs.n_pairs < n_rows * n * n else "dense"
+    if route == "pairs" and pairs.n_pairs <= max_elements:
+        assemble = pairs.normal_equations
+    elif route == "dense" and n_rows * n <= max_elements:
+        assemble = _dense_normal_equations(gid, n_groups, cols, n)
+    else:
+        return None
+    weight, intensity = np.asarray(p.weight, np.float64), np.asarray(p.intensity, np.float64)
+    anchor, restraint = np.asarray(data.anchor, np.float64), np.asarray(target.restraint_weights, np.float64)
 
     def build(x: np.ndarray, free: np.ndarray):
         x_eff = np.where(free, x, anchor)
         g, slot_d = _host_slot_derivatives(target, links, x_eff, host)
         d = np.concatenate(list(slot_d.values()), axis=1) * free[cols]  # fixed parameters: no derivative
-        # dg/dp dense (small problems only); slots sharing a column add up
-        big_g = np.bincount(row_cells.ravel(), d.ravel(), n_rows * n).reshape(n_rows, n)
         wg = weight * g
         num = np.bincount(gid, wg * intensity, n_groups)
         den = np.bincount(gid, wg * g, n_groups)
         ok = den > 0
         ih = np.where(ok, num / np.where(ok, den, 1.0), 0.0)
-        ih_obs = ih[gid]
-        c = weight * (intensity - 2.0 * ih_obs * g)
-        dih = np.bincount(group_cells.ravel(), (c[:, None] * d).ravel(), n_groups * n).reshape(n_groups, n)
-        dih = np.where(ok[:, None], dih / np.where(ok, den, 1.0)[:, None], 0.0)  # dI_h/dp f[n_groups, n]
-        jac = -sw[:, None] * (ih_obs[:, None] * big_g + g[:, None] * dih[gid])
-        r = sw * (intensity - g * ih_obs)
+        inv_den = np.where(ok, 1.0 / np.where(ok, den, 1.0), 0.0)
+        nm, grad, s = assemble(weight, intensity, g, d, ih, den, inv_den)
         wp = restraint * free  # restraint rows sqrt(w_p) p_eff, derivative sqrt(w_p) on free parameters
-        return (jac.T @ jac + np.diag(wp), jac.T @ r + wp * x_eff,
-                float(r @ r) + float(np.sum(restraint * x_eff**2)))
+        return nm + np.diag(wp), grad + wp * x_eff, s + float(np.sum(restraint * x_eff**2))
 
     return build
+
+
+def _dense_normal_equations(gid: np.ndarray, n_groups: int, cols: np.ndarray, n: int):
+    """(J^T J, J^T r, r^T r) from the dense J f[n_rows, n], rows r_i = sqrt(w_i)(I_i - g_i I_h)
+    with dI_h/dp = sum_{j in h} w_j (I_j - 2 I_h g_j) dg_j/dp / den_h (slots sharing a column add up)."""
+    n_rows = gid.size
+    row_cells = (np.arange(n_rows)[:, None] * n + cols).ravel()  # flat cells of a dense f[n_rows, n]
+    group_cells = (gid[:, None] * n + cols).ravel()  # ... and of a dense f[n_groups, n]
+
+    def assemble(weight, intensity, g, d, ih, den, inv_den):
+        big_g = np.bincount(row_cells, d.ravel(), n_rows * n).reshape(n_rows, n)  # dg/dp
+        ih_obs = ih[gid]
+        c = weight * (intensity - 2.0 * ih_obs * g)
+        dih = np.bincount(group_cells, (c[:, None] * d).ravel(), n_groups * n).reshape(n_groups, n) * inv_den[:, None]
+        sw = np.sqrt(weight)
+        jac = -sw[:, None] * (ih_obs[:, None] * big_g + g[:, None] * dih[gid])
+        r = sw * (intensity - g * ih_obs)
+        return jac.T @ jac, jac.T @ r, float(r @ r)
+
+    return assemble
+
+
+class _GroupSlotPairs:
+    """The sparsity of J for slot models: row i's derivative touches its own slot columns and,
+    through I_h, those of every row of its group. So J^T J is a sum over pairs of (row, slot)
+    entries of the same group, precomputed here as index arrays, and no n_rows x n array is made:
+    with J_i = -sqrt(w_i) (I_h d_i + g_i D_h), D_h = sum_{j in h} c_j d_j / den_h,
+    c_j = w_j (I_j - 2 I_h g_j) and E_h = sum_{j in h} w_j g_j d_j,
+      J^T J = sum_i w_i I_h^2 d_i^T d_i + sum_h [I_h (E_h^T D_h + D_h^T E_h) + den_h D_h^T D_h],
+      J^T r = -sum_i w_i rho_i I_h d_i - sum_h (sum_{j in h} w_j g_j rho_j) D_h,  rho = I - g I_h."""
+
+    def __init__(self, gid: np.ndarray, cols: np.ndarray, n: int):
+        n_rows, n_slots = cols.shape
+        self.gid, self.n = gid, n
+        self.entry_cols = cols.ravel()  # entries (row, slot) in row-major order
+        self.entry_group = np.repeat(gid, n_slots)
+        # pairs of slots of one row
+        slot_a, slot_b = np.meshgrid(np.arange(n_slots), np.arange(n_slots), indexing="ij")
+        self.row_a = (np.arange(n_rows)[:, None] * n_slots + slot_a.ravel()).ravel()
+        self.row_b = (np.arange(n_rows)[:, None] * n_slots + slot_b.ravel()).ravel()
+        # pairs of entries of one group: entries sorted by group, each paired with its group's all
+        by_group = np.argsort(self.entry_group, kind="stable")
+        size = np.bincount(self.entry_group, minlength=int(gid.max(initial=-1)) + 1)
+        start = np.concatenate([[0], np.cumsum(size)[:-1]])
+        per_entry = size[self.entry_group[by_group]]
+        self.n_pairs = int(np.sum(per_entry, dtype=np.int64)) + self.row_a.size
+        if self.n_pairs > (1 << 24):  # more than the caller takes this route for: no index arrays
+            return
+        a_sorted = np.repeat(np.arange(by_group.size), per_entry)
+        offset = np.arange(a_sorted.size) - np.repeat(np.cumsum(per_entry) - per_entry, per_entry)
+        self.group_a = by_group[a_sorted]
+        self.group_b = by_group[start[self.entry_group[self.group_a]] + offset]
+        self.row_cells = self.entry_cols[self.row_a] * n + self.entry_cols[self.row_b]
+        self.group_cells = self.entry_cols[self.group_a] * n + self.entry_cols[self.group_b]
+
+    def normal_equations(self, weight, intensity, g, d, ih, den, inv_den):
+        n, gid, eg = self.n, self.gid, self.entry_group
+        n_slots = d.shape[1]
+        ih_obs = ih[gid]
+        rho = intensity - g * ih_obs
+        d_flat = d.ravel()
+        own = np.repeat(weight * ih_obs**2, n_slots)  # w_i I_h^2 per entry
+        delta = np.repeat(weight * (intensity - 2.0 * ih_obs * g), n_slots) * d_flat * inv_den[eg]  # D_h parts
+        e = np.repeat(weight * g, n_slots) * d_flat  # E_h parts
+        a, b = self.group_a, self.group_b
+        nm = (np.bincount(self.row_cells, own[self.row_a] * d_flat[self.row_a] * d_flat[self.row_b], n * n)
+              + np.bincount(self.group_cells, ih[eg[a]] * (e[a] * delta[b] + delta[a] * e[b])
+                            + den[eg[a]] * delta[a] * delta[b], n * n)).reshape(n, n)
+        q = np.bincount(gid, weight * g * rho, ih.size)  # sum_{j in h} w_j g_j rho_j (0 but for rounding)
+        grad = -np.bincount(self.entry_cols, np.repeat(weight * rho * ih_obs, n_slots) * d_flat + q[eg] * delta, n)
+        return nm, grad, float(np.sum(weight * rho * rho))
 
 
 def _chunk_rows(x: Any, chunks: ChunkData, free: Any) -> int:

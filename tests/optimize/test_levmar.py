@@ -139,7 +139,8 @@ def test_inverse_scale_variance_equals_dense(n_scale, on_host, monkeypatch):
     np.testing.assert_allclose(var, np.einsum("ip,pq,iq->i", d, cov, d), rtol=1e-11, atol=1e-18)
 
 
-def test_host_normal_equations_equal_the_compiled_builder(case):
+@pytest.mark.parametrize("route", ["dense", "pairs"])  # dense J / pairs of slots within a group
+def test_host_normal_equations_equal_the_compiled_builder(case, route):
     """The numpy twin of the normal-equation builder (small problems) gives the compiled
     builder's N, gradient and sum of squares: fixed parameters, zero-weight rows, restraints."""
     from jaxscale.optimize.levmar import host_normal_equations
@@ -152,7 +153,7 @@ def test_host_normal_equations_equal_the_compiled_builder(case):
     free[[0, 7]] = False
     assert np.any(np.asarray(target.restraint_weights) > 0)  # restraint rows are part of the comparison
     data = TargetData(problem=problem, bases=bases, anchor=jnp.asarray(x * 0.98), free=jnp.asarray(free))
-    build = host_normal_equations(target, data)
+    build = host_normal_equations(target, data, route=route)
     assert build is not None
     nm, grad, s = build(x, free)
     chunks = chunk_by_groups(problem, bases, x * 0.98, free, chunk_size=10000)
