@@ -407,8 +407,8 @@ def native(x, obs):
 
 
 def native2(x, obs):
-    """The native kernel in two threads per call (rows split in halves from 2^17 rows on;
-    the target's choice with JAXSCALE_NATIVE_THREADS=2)."""
+    """The native kernel in two threads per call (the second half of the rows offered to a
+    helper thread from 2^14 rows on; the target's choice with JAXSCALE_NATIVE_THREADS=2)."""
     value, grad, _ = sharding._local_value_and_grad(x, obs, None, None, native=True, native_threads=2)
     return value, grad
 

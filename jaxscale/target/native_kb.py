@@ -41,11 +41,19 @@ SOURCE = Path(__file__).with_name("native_kb.cc")
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17", "-fPIC", "-shared", "-w")
 LIBS = ()
 ENV_SWITCH = "JAXSCALE_NATIVE_KERNEL"  # "0": never build or use the kernel
-THREADS_SWITCH = "JAXSCALE_NATIVE_THREADS"  # "2": two threads per call (one device; see threads_for)
-_TARGETS = {np.dtype(np.float64): ("jaxscale_kb_group_sums_f64", "jaxscale_kb_value_and_grad_f64"),
-            np.dtype(np.float32): ("jaxscale_kb_group_sums_f32", "jaxscale_kb_value_and_grad_f32")}
+THREADS_SWITCH = "JAXSCALE_NATIVE_THREADS"  # "1" or "2" threads per call (see threads_for)
+DEFAULT_THREADS = "1"
+_TARGETS = {np.dtype(np.float64): ("jaxscale_kb_group_sums_f64", "jaxscale_kb_value_and_grad_f64",
+                                    "jaxscale_kb_evaluate_f64"),
+            np.dtype(np.float32): ("jaxscale_kb_group_sums_f32", "jaxscale_kb_value_and_grad_f32",
+                                   "jaxscale_kb_evaluate_f32")}
 _SYMBOLS = {"jaxscale_kb_group_sums_f64": "KbGroupSumsF64", "jaxscale_kb_value_and_grad_f64": "KbValueAndGradF64",
-            "jaxscale_kb_group_sums_f32": "KbGroupSumsF32", "jaxscale_kb_value_and_grad_f32": "KbValueAndGradF32"}
+            "jaxscale_kb_evaluate_f64": "KbEvaluateF64",
+            "jaxscale_kb_group_sums_f32": "KbGroupSumsF32", "jaxscale_kb_value_and_grad_f32": "KbValueAndGradF32",
+            "jaxscale_kb_evaluate_f32": "KbEvaluateF32"}
+# Largest call (rows) whose first pass keeps exp(B s) per row for the second (`evaluate`): while
+# the rows sit in cache, reading it back is cheaper than the exp (native_kb.cc `Evaluate`).
+KEPT_DECAY_MAX_ROWS = 1 << 17
 _lock = threading.Lock()
 
 
@@ -161,11 +169,10 @@ def available(dtype=jnp.float64, build: bool = False) -> bool:
 
 
 def threads_for(n_devices: int) -> int:
-    """Threads per call: 1, or 2 with JAXSCALE_NATIVE_THREADS=2 for one device when this
-    process may use 2+ cores (the rows split in halves from 2^17 rows on, native_kb.cc).
-    Not the default: with the second core free, 10^6-10^7 rows took 1.3-1.5x less wall and
-    9-30 % more CPU; with it busy, 4-37 % more wall (docs/serial.md)."""
-    if os.environ.get(THREADS_SWITCH, "1") != "2" or n_devices != 1:
+    """Threads per call: 1, or 2 with JAXSCALE_NATIVE_THREADS=2 for one device when this process
+    may use 2+ cores (from 2^14 rows the second half of the rows is offered to a persistent
+    helper thread, native_kb.cc). Results do not depend on it (docs/serial.md)."""
+    if os.environ.get(THREADS_SWITCH, DEFAULT_THREADS) != "2" or n_devices != 1:
         return 1
     try:
         cores = len(os.sched_getaffinity(0))
@@ -177,9 +184,10 @@ def threads_for(n_devices: int) -> int:
 def group_sums(x: jax.Array, obs, threads: int = 1) -> jax.Array:
     """f[n_groups, 2] (sum w g I, sum w g^2) over `obs`'s (local) rows; `available()` first."""
     name = _TARGETS[np.dtype(x.dtype)][0]
-    call = jax.ffi.ffi_call(name, jax.ShapeDtypeStruct((obs.n_groups, 2), x.dtype))
+    sums = jax.ShapeDtypeStruct((obs.n_groups, 2), x.dtype)
+    call = jax.ffi.ffi_call(name, (sums, sums))  # the second: the second half's sums (scratch)
     return call(x, obs.intensity, obs.weight, obs.inv_two_d_sq, obs.group_id, obs.chunk_experiment,
-                threads=np.int64(threads))
+                threads=np.int64(threads))[0]
 
 
 def value_and_grad(x: jax.Array, ih: jax.Array, obs, threads: int = 1) -> tuple[jax.Array, jax.Array]:
@@ -188,6 +196,20 @@ def value_and_grad(x: jax.Array, ih: jax.Array, obs, threads: int = 1) -> tuple[
     call = jax.ffi.ffi_call(name, (jax.ShapeDtypeStruct((), x.dtype), jax.ShapeDtypeStruct(x.shape, x.dtype)))
     return call(x, ih, obs.intensity, obs.weight, obs.inv_two_d_sq, obs.group_id, obs.chunk_experiment,
                 threads=np.int64(threads))
+
+
+def evaluate(x: jax.Array, obs, threads: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(sum w r^2, f[n_exp, 2] (df/dk, df/dB), I_h f[n_groups]) over all of `obs`'s rows in one
+    call: both passes and I_h between them (one device; the sharded path needs the psum of
+    `group_sums` between the passes)."""
+    name = _TARGETS[np.dtype(x.dtype)][2]
+    sums = jax.ShapeDtypeStruct((obs.n_groups, 2), x.dtype)  # scratch: the group sums of each half
+    n_rows = obs.intensity.shape[0]
+    kept_decay = jax.ShapeDtypeStruct((n_rows if n_rows <= KEPT_DECAY_MAX_ROWS else 0,), x.dtype)  # scratch
+    call = jax.ffi.ffi_call(name, (jax.ShapeDtypeStruct((), x.dtype), jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                   jax.ShapeDtypeStruct((obs.n_groups,), x.dtype), sums, sums, kept_decay))
+    return call(x, obs.intensity, obs.weight, obs.inv_two_d_sq, obs.group_id, obs.chunk_experiment,
+                threads=np.int64(threads))[:3]
 
 
 if __name__ == "__main__":  # the detached background build (`_start_background_build`)

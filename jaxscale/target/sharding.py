@@ -389,9 +389,11 @@ def _local_value_and_grad(x: jax.Array, obs: StillObservations, axis: str | None
     one block): group sums (in `group_sum_streams` independent runs of blocks), then value
     and gradient. On CPU, blocks keep every temporary (exp, the scatter updates) in cache;
     whole-array temporaries would be fresh memory on each call, faulted in page by page
-    (docs/serial.md). native: both passes as the native CPU kernel instead (`native_kb`, one
-    custom call each, in `native_threads` threads, the psum between them as here; see
-    `KBStillsTarget`)."""
+    (docs/serial.md). native: both passes as the native CPU kernel instead (`native_kb`, in
+    `native_threads` threads; one custom call on one device, else one per pass with the psum
+    between them as here; see `KBStillsTarget`)."""
+    if native and axis is None:
+        return native_kb.evaluate(x, obs, native_threads)
     local_sums = (native_kb.group_sums(x, obs, native_threads) if native
                   else _fold_group_sums(x, obs, block_chunks, group_sum_streams))
     sums = _psum(local_sums, axis)

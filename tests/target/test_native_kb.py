@@ -85,30 +85,52 @@ def test_native_passes_other_chunk_sizes(chunk):
 
 
 @needs_compiler
-def test_native_passes_in_two_threads_equal_one_thread():
-    """From 2^17 rows a call may split the rows between two threads (halves meeting inside a
-    still): same numbers up to rounding; the switch picks 2 only when asked, for one device."""
-    obs, x = _observations(n_exp=1400, per=100, n_groups=3000, seed=6)  # 1400 x 104 rows > 2^17
-    assert obs.intensity.shape[0] >= 1 << 17
+def test_native_passes_in_two_threads_equal_one_thread_bitwise(monkeypatch):
+    """From 2^14 rows a call offers the second half of its rows (split at a still boundary) to a
+    helper thread; each half has its own sums, added in a fixed order, so one thread, two
+    threads, exp(B s) kept from the first pass or computed again, and the two-call path of the
+    sharded target (group sums, I_h, value and gradient) give the same bits, and the XLA numbers
+    to rounding. Repeated: which thread does the second half varies from call to call."""
+    obs, x = _observations(n_exp=400, per=100, n_groups=3000, seed=6)  # 400 x 104 rows
+    assert obs.intensity.shape[0] >= 1 << 15
     one = _local_value_and_grad(x, obs, None, None, native=True, native_threads=1)
-    two = _local_value_and_grad(x, obs, None, None, native=True, native_threads=2)
     ref = _local_value_and_grad(x, obs, None, CPU_BLOCK_CHUNKS)
-    for got in (one, two):
-        assert abs(float(got[0]) - float(ref[0])) <= 1e-12 * abs(float(ref[0]))
-        assert _relative(got[1], ref[1]) <= 1e-12
-        assert _relative(got[2], ref[2]) <= 1e-12
-    assert not np.array_equal(np.asarray(one[2]), np.asarray(two[2]))  # the split happened (sums in another order)
+    assert abs(float(one[0]) - float(ref[0])) <= 1e-12 * abs(float(ref[0]))
+    assert _relative(one[1], ref[1]) <= 1e-12
+    assert _relative(one[2], ref[2]) <= 1e-12
+    two = jax.jit(lambda x_, o: _local_value_and_grad(x_, o, None, None, native=True, native_threads=2))
+    for _ in range(20):
+        got = two(x, obs)
+        for a, b in zip(got, one):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    monkeypatch.setattr(native_kb, "KEPT_DECAY_MAX_ROWS", 0)  # exp(B s) computed again in the second pass
+    for threads in (1, 2):
+        got = _local_value_and_grad(x, obs, None, None, native=True, native_threads=threads)
+        for a, b in zip(got, one):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for threads in (1, 2):  # the two calls of the sharded path, on one device
+        sums = native_kb.group_sums(x, obs, threads)
+        ih = jnp.where(sums[:, 1] > 0, sums[:, 0] / jnp.where(sums[:, 1] > 0, sums[:, 1], 1.0), 0.0)
+        np.testing.assert_array_equal(np.asarray(ih), np.asarray(one[2]))
+        value, grad = native_kb.value_and_grad(x, ih, obs, threads)
+        assert float(value) == float(one[0])
+        np.testing.assert_array_equal(np.asarray(grad), np.asarray(one[1]))
 
 
 def test_thread_switch(monkeypatch):
+    """JAXSCALE_NATIVE_THREADS picks 1 or 2 threads per call (else the default), 2 only for one
+    device where the process may use 2+ cores."""
+    monkeypatch.setattr(native_kb.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     monkeypatch.delenv(native_kb.THREADS_SWITCH, raising=False)
+    assert native_kb.threads_for(1) == int(native_kb.DEFAULT_THREADS)
+    monkeypatch.setenv(native_kb.THREADS_SWITCH, "2")
+    assert native_kb.threads_for(1) == 2
+    assert native_kb.threads_for(4) == 1
+    monkeypatch.setenv(native_kb.THREADS_SWITCH, "1")
     assert native_kb.threads_for(1) == 1
     monkeypatch.setenv(native_kb.THREADS_SWITCH, "2")
-    assert native_kb.threads_for(4) == 1
     monkeypatch.setattr(native_kb.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert native_kb.threads_for(1) == 1
-    monkeypatch.setattr(native_kb.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert native_kb.threads_for(1) == 2
 
 
 @needs_compiler
