@@ -27,6 +27,7 @@ then not imported at all. `scale_by_more_thuente_linesearch` is the same search
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 import jax
@@ -132,10 +133,52 @@ def _mcstep(stx, fx, dx, sty, fy, dy, stp, fp, dp, brackt, stpmin, stpmax, xp=jn
             keep(dy, new_dy), keep(stp, stpf), xp.where(invalid, brackt, brackt_new), xp.where(invalid, 0, info))
 
 
+class _HostScalars:
+    """numpy's semantics (NaN handling included) for the functions the search applies to
+    scalars, in plain Python: numpy's per-call dispatch (~1 us, some 60 calls per trial) cost
+    more than a small job's objective evaluation. Values stay numpy or Python scalars, so the
+    arithmetic and its rounding are numpy's."""
+
+    float64 = np.float64
+    asarray = staticmethod(np.asarray)
+
+    @staticmethod
+    def where(condition, a, b):
+        return a if condition else b
+
+    @staticmethod
+    def minimum(a, b):  # numpy: (isnan(a) || a <= b) ? a : b
+        return a if (a != a or a <= b) else b
+
+    @staticmethod
+    def maximum(a, b):
+        return a if (a != a or a >= b) else b
+
+    @staticmethod
+    def clip(x, lo, hi):
+        return _HostScalars.minimum(_HostScalars.maximum(x, lo), hi)
+
+    @staticmethod
+    def abs(a):
+        return abs(a)
+
+    @staticmethod
+    def sign(a):
+        return 1.0 if a > 0 else (-1.0 if a < 0 else a)  # 0 and NaN as numpy: themselves
+
+    @staticmethod
+    def sqrt(a):
+        return math.sqrt(a) if a >= 0 else math.nan  # NaN and negative: NaN, as numpy
+
+    @staticmethod
+    def isfinite(a):
+        return np.bool_(math.isfinite(a))
+
+
 def _search_start(f0, dginit, step0, stpmin: float, stpmax: float, xp=jnp) -> dict:
     """Initial More-Thuente search state (f0, dginit: value and slope at step 0)."""
     width = stpmax - stpmin
-    f64 = xp.float64 if xp is np else jnp.result_type(float)
+    f64 = jnp.result_type(float) if xp is jnp else xp.float64
     return dict(
         stp=xp.asarray(step0, f64), stx=xp.asarray(0.0, f64), fx=f0, dgx=dginit, sty=xp.asarray(0.0, f64),
         fy=f0, dgy=dginit, brackt=xp.asarray(False), stage1=xp.asarray(True), infoc=xp.asarray(1),
@@ -241,10 +284,12 @@ def more_thuente_search_host(
     stpmin: float = 1e-20,
     stpmax: float = 1e20,
     maxfev: int = 20,
+    xp: Any = _HostScalars,
 ) -> tuple[float, float, np.ndarray, int, bool]:
     """`more_thuente_search` as a Python loop over numpy scalars around an already
     compiled `value_and_grad_fn` (host arrays in and out): the search logic is never
-    traced or compiled, and each trial costs one objective evaluation."""
+    traced or compiled, and each trial costs one objective evaluation. xp: the scalar
+    functions (`_HostScalars`; numpy gives the same steps, slower)."""
     f0 = np.float64(f0)
     dginit = np.float64(np.dot(g0, direction))
 
@@ -252,10 +297,10 @@ def more_thuente_search_host(
         f, g = value_and_grad_fn(x + stp * direction)
         return np.float64(f), g, np.float64(np.dot(g, direction))
 
-    s, g = _search_start(f0, dginit, step0, stpmin, stpmax, xp=np) | {"f": f0}, g0
+    s, g = _search_start(f0, dginit, step0, stpmin, stpmax, xp=xp) | {"f": f0}, g0
     with np.errstate(all="ignore"):  # every case of the step update is evaluated, as traced
         while not s["done"]:
-            s, g = _search_iteration(s, evaluate, f0, dginit, ftol, gtol, xtol, stpmin, stpmax, maxfev, xp=np)
+            s, g = _search_iteration(s, evaluate, f0, dginit, ftol, gtol, xtol, stpmin, stpmax, maxfev, xp=xp)
     return float(s["stp_eval"]), float(s["f"]), g, int(s["nfev"]), bool(s["failed"])
 
 

@@ -75,3 +75,40 @@ def test_host_direction_equals_optax_over_a_wrapped_memory():
         assert h_state.count == int(t_state.count)
         if k != 6:  # step 7 repeats the point: s = y = 0, a zero-curvature pair
             x = x + 0.3 * d_host
+
+
+def test_host_scalar_search_equals_numpy_search_bitwise():
+    """The search with `_HostScalars` (plain-Python scalar functions) takes exactly the steps of
+    the same search over numpy's functions: descent and non-descent directions, tiny and huge
+    first steps, objectives that overflow (NaN/inf trials) and cubic-case NaNs."""
+    import math
+
+    from jaxscale.optimize.lbfgs import more_thuente_search_host
+
+    rng = np.random.default_rng(0)
+
+    def objective(kind, a, b, c):
+        def value_and_grad(x):
+            s = x[0]
+            with np.errstate(all="ignore"):
+                if kind == 0:
+                    f, d = a * (s - b) ** 2 + c * (s - b) ** 4, 2 * a * (s - b) + 4 * c * (s - b) ** 3
+                elif kind == 1:
+                    f, d = np.log(np.cosh(a * (s - b))) + c * s * s, a * np.tanh(a * (s - b)) + 2 * c * s
+                elif kind == 2:
+                    f, d = np.exp(a * s) - b * s, a * np.exp(a * s) - b
+                else:
+                    f, d = -a * s + c * s**3, -a + 3 * c * s**2
+            return float(f), np.array([d])
+        return value_and_grad
+
+    same = lambda u, v: u == v or (math.isnan(u) and math.isnan(v))  # noqa: E731
+    for trial in range(400):  # loop over random line searches
+        vg = objective(trial % 4, rng.uniform(0.1, 50), rng.uniform(0.01, 5), rng.uniform(0, 2))
+        f0, g0 = vg(np.zeros(1))
+        d = -g0 if trial % 7 else g0
+        step0 = float(10 ** rng.uniform(-4, 3))
+        ref = more_thuente_search_host(vg, np.zeros(1), d, f0, g0, step0, xp=np)
+        out = more_thuente_search_host(vg, np.zeros(1), d, f0, g0, step0)
+        assert same(ref[0], out[0]) and same(ref[1], out[1]) and ref[3:] == out[3:], trial
+        np.testing.assert_array_equal(ref[2], out[2])
