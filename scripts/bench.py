@@ -26,13 +26,16 @@ minimum wall_s (all walls in wall_s_runs).
 (jaxscale.sim.simulate_stills, which has Miller indices), then on those files, each a whole
 process, wall / CPU seconds and peak RSS (GNU time, else wait4):
   dials.scale model=KB (time limit --dials-timeout): dials_s, dials_cpu_s, dials_peak_mb;
-  `jaxscale scale compute.serial=true` with an empty compilation cache (cli_cold_*) and with the
-  cache it left (cli_warm_*, minimum of --process-repeats runs);
+  `jaxscale scale` with its default options (the general engine up to 1,000 stills, the serial
+  path above: what a user runs) with an empty compilation cache (cli_cold_*) and with the cache
+  it left (cli_warm_*, minimum of --process-repeats runs); the same with compute.serial=true
+  (cli_serial_cold_s, cli_serial_warm_s, dials_ratio_serial: the serial path at this size);
   in one process, the same `jaxscale scale` called twice with the warm cache: its phases
   (import, read, prepare, scaling and its sub-phases, statistics, write; JAX trace/lower/
   compile seconds) for the first call (cli_phases) and the second call's wall (in_process_s:
   everything compiled, the work alone).
-dials_ratio = dials_s / cli_cold_s (whole process on both sides, jaxscale with an empty cache);
+dials_ratio = dials_s / cli_cold_s (whole process on both sides, jaxscale with its default
+options and an empty cache); dials_ratio_serial = dials_s / cli_serial_cold_s;
 dials_ratio_cli_warm = dials_s / cli_warm_s; dials_ratio_in_process = dials_s / in_process_s.
 null where DIALS was not run or did not finish. Set JAXSCALE_X64=0 for float32 throughout;
 --float32-eval adds a float32 timing of the evaluation (child process) to each float64 row.
@@ -303,9 +306,9 @@ def _jaxscale_exe() -> str:
     return shutil.which("jaxscale") or os.path.join(os.path.dirname(sys.executable), "jaxscale")
 
 
-def _cli_args(paths: dict) -> list[str]:
-    return ["scale", str(paths["refl"]), str(paths["expt"]), "compute.serial=true", "output.html=None",
-            "output.json=None"]
+def _cli_args(paths: dict, serial: bool = False) -> list[str]:
+    return ["scale", str(paths["refl"]), str(paths["expt"]), *(["compute.serial=true"] if serial else []),
+            "output.html=None", "output.json=None"]
 
 
 def dials_compare(n_obs: int, timeout: float, seed: int, warm_repeats: int) -> dict:
@@ -319,13 +322,16 @@ def dials_compare(n_obs: int, timeout: float, seed: int, warm_repeats: int) -> d
     paths = write_simulation(work, table, expts, truth)
     out = {"dials_n_stills": n_stills, "dials_input_rows": len(table)}
     out.update(_cli_times(work, paths, warm_repeats))
+    serial = _cli_times(work, paths, warm_repeats, serial=True, phases=False)
+    out.update({"cli_serial_cold_s": serial.get("cli_cold_s"), "cli_serial_warm_s": serial.get("cli_warm_s")})
     dials = _dials_run(work, paths, timeout)
     out.update(dials)
     dials_s = dials.get("dials_s")
     ratio = lambda t: (dials_s / t) if dials_s and t else None  # noqa: E731
     out.update({"dials_ratio": ratio(out.get("cli_cold_s")), "dials_ratio_cli_cold": ratio(out.get("cli_cold_s")),
                 "dials_ratio_cli_warm": ratio(out.get("cli_warm_s")),
-                "dials_ratio_in_process": ratio(out.get("in_process_s"))})
+                "dials_ratio_in_process": ratio(out.get("in_process_s")),
+                "dials_ratio_serial": ratio(out.get("cli_serial_cold_s"))})
     shutil.rmtree(work, ignore_errors=True)
     return out
 
@@ -347,10 +353,10 @@ def _dials_run(work: str, paths: dict, timeout: float) -> dict:
             "dials_note": "finished"}
 
 
-def _cli_times(work: str, paths: dict, warm_repeats: int) -> dict:
-    """`jaxscale scale` (serial path, all outputs but HTML/JSON) on DIALS' input, whole process:
-    cold (empty compilation cache), warm (the cache the cold run left; minimum of warm_repeats),
-    then the in-process phases child with the warm cache."""
+def _cli_times(work: str, paths: dict, warm_repeats: int, serial: bool = False, phases: bool = True) -> dict:
+    """`jaxscale scale` (default options, or serial: compute.serial=true; all outputs but HTML/JSON)
+    on DIALS' input, whole process: cold (empty compilation cache), warm (the cache the cold run
+    left; minimum of warm_repeats), then (phases) the in-process phases child with the warm cache."""
     out_dir = os.path.join(work, "jaxscale_out")
     os.makedirs(out_dir, exist_ok=True)
     cache = tempfile.mkdtemp(prefix="jaxscale_cache_")
@@ -358,7 +364,7 @@ def _cli_times(work: str, paths: dict, warm_repeats: int) -> dict:
     out: dict = {}
     runs = []
     for i in range(1 + max(warm_repeats, 1)):
-        run = _run_measured([_jaxscale_exe(), *_cli_args(paths)], cwd=out_dir, env=env)
+        run = _run_measured([_jaxscale_exe(), *_cli_args(paths, serial)], cwd=out_dir, env=env)
         if run["rc"] != 0:
             out["cli_error"] = run["tail"][-500:]
             break
@@ -370,9 +376,11 @@ def _cli_times(work: str, paths: dict, warm_repeats: int) -> dict:
         warm = min(runs[1:], key=lambda r: r["wall_s"])
         out.update({"cli_warm_s": warm["wall_s"], "cli_warm_cpu_s": warm["cpu_s"], "cli_warm_peak_mb": warm["peak_mb"],
                     "cli_warm_runs_s": [r["wall_s"] for r in runs[1:]]})
-        phases, _, _, err = _child(["--cli-phases", json.dumps({"cwd": out_dir, "args": _cli_args(paths)})], env=env)
-        if phases:
-            out.update({"in_process_s": phases["second"]["total"], "cli_phases": phases})
+    if len(runs) > 1 and phases:
+        spec = json.dumps({"cwd": out_dir, "args": _cli_args(paths, serial)})
+        timings, _, _, err = _child(["--cli-phases", spec], env=env)
+        if timings:
+            out.update({"in_process_s": timings["second"]["total"], "cli_phases": timings})
         else:
             out["cli_phases_error"] = err[-500:]
     shutil.rmtree(cache, ignore_errors=True)
@@ -409,7 +417,7 @@ def run_cli_phases(spec: str) -> dict:
                 result = original(*args, **kwargs)
             finally:
                 phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - t0
-            if phase == "scaling":
+            if phase == "scaling" and hasattr(result, "timings"):  # the serial path's sub-phases
                 sub.update(result.timings)
             return result
 
@@ -417,7 +425,8 @@ def run_cli_phases(spec: str) -> dict:
 
     timed(scale_mod, "_read_sources", "read")
     timed(prepare_mod, "prepare_dataset", "prepare")
-    timed(serial_mod, "scale_stills", "scaling")
+    timed(serial_mod, "scale_stills", "scaling")  # the serial path
+    timed(scale_mod, "_scaling_algorithm", "scaling")  # the general engine
     timed(scale_mod, "_merging_stats", "statistics")
     timed(scale_mod, "_write_outputs", "write")
     events = _JaxEvents()
@@ -575,7 +584,8 @@ def _print_row(row: dict) -> None:
               f"cold {_fmt(row.get('cli_cold_s'), '.2f')} s (peak {_fmt(row.get('cli_cold_peak_mb'), '.0f')} MB), "
               f"warm {_fmt(row.get('cli_warm_s'), '.2f')} s, in-process {_fmt(row.get('in_process_s'), '.2f')} s; "
               f"ratios cold x{_fmt(row.get('dials_ratio'))} warm x{_fmt(row.get('dials_ratio_cli_warm'))} "
-              f"in-process x{_fmt(row.get('dials_ratio_in_process'))}", flush=True)
+              f"in-process x{_fmt(row.get('dials_ratio_in_process'))}; compute.serial=true cold "
+              f"{_fmt(row.get('cli_serial_cold_s'), '.2f')} s (x{_fmt(row.get('dials_ratio_serial'))})", flush=True)
 
 
 if __name__ == "__main__":
