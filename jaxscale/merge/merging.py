@@ -163,7 +163,8 @@ def group_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         present = np.zeros(n_codes, dtype=bool)
         present[code] = True
         codes = np.flatnonzero(present)
-        rank = np.cumsum(present, dtype=np.int64) - 1
+        rank = np.empty(n_codes, dtype=np.int64)  # read only where present: untouched pages stay unmapped
+        rank[codes] = np.arange(codes.size)
         group_id = rank[code]
     else:
         codes, group_id = np.unique(code, return_inverse=True)

@@ -402,11 +402,22 @@ def _group(keys: np.ndarray, shell_obs: np.ndarray,
 
 
 def _complete_set(obs: ScaledObservations, d_min: float) -> tuple[np.ndarray, np.ndarray]:
-    """d*² and centric flags of the non-absent unique reflections down to d_min (Å)."""
-    hkl = gemmi.make_miller_array(obs.unit_cell, obs.space_group, d_min * (1 - 1e-5), 0.0, True)
-    ds2 = np.asarray(obs.unit_cell.calculate_1_d2_array(hkl), dtype=float)
-    centric = np.asarray(obs.space_group.operations().centric_flag_array(hkl), dtype=bool)
-    return ds2, centric
+    """d*² and centric flags of the non-absent unique reflections down to d_min (Å)
+    (read-only arrays, kept for the next call: a run asks for the same set several times)."""
+    key = (tuple(obs.unit_cell.parameters), obs.space_group.hall, float(d_min))
+    hit = _COMPLETE_SETS.get(key)
+    if hit is None:
+        hkl = gemmi.make_miller_array(obs.unit_cell, obs.space_group, d_min * (1 - 1e-5), 0.0, True)
+        ds2 = np.asarray(obs.unit_cell.calculate_1_d2_array(hkl), dtype=float)
+        centric = np.asarray(obs.space_group.operations().centric_flag_array(hkl), dtype=bool)
+        ds2.setflags(write=False)
+        centric.setflags(write=False)
+        _COMPLETE_SETS.clear()  # one set kept (a run uses one cell and resolution at a time)
+        hit = _COMPLETE_SETS[key] = (ds2, centric)
+    return hit
+
+
+_COMPLETE_SETS: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
 @dataclass(frozen=True)
