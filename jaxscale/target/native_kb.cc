@@ -10,6 +10,7 @@
 // group sums in the data type, like the XLA path.
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -299,19 +300,18 @@ struct SecondHalf {
 // One persistent helper thread per process (started on first use, again in a forked child,
 // which inherits no threads). Woken through a condition variable, it then spins for
 // kHelperSpinMicroseconds for the next offer before sleeping again: waking a sleeping thread
-// took ~65 us here, as long as half of a 10^5-row pass, while consecutive passes and
+// took 0.07-0.8 ms here, longer than half of a 10^5-row pass, while consecutive passes and
 // evaluations follow each other within tens of microseconds. Where the other core is wanted
-// (the spin was descheduled for a while, or a caller waited long for a half the helper had
-// taken) it stops spinning for kQuietMilliseconds: a spinning helper uses up its time slice
-// and is then descheduled in the middle of a half, which the caller must wait for, while a
-// helper woken from sleep runs first (measured: medians 2x those of one thread with a busy
-// second core when it always spun).
+// (offers that did not help, a spin descheduled for a while) nothing is offered for a while
+// and the helper sleeps (`report`): with the second core busy, a spinning helper used up its
+// time slice and was descheduled in the middle of a half, which the caller waited for, and a
+// woken one shared the caller's core (medians up to 2x those of one thread).
 #ifndef KB_HELPER_SPIN_US
-#define KB_HELPER_SPIN_US 200
+#define KB_HELPER_SPIN_US 500
 #endif
 constexpr int64_t kHelperSpinMicroseconds = KB_HELPER_SPIN_US;
-constexpr int64_t kDescheduledMicroseconds = 50;  // a gap this long in a spin: the thread was descheduled
-constexpr int64_t kQuietMilliseconds = 100;
+constexpr int64_t kDescheduledMicroseconds = 250;  // a gap this long in a spin: the thread was descheduled
+constexpr int64_t kQuietMilliseconds = 20;
 
 class Helper {
  public:
@@ -330,6 +330,11 @@ class Helper {
     return *helper;
   }
 
+  // Whether to offer work (not while quiet, see `report`).
+  bool active() const {
+    return Clock::now().time_since_epoch().count() >= quiet_until_.load(std::memory_order_relaxed);
+  }
+
   void offer(std::shared_ptr<SecondHalf> half) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
@@ -339,15 +344,23 @@ class Helper {
     if (sleeping_.load(std::memory_order_acquire)) wake_.notify_one();
   }
 
-  // The caller waited `waited` for a half the helper had taken.
-  void waited(Clock::duration waited) {
-    if (waited > std::chrono::microseconds(2 * kDescheduledMicroseconds)) be_quiet(Clock::now());
+  // How an offer went: useful (the helper took it and the caller waited less than its own half
+  // took), or not (the caller overtook the helper, or waited longer: the helper shared the
+  // caller's core or was descheduled). Two failures in a row and nothing is offered for a
+  // while, doubling from kQuietMilliseconds (up to 1 s) while failures go on.
+  void report(bool useful) {
+    if (useful) {
+      failures_.store(0, std::memory_order_relaxed);
+      return;
+    }
+    const int failures = failures_.fetch_add(1, std::memory_order_relaxed) + 1;
+    if (failures >= 2) be_quiet(Clock::now(), failures - 2);
   }
 
  private:
-  void be_quiet(Clock::time_point now) {
-    quiet_until_.store((now + std::chrono::milliseconds(kQuietMilliseconds)).time_since_epoch().count(),
-                       std::memory_order_relaxed);
+  void be_quiet(Clock::time_point now, int doublings) {
+    const int64_t ms = std::min<int64_t>(kQuietMilliseconds << std::min(doublings, 6), 1000);
+    quiet_until_.store((now + std::chrono::milliseconds(ms)).time_since_epoch().count(), std::memory_order_relaxed);
   }
 
   void loop() {
@@ -369,7 +382,7 @@ class Helper {
       for (int i = 0; i < 32; ++i) __builtin_ia32_pause();
       const Clock::time_point now = Clock::now();
       if (now - last > std::chrono::microseconds(kDescheduledMicroseconds)) {
-        be_quiet(now);
+        report(false);
         return;
       }
       last = now;
@@ -393,7 +406,8 @@ class Helper {
   std::deque<std::shared_ptr<SecondHalf>> queue_;
   std::atomic<int64_t> pending_{0};
   std::atomic<bool> sleeping_{false};
-  std::atomic<Clock::rep> quiet_until_{0};  // no spinning before (steady_clock ticks)
+  std::atomic<Clock::rep> quiet_until_{0};  // no offers, no spinning before (steady_clock ticks)
+  std::atomic<int> failures_{0};  // offers in a row that did not help
 };
 
 // work(first_chunk, n_chunks, half) for half 0 = chunks [0, split) and half 1 = [split, n_chunks),
@@ -401,7 +415,7 @@ class Helper {
 template <typename Work>
 void run_halves(int64_t n_chunks, int64_t split, bool parallel, Work& work) {
   auto second = [&work, split, n_chunks] { work(split, n_chunks - split, 1); };
-  if (!parallel) {
+  if (!parallel || !Helper::get().active()) {
     work(0, split, 0);
     second();
     return;
@@ -411,13 +425,15 @@ void run_halves(int64_t n_chunks, int64_t split, bool parallel, Work& work) {
   half->run = [](void* w) { (*static_cast<decltype(second)*>(w))(); };
   Helper& helper = Helper::get();
   helper.offer(half);
+  const auto start = Helper::Clock::now();
   work(0, split, 0);
+  const auto own_half_done = Helper::Clock::now();
   int open = SecondHalf::kOpen;
   if (half->state.compare_exchange_strong(open, SecondHalf::kTakenByCaller, std::memory_order_acq_rel)) {
+    helper.report(false);
     second();
     return;
   }
-  const auto waiting_since = Helper::Clock::now();
   for (int spins = 0; half->state.load(std::memory_order_acquire) != SecondHalf::kDone; ++spins) {
     if (spins < 4096) {
       __builtin_ia32_pause();
@@ -425,7 +441,7 @@ void run_halves(int64_t n_chunks, int64_t split, bool parallel, Work& work) {
       std::this_thread::yield();  // the helper was descheduled: let it run
     }
   }
-  helper.waited(Helper::Clock::now() - waiting_since);
+  helper.report(Helper::Clock::now() - own_half_done < own_half_done - start);
 }
 
 inline bool parallel_for(int64_t threads, int64_t n_rows) {
