@@ -344,10 +344,10 @@ class Helper {
     if (sleeping_.load(std::memory_order_acquire)) wake_.notify_one();
   }
 
-  // How an offer went: useful (the helper took it and the caller waited less than its own half
-  // took), or not (the caller overtook the helper, or waited longer: the helper shared the
-  // caller's core or was descheduled). Two failures in a row and nothing is offered for a
-  // while, doubling from kQuietMilliseconds (up to 1 s) while failures go on.
+  // How an offer went: useful (the helper took it and the caller waited less than half of what
+  // its own half took: >= 25 % gained), or not (the caller overtook the helper, or waited
+  // longer: the helper shared a core or was descheduled). Two failures in a row and nothing is
+  // offered for a while, doubling from kQuietMilliseconds (up to 1 s) while failures go on.
   void report(bool useful) {
     if (useful) {
       failures_.store(0, std::memory_order_relaxed);
@@ -441,7 +441,7 @@ void run_halves(int64_t n_chunks, int64_t split, bool parallel, Work& work) {
       std::this_thread::yield();  // the helper was descheduled: let it run
     }
   }
-  helper.report(Helper::Clock::now() - own_half_done < own_half_done - start);
+  helper.report(2 * (Helper::Clock::now() - own_half_done) < own_half_done - start);
 }
 
 inline bool parallel_for(int64_t threads, int64_t n_rows) {
