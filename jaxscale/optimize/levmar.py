@@ -168,10 +168,11 @@ def host_normal_equations(target: ScalingTarget, data: TargetData, max_elements:
                           route: str | None = None):
     """numpy twin of `NormalEquations.build` over the whole problem (x -> (N, grad, sum r^2)),
     the same exact Jacobian from the links' closed-form slot slopes, for problems small enough
-    (`compilation.host_evaluation`, and J at most `max_elements` entries, dense or as pairs of
-    slots within a group) that tracing and compiling the builder costs more than every build of
-    the round; None where it does not apply (other residuals, bases or links, a fixed reference
-    I_h, larger problems). route: "pairs" or "dense" to force one (tests), else the cheaper."""
+    (`compilation.host_evaluation`, and the route's largest array at most `max_elements`
+    entries: `_SlotNormalEquations`) that tracing and compiling the builder costs more than
+    every build of the round; None where it does not apply (other residuals, bases or links, a fixed reference
+    I_h, larger problems). route: one of `_SlotNormalEquations.ROUTES` to force it (tests),
+    else the cheapest."""
     p = data.problem
     n_rows, n = int(np.shape(p.weight)[0]), target.n_params
     if (not host_evaluation(n_rows) or p.ih_reference is not None
@@ -181,27 +182,23 @@ def host_normal_equations(target: ScalingTarget, data: TargetData, max_elements:
     if links is None:
         return None
     host = {k: {name: np.asarray(v) for name, v in data.bases[k].items()} for k in target.components}
-    gid, n_groups = np.asarray(p.group_id).astype(np.int64), int(p.n_groups)
+    # rows of weight 0 (padding, excluded) add nothing to any sum: left out (padding rows all
+    # share one group, which would otherwise be the largest of the group pairs)
+    live = np.flatnonzero(np.asarray(p.weight) > 0)
+    weight, intensity = np.asarray(p.weight, np.float64)[live], np.asarray(p.intensity, np.float64)[live]
+    gid, n_groups = np.asarray(p.group_id).astype(np.int64)[live], int(p.n_groups)
     cols = np.concatenate([host[k]["idx"].astype(np.int64) + target.slices[k].start for k in target.components],
-                          axis=1)  # i[n_rows, S]: every component's slot columns
-    pairs = _GroupSlotPairs(gid, cols, n)
-    # J^T J as sums over pairs of slots within a group (each pair ~ a few gathers and a scatter)
-    # or from the dense J (n_rows n^2 BLAS flops, ~50x cheaper each): the cheaper that fits
-    if route is None:
-        route = "pairs" if 50 * pairs.n_pairs < n_rows * n * n else "dense"
-    if route == "pairs" and pairs.n_pairs <= max_elements:
-        assemble = pairs.normal_equations
-    elif route == "dense" and n_rows * n <= max_elements:
-        assemble = _dense_normal_equations(gid, n_groups, cols, n)
-    else:
+                          axis=1)[live]  # i[n_live, S]: every component's slot columns
+    assemble = _SlotNormalEquations.for_problem(gid, n_groups, cols, n, max_elements, route)
+    if assemble is None:
         return None
-    weight, intensity = np.asarray(p.weight, np.float64), np.asarray(p.intensity, np.float64)
     anchor, restraint = np.asarray(data.anchor, np.float64), np.asarray(target.restraint_weights, np.float64)
 
     def build(x: np.ndarray, free: np.ndarray):
         x_eff = np.where(free, x, anchor)
         g, slot_d = _host_slot_derivatives(target, links, x_eff, host)
-        d = np.concatenate(list(slot_d.values()), axis=1) * free[cols]  # fixed parameters: no derivative
+        g = g[live]
+        d = np.concatenate(list(slot_d.values()), axis=1)[live] * free[cols]  # fixed parameters: no derivative
         wg = weight * g
         num = np.bincount(gid, wg * intensity, n_groups)
         den = np.bincount(gid, wg * g, n_groups)
@@ -215,74 +212,95 @@ def host_normal_equations(target: ScalingTarget, data: TargetData, max_elements:
     return build
 
 
-def _dense_normal_equations(gid: np.ndarray, n_groups: int, cols: np.ndarray, n: int):
-    """(J^T J, J^T r, r^T r) from the dense J f[n_rows, n], rows r_i = sqrt(w_i)(I_i - g_i I_h)
-    with dI_h/dp = sum_{j in h} w_j (I_j - 2 I_h g_j) dg_j/dp / den_h (slots sharing a column add up)."""
-    n_rows = gid.size
-    row_cells = (np.arange(n_rows)[:, None] * n + cols).ravel()  # flat cells of a dense f[n_rows, n]
-    group_cells = (gid[:, None] * n + cols).ravel()  # ... and of a dense f[n_groups, n]
+class _SlotNormalEquations:
+    """(J^T J, J^T r, r^T r) of slot models without jacfwd. Row i's derivative touches its own
+    slot columns and, through I_h, those of every row of its group h:
+      J_i = -sqrt(w_i) (I_h d_i + g_i D_h),  D_h = sum_{j in h} c_j d_j / den_h,
+      c_j = w_j (I_j - 2 I_h g_j),  r_i = sqrt(w_i) rho_i,  rho_i = I_i - g_i I_h,
+    with d_i = dg_i/dp (S slot entries per row, slots sharing a column add up). Three routes
+    to the same sums, in cost order chosen per problem (`for_problem`):
+      "rows":   the dense J f[n_rows, n], J^T J by BLAS (n_rows n^2 flops);
+      "groups": J^T J = sum_i w_i I_h^2 d_i^T d_i + sum_h [I_h (E_h^T D_h + D_h^T E_h)
+                + den_h D_h^T D_h], E_h = sum_{j in h} w_j g_j d_j, with D and E dense
+                f[n_groups, n] (two n_groups n^2 products: stills have few rows per parameter
+                but many per group);
+      "pairs":  the same sums over the pairs of slot entries of a group (sum_h (m_h S)^2
+                scattered pairs, ~50 flops' cost each: few rows per group).
+    J^T r = -sum_i w_i rho_i I_h d_i - sum_h q_h D_h, q_h = sum_{j in h} w_j g_j rho_j (0 but
+    for rounding at the closed-form I_h)."""
 
-    def assemble(weight, intensity, g, d, ih, den, inv_den):
-        big_g = np.bincount(row_cells, d.ravel(), n_rows * n).reshape(n_rows, n)  # dg/dp
-        ih_obs = ih[gid]
-        c = weight * (intensity - 2.0 * ih_obs * g)
-        dih = np.bincount(group_cells, (c[:, None] * d).ravel(), n_groups * n).reshape(n_groups, n) * inv_den[:, None]
-        sw = np.sqrt(weight)
-        jac = -sw[:, None] * (ih_obs[:, None] * big_g + g[:, None] * dih[gid])
-        r = sw * (intensity - g * ih_obs)
-        return jac.T @ jac, jac.T @ r, float(r @ r)
+    ROUTES = ("rows", "groups", "pairs")
 
-    return assemble
-
-
-class _GroupSlotPairs:
-    """The sparsity of J for slot models: row i's derivative touches its own slot columns and,
-    through I_h, those of every row of its group. So J^T J is a sum over pairs of (row, slot)
-    entries of the same group, precomputed here as index arrays, and no n_rows x n array is made:
-    with J_i = -sqrt(w_i) (I_h d_i + g_i D_h), D_h = sum_{j in h} c_j d_j / den_h,
-    c_j = w_j (I_j - 2 I_h g_j) and E_h = sum_{j in h} w_j g_j d_j,
-      J^T J = sum_i w_i I_h^2 d_i^T d_i + sum_h [I_h (E_h^T D_h + D_h^T E_h) + den_h D_h^T D_h],
-      J^T r = -sum_i w_i rho_i I_h d_i - sum_h (sum_{j in h} w_j g_j rho_j) D_h,  rho = I - g I_h."""
-
-    def __init__(self, gid: np.ndarray, cols: np.ndarray, n: int):
+    def __init__(self, gid: np.ndarray, n_groups: int, cols: np.ndarray, n: int, route: str):
         n_rows, n_slots = cols.shape
-        self.gid, self.n = gid, n
-        self.entry_cols = cols.ravel()  # entries (row, slot) in row-major order
+        self.gid, self.n_groups, self.cols, self.n, self.route = gid, n_groups, cols, n, route
+        self.entry_cols = cols.ravel()  # entries (row, slot), row-major
         self.entry_group = np.repeat(gid, n_slots)
-        # pairs of slots of one row
-        slot_a, slot_b = np.meshgrid(np.arange(n_slots), np.arange(n_slots), indexing="ij")
-        self.row_a = (np.arange(n_rows)[:, None] * n_slots + slot_a.ravel()).ravel()
-        self.row_b = (np.arange(n_rows)[:, None] * n_slots + slot_b.ravel()).ravel()
-        # pairs of entries of one group: entries sorted by group, each paired with its group's all
-        by_group = np.argsort(self.entry_group, kind="stable")
-        size = np.bincount(self.entry_group, minlength=int(gid.max(initial=-1)) + 1)
-        start = np.concatenate([[0], np.cumsum(size)[:-1]])
-        per_entry = size[self.entry_group[by_group]]
-        self.n_pairs = int(np.sum(per_entry, dtype=np.int64)) + self.row_a.size
-        if self.n_pairs > (1 << 24):  # more than the caller takes this route for: no index arrays
+        self.group_cells = self.entry_group * n + self.entry_cols  # cells of a dense f[n_groups, n]
+        if route == "rows":
+            self.row_cells = (np.arange(n_rows)[:, None] * n + cols).ravel()  # cells of f[n_rows, n]
             return
-        a_sorted = np.repeat(np.arange(by_group.size), per_entry)
-        offset = np.arange(a_sorted.size) - np.repeat(np.cumsum(per_entry) - per_entry, per_entry)
-        self.group_a = by_group[a_sorted]
-        self.group_b = by_group[start[self.entry_group[self.group_a]] + offset]
-        self.row_cells = self.entry_cols[self.row_a] * n + self.entry_cols[self.row_b]
-        self.group_cells = self.entry_cols[self.group_a] * n + self.entry_cols[self.group_b]
+        slot_a, slot_b = (m.ravel() for m in np.meshgrid(np.arange(n_slots), np.arange(n_slots), indexing="ij"))
+        self.row_a = (np.arange(n_rows)[:, None] * n_slots + slot_a).ravel()  # pairs of one row's slots
+        self.row_b = (np.arange(n_rows)[:, None] * n_slots + slot_b).ravel()
+        self.row_pair_cells = self.entry_cols[self.row_a] * n + self.entry_cols[self.row_b]
+        if route == "pairs":  # each entry paired with every entry of its group (sorted by group)
+            by_group = np.argsort(self.entry_group, kind="stable")
+            size = np.bincount(self.entry_group, minlength=n_groups)
+            start = np.concatenate([[0], np.cumsum(size)[:-1]])
+            per_entry = size[self.entry_group[by_group]]
+            a_sorted = np.repeat(np.arange(by_group.size), per_entry)
+            offset = np.arange(a_sorted.size) - np.repeat(np.cumsum(per_entry) - per_entry, per_entry)
+            self.group_a = by_group[a_sorted]
+            self.group_b = by_group[start[self.entry_group[self.group_a]] + offset]
+            self.group_pair_cells = self.entry_cols[self.group_a] * n + self.entry_cols[self.group_b]
 
-    def normal_equations(self, weight, intensity, g, d, ih, den, inv_den):
+    @classmethod
+    def for_problem(cls, gid: np.ndarray, n_groups: int, cols: np.ndarray, n: int, max_elements: int,
+                    route: str | None = None) -> "_SlotNormalEquations | None":
+        """The cheapest route whose arrays stay within max_elements (route: forced), else None."""
+        n_rows, n_slots = cols.shape
+        entries_per_group = np.bincount(gid, minlength=n_groups) * n_slots
+        row_pairs = n_rows * n_slots * n_slots
+        group_pairs = int(np.sum(entries_per_group.astype(np.int64) ** 2))
+        cost = {"rows": (n_rows * n * n, n_rows * n),  # (cost in flops, largest array)
+                "groups": (50 * row_pairs + 2 * n_groups * n * n, max(n_groups * n, row_pairs)),
+                "pairs": (50 * (row_pairs + group_pairs), row_pairs + group_pairs)}
+        fits = [r for r in ((route,) if route else cls.ROUTES) if cost[r][1] <= max_elements]
+        return cls(gid, n_groups, cols, n, min(fits, key=lambda r: cost[r][0])) if fits else None
+
+    def __call__(self, weight, intensity, g, d, ih, den, inv_den):
         n, gid, eg = self.n, self.gid, self.entry_group
         n_slots = d.shape[1]
         ih_obs = ih[gid]
         rho = intensity - g * ih_obs
         d_flat = d.ravel()
-        own = np.repeat(weight * ih_obs**2, n_slots)  # w_i I_h^2 per entry
         delta = np.repeat(weight * (intensity - 2.0 * ih_obs * g), n_slots) * d_flat * inv_den[eg]  # D_h parts
+        q = np.bincount(gid, weight * g * rho, self.n_groups)
+        own = np.repeat(weight * rho * ih_obs, n_slots) * d_flat
+        if self.route == "rows":
+            n_rows = gid.size
+            big_g = np.bincount(self.row_cells, d_flat, n_rows * n).reshape(n_rows, n)  # dg/dp
+            dih = np.bincount(self.group_cells, delta, self.n_groups * n).reshape(self.n_groups, n)
+            sw = np.sqrt(weight)
+            jac = -sw[:, None] * (ih_obs[:, None] * big_g + g[:, None] * dih[gid])
+            r = sw * rho
+            return jac.T @ jac, jac.T @ r, float(r @ r)
+        a, b = self.row_a, self.row_b
+        own_w = np.repeat(weight * ih_obs**2, n_slots)
+        nm = np.bincount(self.row_pair_cells, own_w[a] * d_flat[a] * d_flat[b], n * n).reshape(n, n)
         e = np.repeat(weight * g, n_slots) * d_flat  # E_h parts
-        a, b = self.group_a, self.group_b
-        nm = (np.bincount(self.row_cells, own[self.row_a] * d_flat[self.row_a] * d_flat[self.row_b], n * n)
-              + np.bincount(self.group_cells, ih[eg[a]] * (e[a] * delta[b] + delta[a] * e[b])
-                            + den[eg[a]] * delta[a] * delta[b], n * n)).reshape(n, n)
-        q = np.bincount(gid, weight * g * rho, ih.size)  # sum_{j in h} w_j g_j rho_j (0 but for rounding)
-        grad = -np.bincount(self.entry_cols, np.repeat(weight * rho * ih_obs, n_slots) * d_flat + q[eg] * delta, n)
+        if self.route == "groups":
+            big_d = np.bincount(self.group_cells, delta, self.n_groups * n).reshape(self.n_groups, n)
+            big_e = np.bincount(self.group_cells, e, self.n_groups * n).reshape(self.n_groups, n)
+            cross = (ih[:, None] * big_e).T @ big_d
+            nm += cross + cross.T + big_d.T @ (den[:, None] * big_d)
+            grad = -np.bincount(self.entry_cols, own, n) - big_d.T @ q
+        else:
+            a, b = self.group_a, self.group_b
+            nm += np.bincount(self.group_pair_cells, ih[eg[a]] * (e[a] * delta[b] + delta[a] * e[b])
+                              + den[eg[a]] * delta[a] * delta[b], n * n).reshape(n, n)
+            grad = -np.bincount(self.entry_cols, own + q[eg] * delta, n)
         return nm, grad, float(np.sum(weight * rho * rho))
 
 

@@ -139,7 +139,7 @@ def test_inverse_scale_variance_equals_dense(n_scale, on_host, monkeypatch):
     np.testing.assert_allclose(var, np.einsum("ip,pq,iq->i", d, cov, d), rtol=1e-11, atol=1e-18)
 
 
-@pytest.mark.parametrize("route", ["dense", "pairs"])  # dense J / pairs of slots within a group
+@pytest.mark.parametrize("route", ["rows", "groups", "pairs"])  # dense J / dense D, E per group / slot pairs
 def test_host_normal_equations_equal_the_compiled_builder(case, route):
     """The numpy twin of the normal-equation builder (small problems) gives the compiled
     builder's N, gradient and sum of squares: fixed parameters, zero-weight rows, restraints."""
