@@ -19,6 +19,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <system_error>
 #include <optional>
 #include <thread>
 #include <vector>
@@ -325,14 +326,18 @@ class Helper {
     if (helper == nullptr || owner != getpid()) {
       helper = new Helper();
       owner = getpid();
-      std::thread([h = helper] { h->loop(); }).detach();
+      try {
+        std::thread([h = helper] { h->loop(); }).detach();
+      } catch (const std::system_error&) {  // no thread to be had: the caller does both halves
+        helper->started_ = false;
+      }
     }
     return *helper;
   }
 
   // Whether to offer work (not while quiet, see `report`).
   bool active() const {
-    return Clock::now().time_since_epoch().count() >= quiet_until_.load(std::memory_order_relaxed);
+    return started_ && Clock::now().time_since_epoch().count() >= quiet_until_.load(std::memory_order_relaxed);
   }
 
   void offer(std::shared_ptr<SecondHalf> half) {
@@ -408,6 +413,7 @@ class Helper {
   std::atomic<bool> sleeping_{false};
   std::atomic<Clock::rep> quiet_until_{0};  // no offers, no spinning before (steady_clock ticks)
   std::atomic<int> failures_{0};  // offers in a row that did not help
+  bool started_ = true;  // the thread runs
 };
 
 // work(first_chunk, n_chunks, half) for half 0 = chunks [0, split) and half 1 = [split, n_chunks),
