@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -27,7 +26,7 @@ from jaxscale.data.table import ReflectionTable
 from jaxscale.compilation import host_evaluation, precompile, warm_up
 from jaxscale.errors.error_model import ErrorModelResult, refine_error_model
 from jaxscale.errors.outliers import determine_outliers, normalised_intensity_outliers
-from jaxscale.exceptions import InputError, ParameterError
+from jaxscale.exceptions import InputError
 from jaxscale.models.build import DatasetInput, ScalingModel, build_model
 from jaxscale.merge.statistics import HOST_MAX_GROUPS, MIN_GROUPS_PAD, precompile_split_halves
 from jaxscale.optimize.lbfgs import minimise_lbfgs, precompile_direction

@@ -26,16 +26,18 @@ minimum wall_s (all walls in wall_s_runs).
 (jaxscale.sim.simulate_stills, which has Miller indices), then on those files, each a whole
 process, wall / CPU seconds and peak RSS (GNU time, else wait4):
   dials.scale model=KB (time limit --dials-timeout): dials_s, dials_cpu_s, dials_peak_mb;
+  (--dials-repeats runs: the median, all in dials_runs_s);
   `jaxscale scale` with its default options (the general engine up to 1,000 stills, the serial
-  path above: what a user runs) with an empty compilation cache (cli_cold_*) and with the cache
-  it left (cli_warm_*, minimum of --process-repeats runs); the same with compute.serial=true
-  (cli_serial_cold_s, cli_serial_warm_s, dials_ratio_serial: the serial path at this size);
+  path above: what a user runs), --process-repeats runs each with an empty compilation cache
+  (cli_cold_*: median wall, _min_s, _runs_s) and as many with the cache the first one left
+  (cli_warm_*); the same with compute.serial=true (cli_serial_cold_s, cli_serial_warm_s,
+  dials_ratio_serial: the serial path at this size);
   in one process, the same `jaxscale scale` called twice with the warm cache: its phases
   (import, read, prepare, scaling and its sub-phases, statistics, write; JAX trace/lower/
   compile seconds) for the first call (cli_phases) and the second call's wall (in_process_s:
   everything compiled, the work alone).
-dials_ratio = dials_s / cli_cold_s (whole process on both sides, jaxscale with its default
-options and an empty cache); dials_ratio_serial = dials_s / cli_serial_cold_s;
+dials_ratio = dials_s / cli_cold_s (medians of whole processes on both sides, jaxscale with
+its default options and an empty cache); dials_ratio_serial = dials_s / cli_serial_cold_s;
 dials_ratio_cli_warm = dials_s / cli_warm_s; dials_ratio_in_process = dials_s / in_process_s.
 null where DIALS was not run or did not finish. Set JAXSCALE_X64=0 for float32 throughout;
 --float32-eval adds a float32 timing of the evaluation (child process) to each float64 row.
@@ -57,6 +59,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,7 +76,8 @@ def _parse(argv):
     p.add_argument("--dials", action="store_true", help="compare with dials.scale (sizes up to --dials-max-obs)")
     p.add_argument("--dials-timeout", type=float, default=600.0, help="seconds per dials.scale run")
     p.add_argument("--dials-max-obs", type=int, default=50_000, help="largest size given to dials.scale")
-    p.add_argument("--process-repeats", type=int, default=2, help="warm `jaxscale scale` runs (minimum reported)")
+    p.add_argument("--dials-repeats", type=int, default=1, help="dials.scale runs per size (median reported)")
+    p.add_argument("--process-repeats", type=int, default=2, help="cold and warm `jaxscale scale` runs each (--dials: medians reported)")
     p.add_argument("--job-repeats", type=int, default=1, help="full-job child processes per size (minimum reported)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation timing (job and DIALS only)")
     p.add_argument("--no-job", action="store_true", help="skip the full scaling job (evaluation and DIALS only)")
@@ -311,7 +315,7 @@ def _cli_args(paths: dict, serial: bool = False) -> list[str]:
             "output.html=None", "output.json=None"]
 
 
-def dials_compare(n_obs: int, timeout: float, seed: int, warm_repeats: int) -> dict:
+def dials_compare(n_obs: int, timeout: float, seed: int, warm_repeats: int, dials_repeats: int = 1) -> dict:
     """dials.scale and `jaxscale scale` (whole processes) on the same simulated stills."""
     import jaxscale  # noqa: F401
     from jaxscale.sim import simulate_stills, write_simulation
@@ -324,7 +328,11 @@ def dials_compare(n_obs: int, timeout: float, seed: int, warm_repeats: int) -> d
     out.update(_cli_times(work, paths, warm_repeats))
     serial = _cli_times(work, paths, warm_repeats, serial=True, phases=False)
     out.update({"cli_serial_cold_s": serial.get("cli_cold_s"), "cli_serial_warm_s": serial.get("cli_warm_s")})
-    dials = _dials_run(work, paths, timeout)
+    dials_runs = [_dials_run(work, paths, timeout) for _ in range(max(dials_repeats, 1))]
+    dials = dials_runs[0] if any("dials_s" not in d for d in dials_runs) else {
+        **sorted(dials_runs, key=lambda d: d["dials_s"])[(len(dials_runs) - 1) // 2],
+        "dials_s": float(statistics.median(d["dials_s"] for d in dials_runs)),
+        "dials_runs_s": [d["dials_s"] for d in dials_runs]}
     out.update(dials)
     dials_s = dials.get("dials_s")
     ratio = lambda t: (dials_s / t) if dials_s and t else None  # noqa: E731
@@ -353,30 +361,45 @@ def _dials_run(work: str, paths: dict, timeout: float) -> dict:
             "dials_note": "finished"}
 
 
+def _process_summary(prefix: str, runs: list[dict]) -> dict:
+    """Median wall (and the CPU and peak memory of that run), fastest wall and all walls."""
+    if not runs:
+        return {}
+    order = sorted(runs, key=lambda r: r["wall_s"])
+    mid = order[(len(order) - 1) // 2]  # the lower median: an actual run
+    return {f"{prefix}_s": float(statistics.median(r["wall_s"] for r in runs)), f"{prefix}_cpu_s": mid["cpu_s"],
+            f"{prefix}_peak_mb": mid["peak_mb"], f"{prefix}_min_s": order[0]["wall_s"],
+            f"{prefix}_runs_s": [r["wall_s"] for r in runs]}
+
+
 def _cli_times(work: str, paths: dict, warm_repeats: int, serial: bool = False, phases: bool = True) -> dict:
     """`jaxscale scale` (default options, or serial: compute.serial=true; all outputs but HTML/JSON)
-    on DIALS' input, whole process: cold (empty compilation cache), warm (the cache the cold run
-    left; minimum of warm_repeats), then (phases) the in-process phases child with the warm cache."""
+    on DIALS' input, whole processes: warm_repeats cold runs (each with an empty compilation
+    cache) and warm_repeats warm ones (the cache the first cold run left), medians and minima;
+    then (phases) the in-process phases child with the warm cache."""
     out_dir = os.path.join(work, "jaxscale_out")
     os.makedirs(out_dir, exist_ok=True)
     cache = tempfile.mkdtemp(prefix="jaxscale_cache_")
     env = dict(os.environ, JAXSCALE_CACHE_DIR=cache)
     out: dict = {}
-    runs = []
-    for i in range(1 + max(warm_repeats, 1)):
-        run = _run_measured([_jaxscale_exe(), *_cli_args(paths, serial)], cwd=out_dir, env=env)
+    repeats = max(warm_repeats, 1)
+    cold, warm = [], []
+    for i in range(repeats):  # cold runs, each with an empty cache (the first one's kept for the warm runs)
+        run_env = env if i == 0 else dict(os.environ, JAXSCALE_CACHE_DIR=tempfile.mkdtemp(prefix="jaxscale_cache_"))
+        run = _run_measured([_jaxscale_exe(), *_cli_args(paths, serial)], cwd=out_dir, env=run_env)
+        if run_env is not env:
+            shutil.rmtree(run_env["JAXSCALE_CACHE_DIR"], ignore_errors=True)
         if run["rc"] != 0:
             out["cli_error"] = run["tail"][-500:]
-            break
-        runs.append(run)
-    if runs:
-        out.update({"cli_cold_s": runs[0]["wall_s"], "cli_cold_cpu_s": runs[0]["cpu_s"],
-                    "cli_cold_peak_mb": runs[0]["peak_mb"]})
-    if len(runs) > 1:
-        warm = min(runs[1:], key=lambda r: r["wall_s"])
-        out.update({"cli_warm_s": warm["wall_s"], "cli_warm_cpu_s": warm["cpu_s"], "cli_warm_peak_mb": warm["peak_mb"],
-                    "cli_warm_runs_s": [r["wall_s"] for r in runs[1:]]})
-    if len(runs) > 1 and phases:
+            return out
+        cold.append(run)
+    for _ in range(repeats):
+        run = _run_measured([_jaxscale_exe(), *_cli_args(paths, serial)], cwd=out_dir, env=env)
+        if run["rc"] == 0:
+            warm.append(run)
+    out.update(_process_summary("cli_cold", cold))
+    out.update(_process_summary("cli_warm", warm))
+    if warm and phases:
         spec = json.dumps({"cwd": out_dir, "args": _cli_args(paths, serial)})
         timings, _, _, err = _child(["--cli-phases", spec], env=env)
         if timings:
@@ -544,7 +567,7 @@ def main(argv=None) -> int:
             row.update({"wall_s": None, "process_s": None, "peak_mb": float("nan")})
         row["dials_ratio"] = None
         if args.dials and n_obs <= args.dials_max_obs:
-            row.update(dials_compare(n_obs, args.dials_timeout, args.seed, args.process_repeats))
+            row.update(dials_compare(n_obs, args.dials_timeout, args.seed, args.process_repeats, args.dials_repeats))
         elif args.dials:
             row["dials_note"] = f"not run (n_obs > --dials-max-obs {args.dials_max_obs})"
         row["load_after"] = _load()

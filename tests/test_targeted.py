@@ -11,7 +11,6 @@ from pathlib import Path
 
 import gemmi
 import numpy as np
-import pytest
 
 from jaxscale.data import flags as F
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from jaxscale.cli.main import main
-from jaxscale.params import AUTO, ScaleParams, markdown_docs
+from jaxscale.params import AUTO, markdown_docs
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,7 +1,6 @@
 """Non-physical components against DIALS, gradients, mixed models, masks and serialisation."""
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from types import SimpleNamespace
