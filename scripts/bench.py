@@ -36,6 +36,8 @@ process, wall / CPU seconds and peak RSS (GNU time, else wait4):
   (import, read, prepare, scaling and its sub-phases, statistics, write; JAX trace/lower/
   compile seconds) for the first call (cli_phases) and the second call's wall (in_process_s:
   everything compiled, the work alone).
+Before each timed process (both programs) an untimed one imports its modules, so that both
+start with their libraries in the OS page cache (--no-prime: not; page_cache_primed).
 dials_ratio = dials_s / cli_cold_s (medians of whole processes on both sides, jaxscale with
 its default options and an empty cache); dials_ratio_serial = dials_s / cli_serial_cold_s;
 dials_ratio_cli_warm = dials_s / cli_warm_s; dials_ratio_in_process = dials_s / in_process_s.
@@ -77,6 +79,8 @@ def _parse(argv):
     p.add_argument("--dials-timeout", type=float, default=600.0, help="seconds per dials.scale run")
     p.add_argument("--dials-max-obs", type=int, default=50_000, help="largest size given to dials.scale")
     p.add_argument("--dials-repeats", type=int, default=1, help="dials.scale runs per size (median reported)")
+    p.add_argument("--no-prime", action="store_true",
+                   help="--dials: no untimed import before each timed process (see _prime_page_cache)")
     p.add_argument("--process-repeats", type=int, default=2, help="cold and warm `jaxscale scale` runs each (--dials: medians reported)")
     p.add_argument("--job-repeats", type=int, default=1, help="full-job child processes per size (minimum reported)")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation timing (job and DIALS only)")
@@ -315,7 +319,8 @@ def _cli_args(paths: dict, serial: bool = False) -> list[str]:
             "output.html=None", "output.json=None"]
 
 
-def dials_compare(n_obs: int, timeout: float, seed: int, warm_repeats: int, dials_repeats: int = 1) -> dict:
+def dials_compare(n_obs: int, timeout: float, seed: int, warm_repeats: int, dials_repeats: int = 1,
+                  prime: bool = True) -> dict:
     """dials.scale and `jaxscale scale` (whole processes) on the same simulated stills."""
     import jaxscale  # noqa: F401
     from jaxscale.sim import simulate_stills, write_simulation
@@ -324,11 +329,11 @@ def dials_compare(n_obs: int, timeout: float, seed: int, warm_repeats: int, dial
     work = tempfile.mkdtemp(prefix="jaxscale_bench_")
     table, expts, truth = simulate_stills(n_stills=n_stills, obs_per_still=OBS_PER_STILL, seed=seed)
     paths = write_simulation(work, table, expts, truth)
-    out = {"dials_n_stills": n_stills, "dials_input_rows": len(table)}
-    out.update(_cli_times(work, paths, warm_repeats))
-    serial = _cli_times(work, paths, warm_repeats, serial=True, phases=False)
+    out = {"dials_n_stills": n_stills, "dials_input_rows": len(table), "page_cache_primed": prime}
+    out.update(_cli_times(work, paths, warm_repeats, prime=prime))
+    serial = _cli_times(work, paths, warm_repeats, serial=True, phases=False, prime=prime)
     out.update({"cli_serial_cold_s": serial.get("cli_cold_s"), "cli_serial_warm_s": serial.get("cli_warm_s")})
-    dials_runs = [_dials_run(work, paths, timeout) for _ in range(max(dials_repeats, 1))]
+    dials_runs = [_dials_run(work, paths, timeout, prime) for _ in range(max(dials_repeats, 1))]
     dials = dials_runs[0] if any("dials_s" not in d for d in dials_runs) else {
         **sorted(dials_runs, key=lambda d: d["dials_s"])[(len(dials_runs) - 1) // 2],
         "dials_s": float(statistics.median(d["dials_s"] for d in dials_runs)),
@@ -344,12 +349,31 @@ def dials_compare(n_obs: int, timeout: float, seed: int, warm_repeats: int, dial
     return out
 
 
-def _dials_run(work: str, paths: dict, timeout: float) -> dict:
+def _prime_page_cache(cmd: list[str]) -> None:
+    """Run `cmd` (importing a program's modules) untimed, so that the timed run after it finds
+    its shared libraries in the OS page cache: on this VM idle file pages are reclaimed within
+    seconds (`import jaxscale` 0.43 s just after another, 1.0 s after 30 s idle), so without it
+    a run's time depends on what ran before it. Both programs get the same treatment."""
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+def _shebang_interpreter(script: str) -> str:
+    with open(script, "rb") as fh:
+        first = fh.readline().decode(errors="replace").strip()
+    return first[2:].split()[0] if first.startswith("#!") else sys.executable
+
+
+PRIME_JAXSCALE = [sys.executable, "-c", "import jaxscale.scale, jaxscale.cli.main"]
+
+
+def _dials_run(work: str, paths: dict, timeout: float, prime: bool = True) -> dict:
     exe = shutil.which("dials.scale")
     if exe is None:
         return {"dials_note": "dials.scale not installed"}
     out_dir = os.path.join(work, "dials_out")
     os.makedirs(out_dir, exist_ok=True)
+    if prime:
+        _prime_page_cache([_shebang_interpreter(exe), "-c", "import dials.command_line.scale"])
     run = _run_measured([exe, str(paths["refl"]), str(paths["expt"]), "model=KB", "output.html=None",
                          "output.json=None"], cwd=out_dir, timeout=timeout)
     if run["timed_out"]:
@@ -372,7 +396,8 @@ def _process_summary(prefix: str, runs: list[dict]) -> dict:
             f"{prefix}_runs_s": [r["wall_s"] for r in runs]}
 
 
-def _cli_times(work: str, paths: dict, warm_repeats: int, serial: bool = False, phases: bool = True) -> dict:
+def _cli_times(work: str, paths: dict, warm_repeats: int, serial: bool = False, phases: bool = True,
+               prime: bool = True) -> dict:
     """`jaxscale scale` (default options, or serial: compute.serial=true; all outputs but HTML/JSON)
     on DIALS' input, whole processes: warm_repeats cold runs (each with an empty compilation
     cache) and warm_repeats warm ones (the cache the first cold run left), medians and minima;
@@ -386,6 +411,8 @@ def _cli_times(work: str, paths: dict, warm_repeats: int, serial: bool = False, 
     cold, warm = [], []
     for i in range(repeats):  # cold runs, each with an empty cache (the first one's kept for the warm runs)
         run_env = env if i == 0 else dict(os.environ, JAXSCALE_CACHE_DIR=tempfile.mkdtemp(prefix="jaxscale_cache_"))
+        if prime:
+            _prime_page_cache(PRIME_JAXSCALE)
         run = _run_measured([_jaxscale_exe(), *_cli_args(paths, serial)], cwd=out_dir, env=run_env)
         if run_env is not env:
             shutil.rmtree(run_env["JAXSCALE_CACHE_DIR"], ignore_errors=True)
@@ -394,6 +421,8 @@ def _cli_times(work: str, paths: dict, warm_repeats: int, serial: bool = False, 
             return out
         cold.append(run)
     for _ in range(repeats):
+        if prime:
+            _prime_page_cache(PRIME_JAXSCALE)
         run = _run_measured([_jaxscale_exe(), *_cli_args(paths, serial)], cwd=out_dir, env=env)
         if run["rc"] == 0:
             warm.append(run)
@@ -567,7 +596,8 @@ def main(argv=None) -> int:
             row.update({"wall_s": None, "process_s": None, "peak_mb": float("nan")})
         row["dials_ratio"] = None
         if args.dials and n_obs <= args.dials_max_obs:
-            row.update(dials_compare(n_obs, args.dials_timeout, args.seed, args.process_repeats, args.dials_repeats))
+            row.update(dials_compare(n_obs, args.dials_timeout, args.seed, args.process_repeats, args.dials_repeats,
+                                     not args.no_prime))
         elif args.dials:
             row["dials_note"] = f"not run (n_obs > --dials-max-obs {args.dials_max_obs})"
         row["load_after"] = _load()
