@@ -457,9 +457,19 @@ def minimise_full_matrix(
     )
 
 
+# From this many unknowns on, dense solves use scipy's triangular LAPACK routines: numpy has
+# none, and solving with the Cholesky factor through LU costs 4/3 n^3 flops per system
+# (n = 2,000: 0.26 s per LM step, against scipy's ~0.15 s import once).
+LARGE_DENSE_SYSTEM = 768
+
+
 def _solve_cholesky(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Solve a x = b for symmetric positive definite a (least squares if not PD)."""
     try:
+        if a.shape[0] >= LARGE_DENSE_SYSTEM:
+            from scipy.linalg import cho_factor, cho_solve
+
+            return cho_solve(cho_factor(a, lower=True, check_finite=False), b, check_finite=False)
         c = np.linalg.cholesky(a)
         y = np.linalg.solve(c, b)
         return np.linalg.solve(c.T, y)
@@ -496,6 +506,11 @@ def parameter_covariance(result: FullMatrixResult, damped: bool = True) -> np.nd
 
 def _inverse_spd(a: np.ndarray) -> np.ndarray:
     try:
+        if a.shape[0] >= LARGE_DENSE_SYSTEM:
+            from scipy.linalg import cho_factor, cho_solve
+
+            inv = cho_solve(cho_factor(a, lower=True, check_finite=False), np.eye(a.shape[0]), check_finite=False)
+            return 0.5 * (inv + inv.T)
         c_inv = np.linalg.inv(np.linalg.cholesky(a))
         return c_inv.T @ c_inv
     except np.linalg.LinAlgError:

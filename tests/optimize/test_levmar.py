@@ -168,3 +168,20 @@ def test_host_normal_equations_equal_the_compiled_builder(case, route):
     assert host_normal_equations(target, targeted) is None
     assert host_normal_equations(_DenseTarget(comps, params), data) is None
     assert host_normal_equations(target, data, max_elements=10) is None
+
+
+@pytest.mark.parametrize("n", [40, 800])  # numpy's Cholesky / scipy's (LARGE_DENSE_SYSTEM and up)
+def test_dense_spd_solve_and_inverse(n):
+    from jaxscale.optimize.levmar import LARGE_DENSE_SYSTEM, _inverse_spd, _solve_cholesky
+
+    assert (n >= LARGE_DENSE_SYSTEM) == (n == 800)
+    rng = np.random.default_rng(n)
+    m = rng.normal(size=(n, n))
+    a = m @ m.T + n * np.eye(n)
+    b = rng.normal(size=n)
+    np.testing.assert_allclose(a @ _solve_cholesky(a, b), b, rtol=0, atol=1e-10 * np.abs(b).max())
+    inv = _inverse_spd(a)
+    np.testing.assert_allclose(inv @ a, np.eye(n), rtol=0, atol=1e-10)
+    assert np.array_equal(inv, inv.T)
+    not_pd = -a  # falls back to least squares / the pseudo-inverse
+    np.testing.assert_allclose(not_pd @ _solve_cholesky(not_pd, b), b, rtol=0, atol=1e-8 * np.abs(b).max())
