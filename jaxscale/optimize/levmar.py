@@ -170,9 +170,9 @@ def host_normal_equations(target: ScalingTarget, data: TargetData, max_elements:
     the same exact Jacobian from the links' closed-form slot slopes, for problems small enough
     (`compilation.host_evaluation`, and the route's largest array at most `max_elements`
     entries: `_SlotNormalEquations`) that tracing and compiling the builder costs more than
-    every build of the round; None where it does not apply (other residuals, bases or links, a fixed reference
-    I_h, larger problems). route: one of `_SlotNormalEquations.ROUTES` to force it (tests),
-    else the cheapest."""
+    every build of the round; None where it does not apply (other residuals, bases or links,
+    a fixed reference I_h, larger problems). route: one of `_SlotNormalEquations.ROUTES` to
+    force it (tests), else the cheapest."""
     p = data.problem
     n_rows, n = int(np.shape(p.weight)[0]), target.n_params
     if (not host_evaluation(n_rows) or p.ih_reference is not None
@@ -233,7 +233,7 @@ class _SlotNormalEquations:
 
     def __init__(self, gid: np.ndarray, n_groups: int, cols: np.ndarray, n: int, route: str):
         n_rows, n_slots = cols.shape
-        self.gid, self.n_groups, self.cols, self.n, self.route = gid, n_groups, cols, n, route
+        self.gid, self.n_groups, self.n, self.route = gid, n_groups, n, route
         self.entry_cols = cols.ravel()  # entries (row, slot), row-major
         self.entry_group = np.repeat(gid, n_slots)
         self.group_cells = self.entry_group * n + self.entry_cols  # cells of a dense f[n_groups, n]
@@ -276,8 +276,6 @@ class _SlotNormalEquations:
         rho = intensity - g * ih_obs
         d_flat = d.ravel()
         delta = np.repeat(weight * (intensity - 2.0 * ih_obs * g), n_slots) * d_flat * inv_den[eg]  # D_h parts
-        q = np.bincount(gid, weight * g * rho, self.n_groups)
-        own = np.repeat(weight * rho * ih_obs, n_slots) * d_flat
         if self.route == "rows":
             n_rows = gid.size
             big_g = np.bincount(self.row_cells, d_flat, n_rows * n).reshape(n_rows, n)  # dg/dp
@@ -286,6 +284,8 @@ class _SlotNormalEquations:
             jac = -sw[:, None] * (ih_obs[:, None] * big_g + g[:, None] * dih[gid])
             r = sw * rho
             return jac.T @ jac, jac.T @ r, float(r @ r)
+        q = np.bincount(gid, weight * g * rho, self.n_groups)
+        own = np.repeat(weight * rho * ih_obs, n_slots) * d_flat
         a, b = self.row_a, self.row_b
         own_w = np.repeat(weight * ih_obs**2, n_slots)
         nm = np.bincount(self.row_pair_cells, own_w[a] * d_flat[a] * d_flat[b], n * n).reshape(n, n)
@@ -590,17 +590,20 @@ def _host_variance(target: ScalingTarget, x: np.ndarray, covariance: np.ndarray,
     _, slopes = _host_slot_derivatives(target, links, np.asarray(x, dtype=np.float64), host)
     d = np.concatenate(list(slopes.values()), axis=1)  # f[n_obs, S]: every component's slot slopes
     cols = np.concatenate([host[k]["idx"].astype(np.int64) + target.slices[k].start for k in slopes], axis=1)
-    n = target.n_params
+    n, n_slots = target.n_params, cols.shape[1]
     cov = np.asarray(covariance, dtype=np.float64)
-    if not _dense_variance_rows(n, cols.shape[1]):  # sum over slot pairs d_a Sigma_ab d_b
-        return np.einsum("ia,iab,ib->i", d, cov[cols[:, :, None], cols[:, None, :]], d)
+    dense = _dense_variance_rows(n, n_slots)
     out = np.empty(n_obs)
-    size = max(1, min(n_obs, (1 << 20) // max(n, 1)))  # dense rows of D in chunks of <= 8 MB
+    size = max(1, min(n_obs, (1 << 20) // max(n if dense else n_slots * n_slots, 1)))  # chunks of <= 8 MB
     for start in range(0, n_obs, size):  # loop over chunks of rows
         stop = min(start + size, n_obs)
-        cells = np.arange(stop - start)[:, None] * n + cols[start:stop]
-        rows = np.bincount(cells.ravel(), d[start:stop].ravel(), (stop - start) * n).reshape(stop - start, n)
-        out[start:stop] = np.einsum("ij,ij->i", rows @ cov, rows)
+        d_c, cols_c = d[start:stop], cols[start:stop]
+        if dense:  # dense rows of D
+            cells = np.arange(stop - start)[:, None] * n + cols_c
+            rows = np.bincount(cells.ravel(), d_c.ravel(), (stop - start) * n).reshape(stop - start, n)
+            out[start:stop] = np.einsum("ij,ij->i", rows @ cov, rows)
+        else:  # sum over slot pairs d_a Sigma_ab d_b
+            out[start:stop] = np.einsum("ia,iab,ib->i", d_c, cov[cols_c[:, :, None], cols_c[:, None, :]], d_c)
     return out
 
 
