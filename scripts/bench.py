@@ -11,6 +11,8 @@ threads), observations per second, the ratio of that time to a numpy streaming p
 the same bytes the evaluation reads (bandwidth_ratio: I, w, 1/(2d^2) + group ids in the
 chunked still layout, padding included, + the still of each chunk; bandwidth_ratio_min: the
 same from the fastest of the repeats of each, less sensitive to other work on the machine;
+the two are timed interleaved, call by call, and bandwidth_ratio_paired is the median of the
+per-round ratios, the figure least moved by drifts of the machine's speed;
 below 2^17 rows the job's program is compiled with XLA's fast options, and eval_optimised_s /
 bandwidth_ratio_optimised[_min] time the same program with XLA's default optimisation);
 the full scaling job (all rounds) in a child process: wall_s (scale_stills alone,
@@ -100,6 +102,22 @@ def _median_time(fn, repeats: int) -> float:
     return _median_times(fn, repeats)[0]
 
 
+def _interleaved_times(fns: list, repeats: int) -> list[tuple[list[float], list[float]]]:
+    """(walls, CPU seconds) of each fn over `repeats` rounds that call every fn once in turn,
+    after one warm-up call each: a drift of the machine's speed (on this VM ±20 % over
+    minutes) then affects all of them alike, and their ratios stay meaningful."""
+    for fn in fns:
+        fn()
+    out = [([], []) for _ in fns]
+    for _ in range(repeats):
+        for fn, (walls, cpus) in zip(fns, out):
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+    return out
+
+
 def _median_times(fn, repeats: int, walls_out: list | None = None) -> tuple[float, float]:
     """Median wall and CPU (all threads of this process) seconds of fn() after one warm-up call
     (every wall time appended to walls_out)."""
@@ -136,12 +154,13 @@ def measure_evaluation(n_obs: int, repeats: int, seed: int) -> dict:
     target = KBStillsTarget(mesh)
     x = jnp.asarray(np.stack([np.ones(n_exp), np.zeros(n_exp)], 1), dtype=dtype)
     free = jnp.ones((n_exp, 2), bool)
-    eval_walls, base_walls = [], []
-    eval_s, eval_cpu_s = _median_times(lambda: jax.block_until_ready(target.value_and_grad(x, obs, free, x)), repeats,
-                                       eval_walls)
-    # bandwidth baseline: one numpy streaming pass over the same arrays, same dtypes
+    # bandwidth baseline: one numpy streaming pass over the same arrays, same dtypes; timed
+    # interleaved with the evaluation
     host = [np.asarray(a) for a in (obs.intensity, obs.weight, obs.inv_two_d_sq, obs.group_id, obs.chunk_experiment)]
-    base_s = _median_times(lambda: [a.sum() for a in host], repeats, base_walls)[0]
+    (eval_walls, eval_cpus), (base_walls, _) = _interleaved_times(
+        [lambda: jax.block_until_ready(target.value_and_grad(x, obs, free, x)), lambda: [a.sum() for a in host]],
+        repeats)
+    eval_s, eval_cpu_s, base_s = float(np.median(eval_walls)), float(np.median(eval_cpus)), float(np.median(base_walls))
     n_bytes = sum(a.nbytes for a in host)
     optimised = {}
     program = target.value_and_grad
@@ -155,6 +174,7 @@ def measure_evaluation(n_obs: int, repeats: int, seed: int) -> dict:
                      "bandwidth_ratio_optimised_min": min(opt_walls) / min(base_walls)}
     return {**optimised, "eval_s": eval_s, "eval_cpu_s": eval_cpu_s, "obs_per_s": n_obs / eval_s, "baseline_s": base_s,
             "bandwidth_ratio": eval_s / base_s, "bandwidth_ratio_min": min(eval_walls) / min(base_walls),
+            "bandwidth_ratio_paired": float(np.median(np.asarray(eval_walls) / np.asarray(base_walls))),
             "eval_min_s": min(eval_walls), "baseline_min_s": min(base_walls),
             "baseline_GBps": n_bytes / base_s / 1e9, "dtype": jnp.dtype(dtype).name,
             "devices": len(jax.devices()), "platform": jax.devices()[0].platform}
