@@ -688,22 +688,22 @@ class _Scaler:
         p = self.p.scaling_options
         o = self.obs
         if per_dataset:
+            # each data set on its own: the groups are independent, so the same test over
+            # (data set, group) keys, and the E^2 test in each data set's own shells
             w = self.weights(self.error_model)
-            sets = [o.dataset == k for k in range(len(self.experiments))]  # loop over data sets
+            group = o.dataset.astype(np.int64) * (int(o.group.max(initial=-1)) + 1) + o.group
+            dataset = o.dataset
         else:
             w = self.weights(self.global_error_model)
-            sets = [np.ones(o.n, dtype=bool)]
-        out = np.zeros(o.n, dtype=bool)
-        for sel in sets:
-            out[sel] = determine_outliers(o.intensity[sel], w[sel], self.g[sel], o.group[sel],
-                                          zmax=p.outlier_zmax, method=p.outlier_rejection)
-            if p.emax and p.emax > 0:
-                out[sel] |= normalised_intensity_outliers(o.intensity[sel] / self.g[sel], o.d_star_sq[sel],
-                                                          o.epsilon[sel], p.emax)
+            group, dataset = o.group, None
+        out = determine_outliers(o.intensity, w, self.g, group, zmax=p.outlier_zmax, method=p.outlier_rejection)
+        if p.emax and p.emax > 0:
+            out |= normalised_intensity_outliers(o.intensity / self.g, o.d_star_sq, o.epsilon, p.emax, dataset=dataset)
         self.outlier = out
         self.log(f"{int(out.sum())} outliers found ({label})")
-        if per_dataset and len(sets) > 1:  # DIALS: one line per data set (each single scaler)
-            counts = np.bincount(o.dataset[out], minlength=len(sets))
+        n_sets = len(self.experiments)
+        if per_dataset and n_sets > 1:  # DIALS: one line per data set (each single scaler)
+            counts = np.bincount(o.dataset[out], minlength=n_sets)
             for k, n in enumerate(counts):  # loop over data sets
                 self.log(f"  data set {k}: {int(n)} outliers")
 

@@ -303,31 +303,71 @@ def normalised_intensity_outliers(
     d_star_sq: np.ndarray,
     epsilon: np.ndarray,
     emax: float = 10.0,
+    dataset: np.ndarray | None = None,
 ) -> np.ndarray:
     """E^2 > emax^2 test (outliers.md §6) by quasi-normalisation in d*^2 shells.
 
     Shells equally spaced in d*^2 (10/15/20 by size); N(h) = mean of max(I,0)/eps per shell,
-    interpolated linearly in d* between shell centres; E^2 = I / N(h).
+    interpolated linearly in d* between shell centres; E^2 = I / N(h). dataset (i[n]): each
+    data set normalised in its own shells (DIALS' per-data-set rejection), all at once.
     """
     i = np.asarray(intensity_scaled, dtype=np.float64)
+    d_star_sq = np.asarray(d_star_sq, dtype=np.float64)
     n = i.size
     if n == 0:
         return np.zeros(0, dtype=bool)
-    work = np.maximum(i, 0.0)
-    n_bins = 20 if n > 20000 else 15 if n > 15000 else 10
-    lo, hi = float(d_star_sq.min()), float(d_star_sq.max())
+    if dataset is None:
+        dataset = np.zeros(n, dtype=np.int64)
+    _, ds = np.unique(dataset, return_inverse=True)
+    ds = ds.reshape(-1)
+    n_sets = int(ds.max()) + 1
+    order = np.argsort(ds, kind="stable")
+    starts = np.flatnonzero(np.r_[True, ds[order][1:] != ds[order][:-1]])
+    size = np.bincount(ds, minlength=n_sets)
+    n_bins = np.where(size > 20000, 20, np.where(size > 15000, 15, 10))
+    lo = np.minimum.reduceat(d_star_sq[order], starts)
+    hi = np.maximum.reduceat(d_star_sq[order], starts)
     span = hi - lo
     lo, hi = lo - span * 1e-6, hi + span * 1e-6
     step = (hi - lo) / n_bins
-    if step <= 0:
-        step = 1.0
-    b = np.clip(((d_star_sq - lo) / step).astype(np.int64), 0, n_bins - 1)
-    counts = np.bincount(b, minlength=n_bins)
-    sums = np.bincount(b, work / epsilon, minlength=n_bins)
-    means = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
-    edges = lo + step * np.arange(n_bins + 1)
-    centres = 0.5 * (np.sqrt(np.maximum(edges[:-1], 0.0)) + np.sqrt(edges[1:]))
-    norm = np.interp(np.sqrt(d_star_sq), centres, means)  # clamped at the ends
+    step = np.where(step <= 0, 1.0, step)
+    b = np.clip(((d_star_sq - lo[ds]) / step[ds]).astype(np.int64), 0, n_bins[ds] - 1)
+    shell = ds * 20 + b  # at most 20 shells per data set
+    counts = np.bincount(shell, minlength=20 * n_sets)
+    sums = np.bincount(shell, np.maximum(i, 0.0) / epsilon, minlength=20 * n_sets)
+    means = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).reshape(n_sets, 20)
+    edges = lo[:, None] + step[:, None] * np.arange(21)
+    centres = 0.5 * (np.sqrt(np.maximum(edges[:, :-1], 0.0)) + np.sqrt(edges[:, 1:]))  # the first n_bins valid
+    norm = _interp_rows(np.sqrt(d_star_sq), centres, means, n_bins, ds, b)
     with np.errstate(divide="ignore", invalid="ignore"):
         e2 = i / norm
     return np.nan_to_num(e2, nan=0.0, posinf=np.inf) > emax * emax
+
+
+def _interp_rows(x: np.ndarray, xp: np.ndarray, fp: np.ndarray, n_points: np.ndarray, row_set: np.ndarray,
+                 guess: np.ndarray) -> np.ndarray:
+    """np.interp(x_r, xp[s, :n_points[s]], fp[s, :n_points[s]]) for each row r of set s =
+    row_set[r], all rows at once, with numpy's arithmetic (clamped at the ends; a point on a
+    node takes its value; else slope (x - xp_j) + fp_j with slope = dfp / dxp). guess (i[n]):
+    a node index at most one off the last node <= x (the row's shell); corrected here."""
+    width = xp.shape[1]
+    base = row_set * width
+    last = n_points[row_set] - 1
+    xp_flat, fp_flat = xp.ravel(), fp.ravel()
+    j = np.clip(guess, 0, last)
+    j = np.where(x < xp_flat[base + j], j - 1, j)  # the last node <= x: one step down ...
+    up = np.minimum(j + 1, last)
+    j = np.where((j < last) & (x >= xp_flat[base + up]), j + 1, j)  # ... or up
+    lo_node = np.clip(j, 0, np.maximum(last - 1, 0))
+    hi_node = np.minimum(lo_node + 1, last)
+    x0, x1 = xp_flat[base + lo_node], xp_flat[base + hi_node]
+    f0, f1 = fp_flat[base + lo_node], fp_flat[base + hi_node]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = (f1 - f0) / (x1 - x0)
+        inner = slope * (x - x0) + f0
+        inner = np.where(np.isnan(inner), slope * (x - x1) + f1, inner)
+        inner = np.where(np.isnan(inner) & (f0 == f1), f0, inner)
+    at = np.clip(j, 0, last)
+    on_node = x == xp_flat[base + at]
+    out = np.where(j < 0, fp_flat[base], np.where((j >= last) | on_node, fp_flat[base + at], inner))
+    return np.where(np.isnan(x), x, out)

@@ -147,3 +147,57 @@ def test_e_squared_outliers():
     i[:5] = 200 * 1000 * np.exp(-2 * dss[:5])
     out = normalised_intensity_outliers(i, dss, np.ones(n), emax=10.0)
     assert out[:5].all() and out[5:].sum() < 3
+
+
+def test_e_squared_per_dataset_equals_each_dataset_alone():
+    """dataset=...: each data set normalised in its own shells, all at once, gives what the
+    test gives on each data set alone (shell counts 10/15/20 by size, a degenerate d range,
+    repeated d values, negative and extreme intensities, non-compact data-set ids)."""
+    rng = np.random.default_rng(1)
+    flagged = 0
+    for trial in range(40):  # loop over random multi-data-set cases
+        sizes = rng.choice([3, 60, 900, 15001, 20001], size=int(rng.integers(1, 6)), p=[0.1, 0.4, 0.3, 0.1, 0.1])
+        ds = rng.permutation(np.repeat(np.arange(sizes.size) * 7, sizes))
+        dss = rng.uniform(0.001, 0.5, ds.size) ** rng.uniform(0.5, 2)
+        if trial % 10 == 0:
+            dss[ds == ds[0]] = 0.25
+        if trial % 7 == 0:
+            dss = np.round(dss, 2)
+        i = rng.gamma(0.5, 100, ds.size) * rng.choice([1.0, 1.0, 1.0, -0.2], ds.size)
+        i[rng.random(ds.size) < 0.01] *= 300
+        eps = rng.choice([1.0, 2.0], ds.size)
+        expected = np.zeros(ds.size, dtype=bool)
+        for k in np.unique(ds):  # loop over the (few) data sets of a case
+            rows = ds == k
+            expected[rows] = normalised_intensity_outliers(i[rows], dss[rows], eps[rows], emax=10.0)
+        flagged += int(expected.sum())
+        np.testing.assert_array_equal(normalised_intensity_outliers(i, dss, eps, emax=10.0, dataset=ds), expected)
+    assert flagged > 100  # the cases do reach the threshold
+
+
+def test_interp_rows_equals_numpy_interp():
+    from jaxscale.errors.outliers import _interp_rows
+
+    rng = np.random.default_rng(2)
+    xp, fp = np.sort(rng.uniform(0.05, 0.95, 20)), rng.uniform(0, 5, 20)
+    x = np.concatenate([rng.uniform(0, 1, 2000), xp, [0.0, 1.0, np.nan]])
+    near = np.clip(np.searchsorted(xp, x) - 1 + rng.integers(-1, 2, x.size), 0, 19)  # a guess one off
+    got = _interp_rows(x, xp[None], fp[None], np.array([20]), np.zeros(x.size, dtype=np.int64), near)
+    np.testing.assert_array_equal(got, np.interp(x, xp, fp))
+
+
+def test_rejection_over_dataset_group_keys_equals_each_dataset_alone():
+    """The engine's per-data-set initial rejection runs once over (data set, group) keys: the
+    groups are independent, so that is each data set's own rejection (standard and simple)."""
+    d = make_grouped(n_groups=1200, seed=4, n_outliers=80, mult_range=(2, 12))
+    rng = np.random.default_rng(4)
+    dataset = rng.integers(0, 5, d["group_id"].size)  # each group's rows spread over data sets
+    key = dataset * (int(d["group_id"].max()) + 1) + d["group_id"]
+    w = 1.0 / d["variance"]
+    for method in (standard_outliers, simple_outliers):
+        expected = np.zeros(dataset.size, dtype=bool)
+        for k in range(5):  # loop over the data sets
+            rows = dataset == k
+            expected[rows] = method(d["intensity"][rows], w[rows], d["g"][rows], d["group_id"][rows])
+        assert expected.sum() >= 10  # planted outliers found in their data sets' groups
+        np.testing.assert_array_equal(method(d["intensity"], w, d["g"], key), expected)
