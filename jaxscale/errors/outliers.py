@@ -316,29 +316,36 @@ def normalised_intensity_outliers(
     n = i.size
     if n == 0:
         return np.zeros(0, dtype=bool)
-    if dataset is None:
-        dataset = np.zeros(n, dtype=np.int64)
-    _, ds = np.unique(dataset, return_inverse=True)
-    ds = ds.reshape(-1)
-    n_sets = int(ds.max()) + 1
-    order = np.argsort(ds, kind="stable")
-    starts = np.flatnonzero(np.r_[True, ds[order][1:] != ds[order][:-1]])
-    size = np.bincount(ds, minlength=n_sets)
+    if dataset is None:  # one set (10^7 rows on the serial path: no per-row set ids)
+        ds, size = None, np.array([n])
+        lo, hi = np.array([d_star_sq.min()]), np.array([d_star_sq.max()])
+    else:
+        _, ds = np.unique(dataset, return_inverse=True)
+        ds = ds.reshape(-1)
+        order = np.argsort(ds, kind="stable")
+        starts = np.flatnonzero(np.r_[True, ds[order][1:] != ds[order][:-1]])
+        size = np.bincount(ds)
+        lo = np.minimum.reduceat(d_star_sq[order], starts)
+        hi = np.maximum.reduceat(d_star_sq[order], starts)
+    on_rows = (lambda a: a[0]) if ds is None else (lambda a: a[ds])  # noqa: E731 - each set's value per row
+    n_sets = size.size
     n_bins = np.where(size > 20000, 20, np.where(size > 15000, 15, 10))
-    lo = np.minimum.reduceat(d_star_sq[order], starts)
-    hi = np.maximum.reduceat(d_star_sq[order], starts)
     span = hi - lo
     lo, hi = lo - span * 1e-6, hi + span * 1e-6
     step = (hi - lo) / n_bins
     step = np.where(step <= 0, 1.0, step)
-    b = np.clip(((d_star_sq - lo[ds]) / step[ds]).astype(np.int64), 0, n_bins[ds] - 1)
-    shell = ds * 20 + b  # at most 20 shells per data set
+    b = np.clip(((d_star_sq - on_rows(lo)) / on_rows(step)).astype(np.int64), 0, on_rows(n_bins) - 1)
+    shell = b if ds is None else ds * 20 + b  # at most 20 shells per set
     counts = np.bincount(shell, minlength=20 * n_sets)
     sums = np.bincount(shell, np.maximum(i, 0.0) / epsilon, minlength=20 * n_sets)
     means = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).reshape(n_sets, 20)
     edges = lo[:, None] + step[:, None] * np.arange(21)
     centres = 0.5 * (np.sqrt(np.maximum(edges[:, :-1], 0.0)) + np.sqrt(edges[:, 1:]))  # the first n_bins valid
-    norm = _interp_rows(np.sqrt(d_star_sq), centres, means, n_bins, ds, b)
+    x = np.sqrt(d_star_sq)
+    if ds is None:
+        norm = np.interp(x, centres[0, :n_bins[0]], means[0, :n_bins[0]])  # clamped at the ends
+    else:
+        norm = _interp_rows(x, centres, means, n_bins, ds, b)
     with np.errstate(divide="ignore", invalid="ignore"):
         e2 = i / norm
     return np.nan_to_num(e2, nan=0.0, posinf=np.inf) > emax * emax
