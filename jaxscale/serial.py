@@ -29,7 +29,7 @@ import dataclasses
 import json
 import time
 import types
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +49,9 @@ from jaxscale.target.sharding import (
     observation_rows,
     still_layout,
 )
+
+if TYPE_CHECKING:
+    from jaxscale.data.combine import ImidChoice
 
 RMSD_CONVERGED = "RMSD no longer decreasing"
 GRADIENT_SMALL = "gradient norm below tolerance"
@@ -1008,8 +1011,9 @@ def _serial_pass(params, sources: list, log, timings: dict[str, float], full_mat
     precompile_statistics = _statistics_precompile(sum(len(t) for t, _ in prepared), gid,
                                                    None if params.anomalous else isym)
     del asu, isym
-    def cat(col: str) -> np.ndarray:  # suitable rows of every input file, concatenated
-        return np.concatenate([np.asarray(t[col], dtype=np.float64)[m] for (t, _), m in zip(prepared, suitable)])
+    def cat(col: str) -> np.ndarray:  # suitable rows of every input file, concatenated (used before the del below)
+        return np.concatenate([np.asarray(t[col], dtype=np.float64)[m]
+                               for (t, _), m in zip(prepared, suitable)])  # noqa: F821
 
     e_all = np.concatenate([e[m] for (_, e), m in zip(prepared, suitable)])
     decay = bool(params.KB.decay_correction)
