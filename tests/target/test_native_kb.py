@@ -3,6 +3,8 @@ group sums, value and gradient at 1e-12 relative (padding rows, excluded rows, e
 stills over several chunks, random x), the target using it, and the fallback without it."""
 from __future__ import annotations
 
+import ctypes
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,6 +150,53 @@ def test_native_exp_is_accurate_over_a_wide_range_of_b():
     x_neg = jnp.asarray([[1.0, -b]])
     sums = np.asarray(jax.jit(native_kb.group_sums)(x_neg, obs))
     np.testing.assert_allclose(sums[:, 0], np.exp(-b * np.asarray(obs.inv_two_d_sq)), rtol=4e-16, atol=0)
+
+
+def _library_exp(name, v):
+    """out = exp(v) by the library's exported `name` (KbExpF64: the kernel's exp, by the table
+    where AVX-512 is there; KbExpPortableF64: the portable exp_of; F32 likewise)."""
+    lib = ctypes.CDLL(str(native_kb._library_path(native_kb.compiler())))  # built by the fixture
+    v = np.ascontiguousarray(v)
+    out = np.full_like(v, -1.0)
+    getattr(lib, name)(v.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(v.size))
+    return out
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["KbExpF64", "KbExpPortableF64"])
+def test_native_exp_float64_against_numpy(name):
+    """The kernel's exp (table-driven where AVX-512 is there, else exp_of) and exp_of itself
+    agree with numpy's to 4e-16 relative over -708..709, also in the lanes of a last, partial
+    vector; 0 below -708, inf above 709, NaN kept."""
+    rng = np.random.default_rng(3)
+    v = np.concatenate([np.linspace(-708.0, 709.0, 200_003), rng.uniform(-708.0, 709.0, 100_000),
+                        rng.uniform(-0.05, 0.05, 10_000), [0.0, -0.0, 5e-324, 1.0, -1.0]])
+    np.testing.assert_allclose(_library_exp(name, v), np.exp(v), rtol=4e-16, atol=0)
+    assert _library_exp(name, np.array([0.0, 1.0]))[0] == 1.0
+    for n in range(1, 18):  # lengths that end in a partial vector
+        np.testing.assert_allclose(_library_exp(name, v[1000:1000 + n]), np.exp(v[1000:1000 + n]), rtol=4e-16, atol=0)
+    special = np.array([-np.inf, -1e300, -709.0, -708.001, 709.001, 710.0, 1e300, np.inf, np.nan, 2.0])
+    got = _library_exp(name, special)
+    np.testing.assert_array_equal(got[:3], 0.0)
+    np.testing.assert_array_equal(got[4:8], np.inf)
+    assert np.isnan(got[8]) and got[9] == pytest.approx(np.exp(2.0), rel=4e-16)
+    assert got[3] == 0.0  # the kernel's cut-off: 0 below -708
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", ["KbExpF32", "KbExpPortableF32"])
+def test_native_exp_float32_against_float64(name):
+    """Both float exps within 2 float32 ulp (2.4e-7 relative) of exp in float64 over -87..88,
+    0 below -87, inf above 88, NaN kept."""
+    v = np.concatenate([np.linspace(-87.0, 88.0, 100_003), [0.0, 1.0, -1.0]]).astype(np.float32)
+    np.testing.assert_allclose(_library_exp(name, v), np.exp(v.astype(np.float64)), rtol=2.4e-7, atol=0)
+    for n in range(1, 34):
+        np.testing.assert_allclose(_library_exp(name, v[500:500 + n]), np.exp(v[500:500 + n].astype(np.float64)),
+                                   rtol=2.4e-7, atol=0)
+    got = _library_exp(name, np.array([-np.inf, -88.0, 89.0, np.inf, np.nan], np.float32))
+    np.testing.assert_array_equal(got[:2], 0.0)
+    np.testing.assert_array_equal(got[2:4], np.inf)
+    assert np.isnan(got[4])
 
 
 @needs_compiler
