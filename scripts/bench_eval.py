@@ -240,13 +240,18 @@ def _bc():
     return int(os.environ.get("BLOCK_CHUNKS", sharding.CPU_BLOCK_CHUNKS))
 
 
-def blk_complex_nt(x, obs):
+def _blk_complex(x, obs, transposed: bool):
     """Blocked; the two group sums as one complex scatter (real: w g I, imaginary: w g^2)."""
     cdt = jnp.complex128 if x.dtype == jnp.float64 else jnp.complex64
-    sums = _fold_blocks(_p1_complex_step(x, False), jnp.zeros(obs.n_groups, cdt), obs, _bc())
+    sums = _fold_blocks(_p1_complex_step(x, transposed), jnp.zeros(obs.n_groups, cdt), obs, _bc())
     ih = sharding._safe_divide(sums.real, sums.imag)
-    acc = _fold_blocks(_p2_step(x, ih, False), jnp.zeros((obs.n_experiments, 3), x.dtype), obs, _bc())
+    acc = _fold_blocks(_p2_step(x, ih, transposed), jnp.zeros((obs.n_experiments, 3), x.dtype), obs, _bc())
     return acc[:, 0].sum(), acc[:, 1:]
+
+
+def blk_complex_nt(x, obs):
+    """Blocked; the two group sums as one complex scatter (real: w g I, imaginary: w g^2)."""
+    return _blk_complex(x, obs, False)
 
 
 def blk_where_t(x, obs):
@@ -259,11 +264,7 @@ def blk_where_t(x, obs):
 
 def blk_complex_t(x, obs):
     """blk_complex_nt on transposed blocks (`transpose_blocks`): the layout's effect alone."""
-    cdt = jnp.complex128 if x.dtype == jnp.float64 else jnp.complex64
-    sums = _fold_blocks(_p1_complex_step(x, True), jnp.zeros(obs.n_groups, cdt), obs, _bc())
-    ih = sharding._safe_divide(sums.real, sums.imag)
-    acc = _fold_blocks(_p2_step(x, ih, True), jnp.zeros((obs.n_experiments, 3), x.dtype), obs, _bc())
-    return acc[:, 0].sum(), acc[:, 1:]
+    return _blk_complex(x, obs, True)
 
 
 BLOCK_TRANSPOSED = {"blk_where_t", "blk_complex_t"}

@@ -737,50 +737,36 @@ ffi::Error Evaluate(ffi::Buffer<DT> x, ffi::Buffer<DT> intensity, ffi::Buffer<DT
 
 }  // namespace
 
-#define KB_GROUP_SUMS(NAME, DT)                                                                       \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, GroupSums<DT>, ffi::Ffi::Bind()                                 \
-                                                         .Arg<ffi::Buffer<DT>>()                      \
-                                                         .Arg<ffi::Buffer<DT>>()                      \
-                                                         .Arg<ffi::Buffer<DT>>()                      \
-                                                         .Arg<ffi::Buffer<DT>>()                      \
-                                                         .Arg<ffi::Buffer<ffi::S32>>()                \
-                                                         .Arg<ffi::Buffer<ffi::S32>>()                \
-                                                         .Ret<ffi::Buffer<DT>>()                      \
-                                                         .Ret<ffi::Buffer<DT>>()                      \
+// The rows every handler reads: intensity, weight, 1/(2 d^2) (DT) and group id, still of each
+// chunk (S32); x (DT) before them, ih (DT) too for ValueAndGrad.
+#define KB_ROW_ARGS(DT)                                                                                   \
+  .Arg<ffi::Buffer<DT>>().Arg<ffi::Buffer<DT>>().Arg<ffi::Buffer<DT>>().Arg<ffi::Buffer<ffi::S32>>()      \
+      .Arg<ffi::Buffer<ffi::S32>>()
+#define KB_GROUP_SUMS(NAME, DT)                                                                           \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, GroupSums<DT>, ffi::Ffi::Bind().Arg<ffi::Buffer<DT>>() KB_ROW_ARGS(DT) \
+                                                         .Ret<ffi::Buffer<DT>>()                          \
+                                                         .Ret<ffi::Buffer<DT>>()                          \
                                                          .Attr<int64_t>("threads"));
-#define KB_VALUE_AND_GRAD(NAME, DT)                                                                   \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, ValueAndGrad<DT>, ffi::Ffi::Bind()                              \
-                                                            .Arg<ffi::Buffer<DT>>()                   \
-                                                            .Arg<ffi::Buffer<DT>>()                   \
-                                                            .Arg<ffi::Buffer<DT>>()                   \
-                                                            .Arg<ffi::Buffer<DT>>()                   \
-                                                            .Arg<ffi::Buffer<DT>>()                   \
-                                                            .Arg<ffi::Buffer<ffi::S32>>()             \
-                                                            .Arg<ffi::Buffer<ffi::S32>>()             \
-                                                            .Ret<ffi::Buffer<DT>>()                   \
-                                                            .Ret<ffi::Buffer<DT>>()                   \
-                                                            .Attr<int64_t>("threads"));
+#define KB_VALUE_AND_GRAD(NAME, DT)                                                                       \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, ValueAndGrad<DT>,                                                   \
+                                ffi::Ffi::Bind().Arg<ffi::Buffer<DT>>().Arg<ffi::Buffer<DT>>() KB_ROW_ARGS(DT) \
+                                    .Ret<ffi::Buffer<DT>>()                                               \
+                                    .Ret<ffi::Buffer<DT>>()                                               \
+                                    .Attr<int64_t>("threads"));
+#define KB_EVALUATE(NAME, DT)                                                                             \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, Evaluate<DT>, ffi::Ffi::Bind().Arg<ffi::Buffer<DT>>() KB_ROW_ARGS(DT) \
+                                                        .Ret<ffi::Buffer<DT>>()                           \
+                                                        .Ret<ffi::Buffer<DT>>()                           \
+                                                        .Ret<ffi::Buffer<DT>>()                           \
+                                                        .Ret<ffi::Buffer<DT>>()                           \
+                                                        .Ret<ffi::Buffer<DT>>()                           \
+                                                        .Ret<ffi::Buffer<DT>>()                           \
+                                                        .Attr<int64_t>("threads"));
 
 KB_GROUP_SUMS(KbGroupSumsF64, ffi::F64)
 KB_GROUP_SUMS(KbGroupSumsF32, ffi::F32)
 KB_VALUE_AND_GRAD(KbValueAndGradF64, ffi::F64)
 KB_VALUE_AND_GRAD(KbValueAndGradF32, ffi::F32)
-
-#define KB_EVALUATE(NAME, DT)                                                                         \
-  XLA_FFI_DEFINE_HANDLER_SYMBOL(NAME, Evaluate<DT>, ffi::Ffi::Bind()                                  \
-                                                        .Arg<ffi::Buffer<DT>>()                       \
-                                                        .Arg<ffi::Buffer<DT>>()                       \
-                                                        .Arg<ffi::Buffer<DT>>()                       \
-                                                        .Arg<ffi::Buffer<DT>>()                       \
-                                                        .Arg<ffi::Buffer<ffi::S32>>()                 \
-                                                        .Arg<ffi::Buffer<ffi::S32>>()                 \
-                                                        .Ret<ffi::Buffer<DT>>()                       \
-                                                        .Ret<ffi::Buffer<DT>>()                       \
-                                                        .Ret<ffi::Buffer<DT>>()                       \
-                                                        .Ret<ffi::Buffer<DT>>()                       \
-                                                        .Ret<ffi::Buffer<DT>>()                       \
-                                                        .Ret<ffi::Buffer<DT>>()                       \
-                                                        .Attr<int64_t>("threads"));
 KB_EVALUATE(KbEvaluateF64, ffi::F64)
 KB_EVALUATE(KbEvaluateF32, ffi::F32)
 
