@@ -102,12 +102,22 @@ def _median_time(fn, repeats: int) -> float:
     return _median_times(fn, repeats)[0]
 
 
+WARM_UP_S = 0.03
+
+
 def _interleaved_times(fns: list, repeats: int) -> list[tuple[list[float], list[float]]]:
     """(walls, CPU seconds) of each fn over `repeats` rounds that call every fn once in turn,
-    after one warm-up call each: a drift of the machine's speed (on this VM ±20 % over
-    minutes) then affects all of them alike, and their ratios stay meaningful."""
-    for fn in fns:
-        fn()
+    after warm-up rounds (at least one, and WARM_UP_S seconds: a job evaluates hundreds of
+    times, so the first few calls' start-up, such as the native kernel's helper thread
+    waking, which took up to ~5 ms on this VM, is not what a call costs): a drift of the
+    machine's speed (on this VM ±20 % over minutes) then affects all of them alike, and
+    their ratios stay meaningful."""
+    start = time.perf_counter()
+    while True:
+        for fn in fns:
+            fn()
+        if time.perf_counter() - start >= WARM_UP_S:
+            break
     out = [([], []) for _ in fns]
     for _ in range(repeats):
         for fn, (walls, cpus) in zip(fns, out):
@@ -155,8 +165,12 @@ def measure_evaluation(n_obs: int, repeats: int, seed: int) -> dict:
     x = jnp.asarray(np.stack([np.ones(n_exp), np.zeros(n_exp)], 1), dtype=dtype)
     free = jnp.ones((n_exp, 2), bool)
     # bandwidth baseline: one numpy streaming pass over the same arrays, same dtypes; timed
-    # interleaved with the evaluation
-    host = [np.asarray(a) for a in (obs.intensity, obs.weight, obs.inv_two_d_sq, obs.group_id, obs.chunk_experiment)]
+    # interleaved with the evaluation. Over copies: np.asarray would share the evaluation's
+    # buffers, and then the baseline's speed at 10^5 rows (2.8 MB) depended on where the
+    # evaluation left them cached (one thread: partly in this core's L2, 0.09 ms; halves on
+    # two threads: half in the other core's L2, 0.13-0.14 ms)
+    host = [np.array(a, copy=True) for a in (obs.intensity, obs.weight, obs.inv_two_d_sq, obs.group_id,
+                                             obs.chunk_experiment)]
     (eval_walls, eval_cpus), (base_walls, _) = _interleaved_times(
         [lambda: jax.block_until_ready(target.value_and_grad(x, obs, free, x)), lambda: [a.sum() for a in host]],
         repeats)

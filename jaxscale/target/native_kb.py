@@ -42,7 +42,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-std=c++17
 LIBS = ()
 ENV_SWITCH = "JAXSCALE_NATIVE_KERNEL"  # "0": never build or use the kernel
 THREADS_SWITCH = "JAXSCALE_NATIVE_THREADS"  # "1" or "2" threads per call (see threads_for)
-DEFAULT_THREADS = "1"
+DEFAULT_THREADS = "2"
 _TARGETS = {np.dtype(np.float64): ("jaxscale_kb_group_sums_f64", "jaxscale_kb_value_and_grad_f64",
                                     "jaxscale_kb_evaluate_f64"),
             np.dtype(np.float32): ("jaxscale_kb_group_sums_f32", "jaxscale_kb_value_and_grad_f32",
@@ -169,11 +169,13 @@ def available(dtype=jnp.float64, build: bool = False) -> bool:
 
 
 def threads_for(n_devices: int) -> int:
-    """Threads per call: 1, or 2 with JAXSCALE_NATIVE_THREADS=2 for one device when this
-    process may use 2+ cores (from 2^14 rows the second half of the rows is offered to a
-    persistent helper thread, which pauses itself while the other core is busy; native_kb.cc).
-    Not the default: with the second core free 1.3-1.5x less wall at 10^5-10^6 rows, with it
-    busy 10-30 % more in some runs (docs/serial.md). Results do not depend on it."""
+    """Threads per call: 2 for one device when this process may use 2+ cores (from 2^14 rows
+    the second half of the rows is offered to a persistent helper thread, which stays out of
+    the way while the other core is busy; native_kb.cc), else 1; JAXSCALE_NATIVE_THREADS=1
+    keeps every call on one thread. Session 6 (docs/serial.md): with the other core free
+    0.20-0.26 against 0.33-0.34 ms at 10^5 rows, 23-32 against 37 ms at 10^7; with one or
+    two busy processes beside it, means within +-20 % of one thread's. Results do not
+    depend on it (bitwise)."""
     if os.environ.get(THREADS_SWITCH, DEFAULT_THREADS) != "2" or n_devices != 1:
         return 1
     try:
