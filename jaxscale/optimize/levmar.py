@@ -516,7 +516,9 @@ def _inverse_spd(a: np.ndarray) -> np.ndarray:
                 inv, info = lapack.dpotri(factor, lower=True)
             if info != 0:
                 raise np.linalg.LinAlgError(f"potrf/potri info {info}")
-            return np.tril(inv) + np.tril(inv, -1).T
+            inv = inv + inv.T  # potri fills the lower triangle; potrf(clean) left zeros above
+            inv[np.diag_indices_from(inv)] *= 0.5
+            return inv
         c_inv = np.linalg.inv(np.linalg.cholesky(a))
         return c_inv.T @ c_inv
     except np.linalg.LinAlgError:
