@@ -141,10 +141,18 @@ def run(params, tables, experiments) -> dict[str, str]:
         new_ids = np.full(ids.shape, -1, dtype=np.int32)
         if table.identifiers:
             position = {e.identifier: i for i, e in enumerate(expts)}
+            new_of_id = {}
             for k, ident in table.identifiers.items():  # loop over experiments
                 if ident not in position:
                     raise InputError(None, f"reflection identifier {ident!r} has no experiment", field="identifiers")
-                new_ids[ids == k] = offset + position[ident]
+                new_of_id[k] = offset + position[ident]
+            # one lookup over the rows (a mask per experiment: quadratic in stills)
+            keys = np.fromiter(new_of_id, dtype=np.int64, count=len(new_of_id))
+            values = np.fromiter(new_of_id.values(), dtype=np.int32, count=len(new_of_id))
+            order = np.argsort(keys)
+            at = np.clip(np.searchsorted(keys[order], ids), 0, keys.size - 1)
+            found = keys[order][at] == ids
+            new_ids[found] = values[order][at[found]]
         else:
             new_ids = np.where(ids >= 0, ids + offset, -1).astype(np.int32)
         t = table.copy()

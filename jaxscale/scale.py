@@ -22,7 +22,7 @@ import numpy as np
 from jaxscale.data import flags as F
 from jaxscale.data.prepare import prepare_dataset
 from jaxscale.data.symmetry import best_unit_cell, d_star_sq, epsilon, group_ids, map_to_asu
-from jaxscale.data.table import ReflectionTable
+from jaxscale.data.table import ReflectionTable, RowsByValue
 from jaxscale.compilation import host_evaluation, precompile, warm_up
 from jaxscale.errors.error_model import ErrorModelResult, refine_error_model
 from jaxscale.errors.outliers import determine_outliers, normalised_intensity_outliers
@@ -203,6 +203,7 @@ def _read_datasets(params: Any, inputs: Sequence[str], log: "_Log | None" = None
     for path, expts, table in _read_sources(params, inputs, log):
         ids = np.asarray(table["id"])
         by_ident = {v: k for k, v in table.identifiers.items()}
+        rows_of_id = RowsByValue(ids) if len(expts) > 1 else None
         for expt in expts:  # loop over experiments
             k = by_ident.get(expt.identifier)
             if len(expts) == 1:  # DIALS keeps unindexed (id -1) rows with the one experiment
@@ -210,7 +211,7 @@ def _read_datasets(params: Any, inputs: Sequence[str], log: "_Log | None" = None
                 # this loop) instead of copied: a copy of every column less at peak
                 sub = ReflectionTable(dict(table.columns), dict(table.identifiers), dict(table.dials_types))
             else:
-                rows = np.flatnonzero(ids == k) if k is not None else np.zeros(0, dtype=np.int64)
+                rows = rows_of_id(k) if k is not None else np.zeros(0, dtype=np.int64)
                 sub = table.select(rows)
             sub.identifiers = {0: expt.identifier}
             sub["id"] = np.where(np.asarray(sub["id"]) < 0, -1, 0).astype(np.int32)
@@ -278,6 +279,12 @@ class _Obs:
     @property
     def n(self) -> int:
         return self.intensity.size
+
+    def of_dataset(self, k: int) -> np.ndarray:
+        """Indices of data set k's observations, in order (`RowsByValue`, made once)."""
+        if getattr(self, "_by_dataset", None) is None or self._by_dataset.values is not self.dataset:
+            self._by_dataset = RowsByValue(self.dataset)
+        return self._by_dataset(k)
 
 
 def _bucket(n: int) -> int:
@@ -359,7 +366,7 @@ class _Scaler:
             imid = ((expt.scaling_model or {}).get("configuration_parameters") or {}).get("Imid")
             if imid is None or "intensity.prf.value" not in prep.table or "intensity.sum.value" not in prep.table:
                 continue
-            sel = o.dataset == k
+            sel = o.of_dataset(k)
             inten, var = apply_imid(prep.table, float(imid))
             o.intensity[sel] = inten[o.row[sel]]
             o.variance[sel] = var[o.row[sel]]
@@ -743,7 +750,7 @@ class _Scaler:
             return
         g_k, out_k = [], []
         for k, t in enumerate(tables):  # loop over data sets
-            sel = o.dataset == k
+            sel = o.of_dataset(k)
             g = np.ones(len(t))
             g[o.row[sel]] = self.g[sel]
             out = np.zeros(len(t), dtype=bool)
@@ -766,7 +773,7 @@ class _Scaler:
             for k in ks:
                 imids[k] = choice.imid
         for k, t in enumerate(tables):  # loop over data sets
-            sel = o.dataset == k
+            sel = o.of_dataset(k)
             inten, var = apply_imid(t, imids[k])
             o.intensity[sel] = inten[o.row[sel]]
             o.variance[sel] = var[o.row[sel]]
@@ -963,7 +970,7 @@ def _scaling_algorithm(scaler: "_Scaler", params: Any, tables: list[ReflectionTa
     already_scaled = all(s.is_scaled for s in scaler.model.states.values())
     if already_scaled:
         for k, prep in enumerate(prepared):  # loop over data sets
-            sel = scaler.obs.dataset == k
+            sel = scaler.obs.of_dataset(k)
             scaler.outlier[sel] = F.has_any(np.asarray(tables[k]["flags"])[prep.kept_rows][scaler.obs.row[sel]],
                                             F.OUTLIER_IN_SCALING)
     elif initial_outliers:
@@ -1112,10 +1119,10 @@ def free_set_statistics(scaler: "_Scaler", params: Any, table: ReflectionTable, 
 def split_by_dataset(table: ReflectionTable, experiments: list) -> list[ReflectionTable]:
     """A scaled table (id = data-set position) as one table per experiment (id 0), the form
     `scale_datasets` takes (so a later pass continues from the scaled models)."""
-    ids = np.asarray(table["id"])
+    rows_of_id = RowsByValue(np.asarray(table["id"]))
     out = []
     for k, expt in enumerate(experiments):  # loop over data sets
-        sub = table.select(np.flatnonzero(ids == k))
+        sub = table.select(rows_of_id(k))
         sub["id"] = np.zeros(len(sub), dtype=np.int32)
         sub.identifiers = {0: expt.identifier}
         out.append(sub)
@@ -1282,7 +1289,7 @@ def _output_tables(scaler: _Scaler, experiments: list, prepared: list, params: A
         # new array (set_scaled_columns), and a deep copy was the peak memory of a 10^6-row job
         t = ReflectionTable(dict(prep.table.columns), dict(prep.table.identifiers), dict(prep.table.dials_types))
         n = len(t)
-        sel = o.dataset == k
+        sel = o.of_dataset(k)
         rows = o.row[sel]
         g = np.ones(n) if "inverse_scale_factor" not in t else np.asarray(t["inverse_scale_factor"], dtype=np.float64).copy()
         g[rows] = scaler.g[sel]

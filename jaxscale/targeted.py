@@ -221,7 +221,7 @@ def targeted_scaling(scaler: Any, params: Any, plan: TargetPlan, tables: Sequenc
     refine = ~targets
     scaler.reject_outliers("initial", per_dataset=True)
     for k in np.flatnonzero(targets):  # scaled data sets keep their stored outlier flags
-        sel = o.dataset == k
+        sel = o.of_dataset(k)
         prep = scaler.prepared[k]
         scaler.outlier[sel] = F.has_any(np.asarray(tables[k]["flags"])[prep.kept_rows][o.row[sel]],
                                         F.OUTLIER_IN_SCALING)

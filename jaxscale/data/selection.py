@@ -71,6 +71,36 @@ def _random_groups(group_id: np.ndarray, rows: np.ndarray, n_groups: int, rng: n
     return rows & chosen[group_id]
 
 
+def _random_groups_per_dataset(group_id: np.ndarray, dataset_index: np.ndarray, n_datasets: int, rows: np.ndarray,
+                               min_rows: float, rng: np.random.Generator) -> np.ndarray:
+    """Rows (n,) of groups chosen at random within each data set, all data sets at once: for
+    data set d (`dataset_index` 0..n_datasets-1), among the groups with >= 2 of its `rows`,
+    ceil(min_rows / (its rows / its groups)) of them (all where fewer exist), each with its
+    rows of d. Uniform without replacement: a random priority per (data set, group) pair,
+    ranked within its data set."""
+    out = np.zeros(group_id.size, dtype=bool)
+    idx = np.flatnonzero(rows)
+    n_groups = int(group_id.max(initial=-1)) + 1
+    pairs, pair_of_row, rows_per_pair = np.unique(dataset_index[idx].astype(np.int64) * n_groups + group_id[idx],
+                                                  return_inverse=True, return_counts=True)
+    multi = rows_per_pair[pair_of_row] > 1
+    idx, pair_of_row = idx[multi], pair_of_row[multi]
+    if idx.size == 0:
+        return out
+    kept, pair_of_row = np.unique(pair_of_row, return_inverse=True)  # pairs with >= 2 rows, renumbered
+    pair_dataset = pairs[kept] // n_groups
+    rows_per_dataset = np.bincount(dataset_index[idx], minlength=n_datasets)
+    groups_per_dataset = np.bincount(pair_dataset, minlength=n_datasets)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        wanted = np.ceil(min_rows / (rows_per_dataset / groups_per_dataset))
+    order = np.lexsort((rng.random(kept.size), pair_dataset))
+    rank = np.empty(kept.size, dtype=np.int64)
+    rank[order] = np.arange(kept.size) - np.searchsorted(pair_dataset[order], pair_dataset[order])
+    chosen = rank < wanted[pair_dataset]
+    out[idx[chosen[pair_of_row.reshape(-1)]]] = True
+    return out
+
+
 def select_single_dataset(
     group_id: np.ndarray,
     preselected: np.ndarray,
@@ -279,14 +309,11 @@ def select_multi_dataset_quasi_random(
     datasets = np.unique(dataset_id)
     min_cross = (total_target - n_qr) / (2.0 * datasets.size)
     pool = _groups_above_isigma(group_id, intensity, variance, all_rows, isigma_cutoff)
+    dataset_index = np.searchsorted(datasets, dataset_id)
     individual = np.zeros(n, dtype=bool)
     if min_cross > 0:
-        for d in datasets:  # loop over datasets
-            mine = pool & (dataset_id == d) & preselected
-            mine &= _multiplicity(group_id, mine) > 1
-            if mine.any():
-                n_groups = int(ceil(min_cross / (mine.sum() / np.unique(group_id[mine]).size)))
-                individual |= _random_groups(group_id, mine, n_groups, rng)
+        individual = _random_groups_per_dataset(group_id, dataset_index, datasets.size, pool & preselected, min_cross,
+                                                rng)
     selected |= individual
     n_used = int(selected.sum())
     target_left = total_target - n_used
@@ -296,13 +323,12 @@ def select_multi_dataset_quasi_random(
         n_groups = int(target_left * 1.05 / (1.0 - pc_used) / avg_m)
         across = _random_groups(group_id, pool, n_groups, rng)
     selected |= across
-    details = {
-        "dataset": datasets.tolist(),
-        "connected": [int((connected & (dataset_id == d)).sum()) for d in datasets],
-        "within_dataset": [int((individual & (dataset_id == d)).sum()) for d in datasets],
-        "across_datasets": [int((across & (dataset_id == d)).sum()) for d in datasets],
-        "total": [int((selected & (dataset_id == d)).sum()) for d in datasets],
-    }
+    def per_dataset(rows: np.ndarray) -> list[int]:
+        return np.bincount(dataset_index[rows], minlength=datasets.size).tolist()
+
+    details = {"dataset": datasets.tolist(), "connected": per_dataset(connected),
+               "within_dataset": per_dataset(individual), "across_datasets": per_dataset(across),
+               "total": per_dataset(selected)}
     return Selection(selected, int(np.unique(group_id[selected]).size), int(m_over1.size), details)
 
 

@@ -100,3 +100,18 @@ class ReflectionTable:
 
     def __repr__(self) -> str:
         return f"ReflectionTable(nrows={len(self)}, columns={list(self.columns)}, identifiers={len(self.identifiers)})"
+
+
+class RowsByValue:
+    """rows(v): the indices, in order, of the entries of `values` equal to v, for many v: slices
+    of one stable sort (a mask per value costs a pass over all entries each, which is
+    quadratic in the number of stills when v runs over them)."""
+
+    def __init__(self, values: np.ndarray):
+        self.values = values
+        self.order = np.argsort(values, kind="stable")
+        self.sorted = values[self.order]
+
+    def __call__(self, v: int) -> np.ndarray:
+        lo, hi = np.searchsorted(self.sorted, v, side="left"), np.searchsorted(self.sorted, v, side="right")
+        return self.order[lo:hi]

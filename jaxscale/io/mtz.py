@@ -25,7 +25,7 @@ import gemmi
 import numpy as np
 
 from jaxscale.data import flags as F
-from jaxscale.data.table import ReflectionTable
+from jaxscale.data.table import ReflectionTable, RowsByValue
 from jaxscale.exceptions import InputError
 from jaxscale.io.atomic import atomic_path
 from jaxscale.io.expt import Experiment, ExperimentList
@@ -508,10 +508,10 @@ def write_unmerged_mtz(
 
     mtz = _new_mtz(sg, cell, "From jaxscale")
     order_parts, batch_parts, rot_parts = [], [], []
-    row_ids = cols["id"]
+    rows_of_id = RowsByValue(np.asarray(cols["id"]))
     for k, i_expt in id_to_expt.items():
         expt = experiments[i_expt]
-        rows = np.flatnonzero(row_ids == k)
+        rows = rows_of_id(k)
         _add_batches(mtz, expt, offsets[i_expt], dataset_ids[i_expt], wavelengths[dataset_ids[i_expt]],
                      force_static_model)
         z_obs = cols["xyzobs.px.value"][rows, 2]

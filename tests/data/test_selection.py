@@ -9,6 +9,7 @@ from jaxscale.data.prepare import prepare_dataset, suitable_for_scaling
 from jaxscale.data.selection import (
     ClassMatrix,
     _greedy_class_fill,
+    _random_groups_per_dataset,
     preselection,
     quasi_normalised_esq,
     select_connected_across_datasets,
@@ -133,3 +134,37 @@ def test_intensity_ranges_and_esq():
     esq = quasi_normalised_esq(intensity, hkl, cell, sg)
     sel = select_intensity_ranges(esq, intensity, np.full(len(hkl), 1.0), e2_range=(0.8, 5.0))
     assert not sel[:10].any() and sel[10:].mean() > 0.99
+
+
+def test_random_groups_per_dataset_counts_and_uniformity():
+    """Per data set: ceil(min_rows / (rows / groups)) of its groups with >= 2 of its rows (all
+    where fewer), each whole (its rows of that data set), each group equally likely."""
+    rng = np.random.default_rng(5)
+    n = 6000
+    gid = rng.integers(0, 400, n)
+    did = rng.integers(0, 7, n)
+    rows = rng.random(n) < 0.8
+    min_rows = 150.0
+    hits = np.zeros((7, 400))
+    n_trials = 400
+    for trial in range(n_trials):
+        sel = _random_groups_per_dataset(gid, did, 7, rows, min_rows, np.random.default_rng(trial))
+        assert not (sel & ~rows).any()
+        for d in range(7):
+            mine = rows & (did == d)
+            size = np.bincount(gid[mine], minlength=400)
+            eligible = np.flatnonzero(size > 1)
+            wanted = int(np.ceil(min_rows / (size[eligible].sum() / eligible.size)))
+            chosen = np.unique(gid[sel & (did == d)])
+            assert chosen.size == min(wanted, eligible.size) and np.isin(chosen, eligible).all()
+            assert np.array_equal(sel & (did == d), mine & np.isin(gid, chosen))  # whole groups
+            hits[d, chosen] += 1
+    # uniform: every eligible group of data set 0 chosen in ~wanted/eligible of the trials
+    mine = rows & (did == 0)
+    size = np.bincount(gid[mine], minlength=400)
+    eligible = np.flatnonzero(size > 1)
+    p = min(1.0, np.ceil(min_rows / (size[eligible].sum() / eligible.size)) / eligible.size)
+    freq = hits[0, eligible] / n_trials
+    assert abs(freq.mean() - p) < 1e-9  # exactly wanted groups per trial
+    assert np.abs(freq - p).max() < 5 * np.sqrt(p * (1 - p) / n_trials)
+    assert not hits[0, np.setdiff1d(np.arange(400), eligible)].any()
