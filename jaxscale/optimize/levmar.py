@@ -9,7 +9,7 @@ by `lax.scan`, so the n_obs x n_params Jacobian is never held. Restraints add ro
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,9 @@ import numpy as np
 from jaxscale.compilation import Program, host_evaluation, precompile
 from jaxscale.models.component import take
 from jaxscale.models.linear import slot_slope
+from jaxscale.optimize.host_twins import has_slot_bases as _has_slot_bases
+from jaxscale.optimize.host_twins import host_links as _host_links
+from jaxscale.optimize.host_twins import host_slot_derivatives as _host_slot_derivatives
 from jaxscale.optimize.lbfgs import MAX_ITERATIONS, RMSD_CONVERGED, OptimisationResult
 from jaxscale.target.objective import (
     ChunkData,
@@ -42,13 +45,6 @@ class FullMatrixResult(OptimisationResult):
     damped_matrix: np.ndarray = None  # f[n_free, n_free] last solved (N + mu I)
     chi2_reduced: float = float("nan")
     n_equations: int = 0
-
-
-def _has_slot_bases(target: ScalingTarget, bases: Any) -> bool:
-    """True when every component reads its parameters through a 2-D `idx` basis (the
-    linear-form contract of models/linear.py), so that dg/dp can be taken per row slot."""
-    return all(isinstance(bases.get(k), Mapping) and "idx" in bases[k] and np.ndim(bases[k]["idx"]) == 2
-               for k in target.components)
 
 
 def slot_derivatives(target: ScalingTarget, x_eff: jax.Array, bases: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -551,38 +547,6 @@ def inverse_scale_variance(
         stop = min(start + size, n_obs)
         out[start:stop] = np.asarray(fn.call((x_d, cov_d, chunk), rows=n_obs))[: stop - start]
     return out
-
-
-def _host_links(target: ScalingTarget, bases: Any, n_rows: int) -> dict | None:
-    """{component: (numpy twin of its apply, its closed-form slot slope)} when a job of n_rows
-    rows may run in numpy instead of a compiled program (small job, slot bases, every link
-    with both), else None."""
-    if not host_evaluation(n_rows) or not _has_slot_bases(target, bases):
-        return None
-    twins = target._host_twins()
-    if twins is None:
-        return None
-    out = {k: (twins[k], slot_slope(comp.apply)) for k, comp in target.components.items()}
-    return out if all(slope is not None for _, slope in out.values()) else None
-
-
-def _host_slot_derivatives(target: ScalingTarget, links: dict, x_eff: np.ndarray,
-                           host_bases: dict) -> tuple[np.ndarray, dict]:
-    """numpy twin of `slot_derivatives`: g f[n] and, per component, dg/d(its slot values)
-    f[n, K_c] (the slot columns are the basis' idx + the component's offset)."""
-    params = target.unravel(x_eff)
-    factors = {k: twin(params[k], host_bases[k]) for k, (twin, _) in links.items()}
-    g = None
-    for f in factors.values():  # the product in the order of `inverse_scale`
-        g = f if g is None else g * f
-    slot_d = {}
-    for k, (_, slope) in links.items():  # loop over model components (few)
-        others = np.ones_like(g)
-        for other, f in factors.items():
-            if other != k:
-                others = others * f
-        slot_d[k] = others[:, None] * slope(factors[k], host_bases[k])
-    return g, slot_d
 
 
 def _host_variance(target: ScalingTarget, x: np.ndarray, covariance: np.ndarray, bases: Any,
