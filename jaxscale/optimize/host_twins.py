@@ -7,6 +7,7 @@ host from the same bases; tests hold each twin to its compiled, autodiff counter
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -62,6 +63,51 @@ def host_slot_derivatives(target: ScalingTarget, links: dict, x_eff: np.ndarray,
     return g, slot_d
 
 
+@dataclasses.dataclass
+class HostProblem:
+    """A small problem's live rows (weight > 0: padding and excluded rows add nothing to any
+    sum) on the host, with every component's slot columns, for the numpy twins."""
+
+    links: dict
+    bases: dict  # per component: its basis arrays (numpy)
+    live: np.ndarray  # i[n_live] rows of the problem that count
+    weight: np.ndarray
+    intensity: np.ndarray
+    group_id: np.ndarray  # i[n_live] int64
+    n_groups: int
+    cols: np.ndarray  # i[n_live, S]: every component's slot columns in the flat parameters
+    anchor: np.ndarray
+    restraint: np.ndarray  # f[n_params] restraint weights w_p
+
+    @classmethod
+    def of(cls, target: ScalingTarget, data: TargetData) -> "HostProblem | None":
+        """None where a component has no twin or slot slope, or the problem is too large."""
+        p = data.problem
+        n_rows = int(np.shape(p.weight)[0])
+        links = host_links(target, data.bases, n_rows)
+        if links is None:
+            return None
+        bases = {k: {name: np.asarray(v) for name, v in data.bases[k].items()} for k in target.components}
+        live = np.flatnonzero(np.asarray(p.weight) > 0)
+        cols = np.concatenate([bases[k]["idx"].astype(np.int64) + target.slices[k].start
+                               for k in target.components], axis=1)[live]
+        return cls(links, bases, live, np.asarray(p.weight, np.float64)[live],
+                   np.asarray(p.intensity, np.float64)[live], np.asarray(p.group_id).astype(np.int64)[live],
+                   int(p.n_groups), cols, np.asarray(data.anchor, np.float64),
+                   np.asarray(target.restraint_weights, np.float64))
+
+    def scales(self, target: ScalingTarget, x_eff: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(g, dg/d(slot values) f[n_live, S], I_h f[n_groups], sum w g^2 f[n_groups]) at x_eff."""
+        g, slot_d = host_slot_derivatives(target, self.links, x_eff, self.bases)
+        g = g[self.live]
+        d = np.concatenate(list(slot_d.values()), axis=1)[self.live]
+        wg = self.weight * g
+        num = np.bincount(self.group_id, wg * self.intensity, self.n_groups)
+        den = np.bincount(self.group_id, wg * g, self.n_groups)
+        ok = den > 0
+        return g, d, np.where(ok, num / np.where(ok, den, 1.0), 0.0), den
+
+
 def host_value_and_grad(target: ScalingTarget, data: TargetData, max_rows: int = LBFGS_HOST_MAX_ROWS
                         ) -> Callable[[np.ndarray], tuple[float, np.ndarray]] | None:
     """numpy twin of `target.value_and_grad(x, data)` (x -> (f, df/dx)) for problems of at most
@@ -76,31 +122,19 @@ def host_value_and_grad(target: ScalingTarget, data: TargetData, max_rows: int =
     if (n_rows > max_rows or p.ih_reference is not None or target.loss is not least_squares
             or type(target)._value is not ScalingTarget._value):
         return None
-    links = host_links(target, data.bases, n_rows)
-    if links is None:
+    hp = HostProblem.of(target, data)
+    if hp is None:
         return None
-    host = {k: {name: np.asarray(v) for name, v in data.bases[k].items()} for k in target.components}
-    live = np.flatnonzero(np.asarray(p.weight) > 0)  # weight-0 rows (padding) add nothing
-    weight, intensity = np.asarray(p.weight, np.float64)[live], np.asarray(p.intensity, np.float64)[live]
-    gid, n_groups = np.asarray(p.group_id).astype(np.int64)[live], int(p.n_groups)
-    cols = np.concatenate([host[k]["idx"].astype(np.int64) + target.slices[k].start for k in target.components],
-                          axis=1)[live].ravel()
-    anchor, restraint = np.asarray(data.anchor, np.float64), np.asarray(target.restraint_weights, np.float64)
+    cols = hp.cols.ravel()
     free = np.asarray(data.free, bool)
 
     def value_and_grad(x: np.ndarray) -> tuple[float, np.ndarray]:
-        x_eff = np.where(free, x, anchor)
-        g, slot_d = host_slot_derivatives(target, links, x_eff, host)
-        g = g[live]
-        d = np.concatenate(list(slot_d.values()), axis=1)[live]
-        wg = weight * g
-        num = np.bincount(gid, wg * intensity, n_groups)
-        den = np.bincount(gid, wg * g, n_groups)
-        ok = den > 0
-        ih = np.where(ok, num / np.where(ok, den, 1.0), 0.0)[gid]
-        r = intensity - g * ih
-        value = float(np.sum(weight * r * r)) + float(np.sum(restraint * x_eff**2))
-        grad = np.bincount(cols, ((-2.0 * weight * r * ih)[:, None] * d).ravel(), n) + 2.0 * restraint * x_eff
+        x_eff = np.where(free, x, hp.anchor)
+        g, d, ih, _ = hp.scales(target, x_eff)
+        ih = ih[hp.group_id]
+        r = hp.intensity - g * ih
+        value = float(np.sum(hp.weight * r * r)) + float(np.sum(hp.restraint * x_eff**2))
+        grad = np.bincount(cols, ((-2.0 * hp.weight * r * ih)[:, None] * d).ravel(), n) + 2.0 * hp.restraint * x_eff
         return value, np.where(free, grad, 0.0)
 
     return value_and_grad

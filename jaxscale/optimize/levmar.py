@@ -18,6 +18,7 @@ import numpy as np
 from jaxscale.compilation import Program, host_evaluation, precompile
 from jaxscale.models.component import take
 from jaxscale.models.linear import slot_slope
+from jaxscale.optimize.host_twins import HostProblem
 from jaxscale.optimize.host_twins import has_slot_bases as _has_slot_bases
 from jaxscale.optimize.host_twins import host_links as _host_links
 from jaxscale.optimize.host_twins import host_slot_derivatives as _host_slot_derivatives
@@ -174,36 +175,22 @@ def host_normal_equations(target: ScalingTarget, data: TargetData, max_elements:
     if (not host_evaluation(n_rows) or p.ih_reference is not None
             or type(target).chunk_residuals is not ScalingTarget.chunk_residuals):
         return None
-    links = _host_links(target, data.bases, n_rows)
-    if links is None:
+    hp = HostProblem.of(target, data)
+    if hp is None:
         return None
-    host = {k: {name: np.asarray(v) for name, v in data.bases[k].items()} for k in target.components}
-    # rows of weight 0 (padding, excluded) add nothing to any sum: left out (padding rows all
-    # share one group, which would otherwise be the largest of the group pairs)
-    live = np.flatnonzero(np.asarray(p.weight) > 0)
-    weight, intensity = np.asarray(p.weight, np.float64)[live], np.asarray(p.intensity, np.float64)[live]
-    gid, n_groups = np.asarray(p.group_id).astype(np.int64)[live], int(p.n_groups)
-    cols = np.concatenate([host[k]["idx"].astype(np.int64) + target.slices[k].start for k in target.components],
-                          axis=1)[live]  # i[n_live, S]: every component's slot columns
-    assemble = _SlotNormalEquations.for_problem(gid, n_groups, cols, n, max_elements, route)
+    # (weight-0 rows left out: padding rows all share one group, the largest of the group pairs else)
+    assemble = _SlotNormalEquations.for_problem(hp.group_id, hp.n_groups, hp.cols, n, max_elements, route)
     if assemble is None:
         return None
-    anchor, restraint = np.asarray(data.anchor, np.float64), np.asarray(target.restraint_weights, np.float64)
 
     def build(x: np.ndarray, free: np.ndarray):
-        x_eff = np.where(free, x, anchor)
-        g, slot_d = _host_slot_derivatives(target, links, x_eff, host)
-        g = g[live]
-        d = np.concatenate(list(slot_d.values()), axis=1)[live] * free[cols]  # fixed parameters: no derivative
-        wg = weight * g
-        num = np.bincount(gid, wg * intensity, n_groups)
-        den = np.bincount(gid, wg * g, n_groups)
-        ok = den > 0
-        ih = np.where(ok, num / np.where(ok, den, 1.0), 0.0)
-        inv_den = np.where(ok, 1.0 / np.where(ok, den, 1.0), 0.0)
-        nm, grad, s = assemble(weight, intensity, g, d, ih, den, inv_den)
-        wp = restraint * free  # restraint rows sqrt(w_p) p_eff, derivative sqrt(w_p) on free parameters
-        return nm + np.diag(wp), grad + wp * x_eff, s + float(np.sum(restraint * x_eff**2))
+        x_eff = np.where(free, x, hp.anchor)
+        g, d, ih, den = hp.scales(target, x_eff)
+        d = d * free[hp.cols]  # fixed parameters: no derivative
+        inv_den = np.where(den > 0, 1.0 / np.where(den > 0, den, 1.0), 0.0)
+        nm, grad, s = assemble(hp.weight, hp.intensity, g, d, ih, den, inv_den)
+        wp = hp.restraint * free  # restraint rows sqrt(w_p) p_eff, derivative sqrt(w_p) on free parameters
+        return nm + np.diag(wp), grad + wp * x_eff, s + float(np.sum(hp.restraint * x_eff**2))
 
     return build
 
