@@ -52,21 +52,29 @@ if "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in _os.environ:
 
 
 
-def _keep_heap_slack() -> None:
-    """glibc malloc: start at the end state of its own adaptive thresholds (blocks under 32 MB
-    from the heap, the heap trimmed only when 64 MB are free at its top). With the start state
-    each evaluation's ~1 MB of XLA scratch went back to the kernel at its free and was faulted
-    in again on the next call (40-340 page faults, up to 0.6 ms of a 0.35 ms call at 10^5
-    rows). Nothing is done where the MALLOC_* variables are set, or off glibc."""
-    if any(name.startswith("MALLOC_") for name in _os.environ):
-        return
+def set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> bool:
+    """glibc malloc: blocks under `mmap_bytes` from the heap, the heap trimmed only when
+    `trim_bytes` are free at its top (setting them fixes both: glibc stops adapting them).
+    Returns whether it applied (False off glibc)."""
     try:
+        if not _os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return False
         import ctypes
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (setting it fixes both thresholds)
-        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, ValueError, OSError):  # not a GNU system
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's <malloc.h>
+    return bool(mallopt(m_mmap_threshold, mmap_bytes) and mallopt(m_trim_threshold, trim_bytes))
+
+
+def _keep_heap_slack() -> None:
+    """Start at the end state of glibc's own adaptive thresholds (32 MB, 64 MB). With its
+    start state each evaluation's ~1 MB of XLA scratch went back to the kernel at its free
+    and was faulted in again on a later call (26-72 page faults per 10^5-row call on
+    average). Not where a MALLOC_* variable is set (the command line raises them further)."""
+    if not any(name.startswith("MALLOC_") for name in _os.environ):
+        set_malloc_thresholds(32 << 20, 64 << 20)
 
 
 _keep_heap_slack()

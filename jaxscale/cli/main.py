@@ -346,22 +346,9 @@ def _tune_malloc() -> bool:
     """Let glibc's heap serve (and keep, up to a bound) the large temporaries that numpy
     allocates and frees over and over. Returns whether it applied (glibc only; elsewhere a
     no-op)."""
-    import ctypes
-    import os
+    from jaxscale import set_malloc_thresholds
 
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
-            return False
-    except (AttributeError, ValueError, OSError):  # not a GNU system
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's <malloc.h>
-    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD_BYTES)
-                and mallopt(m_trim_threshold, TRIM_THRESHOLD_BYTES))
+    return set_malloc_thresholds(MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES)
 
 
 def _exit(status: int) -> None:
