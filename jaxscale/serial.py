@@ -910,11 +910,12 @@ def _kb_json(k: float, b: float, k_esd: float | None, b_esd: float | None, decay
     return out
 
 
-def run_serial(params, inputs, progress=None, experiments_read: dict | None = None):
+def run_serial(params, inputs, progress=None, experiments_read: dict | None = None, tables_ahead: dict | None = None):
     """`jaxscale scale` on many KB stills: read, prepare (DIALS' cuts and intensity choice,
     one call per input file), scale_stills, scaled tables / experiments / statistics /
     outputs as the rotation path writes them (ΔCC½ cycles first with filtering.method=deltacchalf).
-    experiments_read: {.expt path: experiment list} already read (serial_requested), used once each.
+    experiments_read: {.expt path: experiment list} already read (serial_requested), used once each;
+    tables_ahead: {.refl path: Future of its table} being read (`scale._read_tables_ahead`).
     Returns a jaxscale.scale.ScaleResult."""
     from jaxscale import scale as S
 
@@ -923,7 +924,7 @@ def run_serial(params, inputs, progress=None, experiments_read: dict | None = No
     t_start = time.perf_counter()
     log.phase("reading input", None)
     hdf5, others = _split_hdf5(inputs)
-    sources = _read_hdf5_sources(hdf5) + (S._read_sources(params, others, log, experiments_read)
+    sources = _read_hdf5_sources(hdf5) + (S._read_sources(params, others, log, experiments_read, tables_ahead)
                                           if others or not hdf5 else [])
     log.end()
     experiments = [e for _, expts, _ in sources for e in expts]
