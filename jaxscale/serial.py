@@ -924,7 +924,7 @@ def run_serial(params, inputs, progress=None, experiments_read: dict | None = No
     t_start = time.perf_counter()
     log.phase("reading input", None)
     hdf5, others = _split_hdf5(inputs)
-    sources = _read_hdf5_sources(hdf5) + (S._read_sources(params, others, log, experiments_read, tables_ahead)
+    sources = _read_hdf5_sources(hdf5, experiments_read) + (S._read_sources(params, others, log, experiments_read, tables_ahead)
                                           if others or not hdf5 else [])
     log.end()
     experiments = [e for _, expts, _ in sources for e in expts]
@@ -1335,11 +1335,12 @@ def _hdf5_experiments(path: str) -> list:
     if doc is None:
         raise InputError(path, "the HDF5 table stores no experiments (save_table(..., experiments=...))",
                          field="experiments")
-    return list(decode_expt(doc, path))
+    return decode_expt(doc, path)
 
 
-def _read_hdf5_sources(paths: list[str]) -> list[tuple[str, list, object]]:
-    """(path, experiments, table) per jaxscale HDF5 table, identifiers made consistent."""
+def _read_hdf5_sources(paths: list[str], experiments_read: dict | None = None) -> list[tuple[str, list, object]]:
+    """(path, experiments, table) per jaxscale HDF5 table, identifiers made consistent;
+    experiments_read: {path: experiment list} decoded already (`serial_requested`), taken once."""
     if not paths:  # h5py costs ~0.13 s to import: only when there are HDF5 inputs
         return []
     from jaxscale.io.expt import assign_identifiers
@@ -1347,7 +1348,9 @@ def _read_hdf5_sources(paths: list[str]) -> list[tuple[str, list, object]]:
 
     out = []
     for path in paths:  # loop over input files
-        table, expts = load_table(path)
+        known = experiments_read.pop(path, None) if experiments_read else None
+        table, expts = load_table(path, experiments=known is None)
+        expts = known if known is not None else expts
         if expts is None:
             raise InputError(path, "the HDF5 table stores no experiments", field="experiments")
         assign_identifiers(table, expts, path)
@@ -1369,7 +1372,12 @@ def serial_requested(params, inputs, experiments_read: dict | None = None) -> bo
     from jaxscale import scale as S
     from jaxscale.io.expt import read_expt
 
-    experiments = [e for p in hdf5 for e in _hdf5_experiments(p)]
+    experiments = []
+    for path in hdf5:  # loop over input files (few)
+        expts = _hdf5_experiments(path)
+        if experiments_read is not None:
+            experiments_read[path] = expts
+        experiments += list(expts)
     if others or not hdf5:
         pairs, mtzs, xdss = S._sort_inputs(params, others)
         if mtzs or xdss:

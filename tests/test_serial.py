@@ -172,7 +172,7 @@ def test_command_line_writes_dials_loadable_kb_models(tmp_path):
     np.testing.assert_allclose(np.asarray(t["inverse_scale_factor"])[rows], g_model, rtol=1e-10)
 
 
-def test_hdf5_table_input(tmp_path):
+def test_hdf5_table_input(tmp_path, monkeypatch):
     """A jaxscale HDF5 table (jaxscale.io.hdf5) of stills goes through the serial path and
     gives the same scales as the .refl/.expt pair it was made from."""
     from jaxscale.io.hdf5 import save_table
@@ -188,7 +188,18 @@ def test_hdf5_table_input(tmp_path):
     from jaxscale.io.refl import read_refl
 
     save_table(tmp_path / "stills.h5", read_refl(paths["refl"]), read_expt(paths["expt"]))
-    out = {}
+    out, decoded = {}, {}
+    import jaxscale.io.expt as expt_module
+    import jaxscale.io.hdf5 as hdf5_module
+
+    counting = expt_module.decode_expt
+
+    def count_decodes(*args, **kwargs):
+        decoded[name] = decoded.get(name, 0) + 1
+        return counting(*args, **kwargs)
+
+    monkeypatch.setattr(expt_module, "decode_expt", count_decodes)
+    monkeypatch.setattr(hdf5_module, "decode_expt", count_decodes)
     for name, inputs in (("pair", [str(paths["refl"]), str(paths["expt"])]), ("hdf5", [str(tmp_path / "stills.h5")])):
         p = apply_overrides(ScaleParams(), {"output.reflections": str(tmp_path / f"{name}.refl"),
                                              "output.experiments": str(tmp_path / f"{name}.expt"),
@@ -196,6 +207,7 @@ def test_hdf5_table_input(tmp_path):
                                              "compute.serial": "true" if name == "pair" else "auto"})
         out[name] = run(p, inputs)  # auto: HDF5 stills take the serial path at any number
     assert any("Serial scaling: 30 stills" in line for line in out["hdf5"].log)
+    assert decoded == {"pair": 1, "hdf5": 1}  # the experiments read to choose the path are reused
     np.testing.assert_allclose(out["hdf5"].x, out["pair"].x, rtol=1e-12)
     with pytest.raises(InputError, match="serial path only"):
         run(apply_overrides(ScaleParams(), {"compute.serial": "false"}), [str(tmp_path / "stills.h5")])

@@ -77,8 +77,9 @@ def save_table(path: str | os.PathLike, table: ReflectionTable, experiments: lis
                                   dtype=h5py.string_dtype("utf-8"))
 
 
-def load_table(path: str | os.PathLike) -> tuple[ReflectionTable, ExperimentList | None]:
-    """Read a table (and its experiments, or None) written by `save_table`."""
+def load_table(path: str | os.PathLike, experiments: bool = True) -> tuple[ReflectionTable, ExperimentList | None]:
+    """Read a table (and its experiments, or None) written by `save_table`; experiments=False
+    leaves the experiment document unread (None; decoding 10^5 stills' takes ~1.3 s)."""
     path_s = os.fspath(path)
     if not os.path.isfile(path_s):
         raise InputError(path_s, "file not found")
@@ -106,7 +107,7 @@ def load_table(path: str | os.PathLike) -> tuple[ReflectionTable, ExperimentList
                     types[name] = str(dset.attrs["dials_type"])
             identifiers = {int(k): v for k, v in json.loads(fh.attrs["identifiers"]).items()}
             nrows = int(fh.attrs["nrows"])
-            doc = json.loads(fh["experiments"].asstr()[()]) if "experiments" in fh else None
+            doc = json.loads(fh["experiments"].asstr()[()]) if experiments and "experiments" in fh else None
     except InputError:
         raise
     except (OSError, KeyError, ValueError) as exc:
