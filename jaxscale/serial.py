@@ -924,7 +924,7 @@ def run_serial(params, inputs, progress=None, experiments_read: dict | None = No
     t_start = time.perf_counter()
     log.phase("reading input", None)
     hdf5, others = _split_hdf5(inputs)
-    sources = _read_hdf5_sources(hdf5, experiments_read) + (S._read_sources(params, others, log, experiments_read, tables_ahead)
+    sources = _read_hdf5_sources(hdf5, experiments_read, tables_ahead) + (S._read_sources(params, others, log, experiments_read, tables_ahead)
                                           if others or not hdf5 else [])
     log.end()
     experiments = [e for _, expts, _ in sources for e in expts]
@@ -1338,9 +1338,11 @@ def _hdf5_experiments(path: str) -> list:
     return decode_expt(doc, path)
 
 
-def _read_hdf5_sources(paths: list[str], experiments_read: dict | None = None) -> list[tuple[str, list, object]]:
+def _read_hdf5_sources(paths: list[str], experiments_read: dict | None = None, tables_ahead: dict | None = None
+                       ) -> list[tuple[str, list, object]]:
     """(path, experiments, table) per jaxscale HDF5 table, identifiers made consistent;
-    experiments_read: {path: experiment list} decoded already (`serial_requested`), taken once."""
+    experiments_read: {path: experiment list} decoded already (`serial_requested`), tables_ahead:
+    {path: Future of (table, None)} (`scale._read_tables_ahead`), each taken once."""
     if not paths:  # h5py costs ~0.13 s to import: only when there are HDF5 inputs
         return []
     from jaxscale.io.expt import assign_identifiers
@@ -1349,8 +1351,13 @@ def _read_hdf5_sources(paths: list[str], experiments_read: dict | None = None) -
     out = []
     for path in paths:  # loop over input files
         known = experiments_read.pop(path, None) if experiments_read else None
-        table, expts = load_table(path, experiments=known is None)
-        expts = known if known is not None else expts
+        ahead = tables_ahead.pop(path, None) if tables_ahead else None
+        if ahead is not None:
+            table = ahead.result()[0]
+            expts = known if known is not None else _hdf5_experiments(path)
+        else:
+            table, expts = load_table(path, experiments=known is None)
+            expts = known if known is not None else expts
         if expts is None:
             raise InputError(path, "the HDF5 table stores no experiments", field="experiments")
         assign_identifiers(table, expts, path)

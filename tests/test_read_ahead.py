@@ -41,3 +41,19 @@ def test_a_bad_table_read_ahead_fails_where_it_is_taken(examples_dir, tmp_path):
         S._read_sources(params, [str(bad), str(expt)], S._Log(None), None, ahead)
     assert str(bad) in str(err.value)
     assert S._read_tables_ahead(params, ["nonsense.txt"]) == {}  # the reading reports it
+
+
+def test_hdf5_tables_are_read_ahead_too(examples_dir, tmp_path):
+    from jaxscale.io.expt import read_expt
+    from jaxscale.io.hdf5 import load_table, save_table
+    from jaxscale.serial import _read_hdf5_sources
+
+    refl, expt = _inputs(examples_dir, ("20",))
+    h5 = str(tmp_path / "table.h5")
+    save_table(h5, read_refl(refl), read_expt(expt))
+    ahead = S._read_tables_ahead(ScaleParams(), [h5])
+    assert list(ahead) == [h5]
+    (path, expts, table), = _read_hdf5_sources([h5], None, ahead)
+    assert ahead == {} and path == h5 and len(expts) == 1
+    direct, _ = load_table(h5)
+    np.testing.assert_array_equal(np.asarray(table["intensity.sum.value"]), np.asarray(direct["intensity.sum.value"]))
