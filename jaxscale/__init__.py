@@ -51,7 +51,6 @@ if "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in _os.environ:
     _jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
-
 def set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> bool:
     """glibc malloc: blocks under `mmap_bytes` from the heap, the heap trimmed only when
     `trim_bytes` are free at its top (setting them fixes both: glibc stops adapting them).

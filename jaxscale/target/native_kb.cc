@@ -519,8 +519,8 @@ class Helper {
   }
 
   // Whether an offer made while the helper slept is not to be held against it: it is still
-  // waking (up to kWakeMicroseconds after the first offer that woke it; waking took 0.07-0.8 ms
-  // here). Counted, the offers of every quiet spell's end (and of the start) failed while it
+  // waking (up to kWakeMicroseconds after the first offer that woke it; waking took 0.07-5 ms
+  // on this VM). Counted, the offers of every quiet spell's end (and of the start) failed while it
   // woke, and it stayed quiet for good (2 offers in 4,000 calls helped).
   bool still_waking(bool was_asleep) const {
     if (!was_asleep) return false;
