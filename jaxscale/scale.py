@@ -309,6 +309,8 @@ class _Obs:
     epsilon: np.ndarray  # f[n]
     miller: np.ndarray  # i[n, 3] original indices
     group_asu: np.ndarray | None = None  # i[n_groups, 3] ASU index of each group
+    # `of_dataset`'s index of `dataset`, made on first use (rebuilt if `dataset` is replaced)
+    _by_dataset: "RowsByValue | None" = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     @property
     def n(self) -> int:
@@ -316,7 +318,7 @@ class _Obs:
 
     def of_dataset(self, k: int) -> np.ndarray:
         """Indices of data set k's observations, in order (`RowsByValue`, made once)."""
-        if getattr(self, "_by_dataset", None) is None or self._by_dataset.values is not self.dataset:
+        if self._by_dataset is None or self._by_dataset.values is not self.dataset:
             self._by_dataset = RowsByValue(self.dataset)
         return self._by_dataset(k)
 
